@@ -1,0 +1,226 @@
+"""The executor: the only code that changes a backend.
+
+Ordering and safety (contract §4):
+
+* pulls (``policy.parallel_pulls`` at once) and updates first, each verified before it counts;
+* pins and unpins next;
+* removals last, and only when every pull succeeded (make before break): before any weights
+  are deleted the shrunken advertised list is handed to ``withdraw`` (the heartbeat), and each
+  model is unloaded before it is deleted;
+* one failed action doesn't stop independent ones; retryable failures are retried here and
+  nowhere else, with a capped exponential backoff;
+* every action is journalled, so an apply killed halfway is rolled forward by the next one
+  (the next plan is computed from what is really installed).
+
+At the end the node is observed again and the result says whether it converged.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+
+from reconciler.backends.base import Backend
+from reconciler.errors import BackendError, InfernetError
+from reconciler.events import Event, Kind, Progress, ignore
+from reconciler.model import Action, BackendKind, Observed, Op, Plan
+from reconciler.names import key
+from state import Store
+
+Reobserve = Callable[[], tuple[Observed, Plan]]
+Withdraw = Callable[[tuple[str, ...]], None]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one action ended."""
+
+    action: Action
+    result: str  # ok | failed | skipped
+    error: str | None = None
+    attempts: int = 1
+
+
+@dataclass(frozen=True)
+class Result:
+    """What an apply did and where it left the node."""
+
+    outcomes: tuple[Outcome, ...]
+    converged: bool
+    final: Plan | None
+    advertised: tuple[str, ...]
+
+    @property
+    def failed(self) -> tuple[Outcome, ...]:
+        """The actions that failed."""
+        return tuple(o for o in self.outcomes if o.result == "failed")
+
+    @property
+    def changed(self) -> bool:
+        """True when at least one action succeeded."""
+        return any(o.result == "ok" for o in self.outcomes)
+
+
+@dataclass
+class Executor:
+    """Runs a plan's actions against the backends; see the module docstring for the rules."""
+
+    backends: Mapping[BackendKind, Backend]
+    store: Store
+    progress: Progress = ignore
+    withdraw: Withdraw | None = None
+    parallel: int = 2
+    retries: int = 3
+    backoff: float = 2.0
+    backoff_cap: float = 300.0
+    sleep: Callable[[float], None] = time.sleep
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def _backend(self, action: Action) -> Backend:
+        return self.backends[action.backend]
+
+    def _with_retries(self, action: Action, work: Callable[[], None]) -> Outcome:
+        """Run ``work`` with the one retry policy of the project."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                work()
+                return Outcome(action, "ok", attempts=attempt)
+            except InfernetError as exc:
+                if not exc.retryable or attempt > self.retries or self.cancel.is_set():
+                    return Outcome(action, "failed", str(exc), attempt)
+                delay = min(self.backoff * 2 ** (attempt - 1), self.backoff_cap)
+                self.progress(Event(Kind.RETRY, action, message=f"{exc}; retry in {delay:.0f}s"))
+                self.sleep(delay)
+
+    def _run(self, action: Action, run_id: str, work: Callable[[], None]) -> Outcome:
+        """Journal, announce, run with retries, record the outcome."""
+        entry = self.store.begin_action(
+            run_id=run_id, op=action.op.value, backend=action.backend.value,
+            canonical=action.canonical, model=action.model,
+        )  # fmt: skip
+        self.progress(Event(Kind.STARTED, action))
+        outcome = self._with_retries(action, work)
+        self.store.finish_action(entry, outcome=outcome.result, error=outcome.error)
+        self.progress(Event(Kind.FINISHED, action, outcome=outcome.result, message=outcome.error))
+        return outcome
+
+    def _skip(self, action: Action, run_id: str, why: str) -> Outcome:
+        entry = self.store.begin_action(
+            run_id=run_id, op=action.op.value, backend=action.backend.value,
+            canonical=action.canonical, model=action.model,
+        )  # fmt: skip
+        self.store.finish_action(entry, outcome="skipped", error=why)
+        self.progress(Event(Kind.FINISHED, action, outcome="skipped", message=why))
+        return Outcome(action, "skipped", why, 0)
+
+    # ---- the actions
+
+    def _pull(self, action: Action) -> None:
+        backend = self._backend(action)
+        last_at, last_phase = 0.0, ""
+
+        def report(phase: str, done: int | None, total: int | None) -> None:
+            nonlocal last_at, last_phase
+            now = time.monotonic()
+            # Ollama sends a line every 60 ms per layer; a few updates a second is plenty.
+            if phase == last_phase and now - last_at < 0.2 and done != total:
+                return
+            last_at, last_phase = now, phase
+            self.progress(Event(Kind.PROGRESS, action, phase=phase, completed=done, total=total))
+
+        backend.pull(action.model, report, self.cancel)
+        facts = backend.verify(action.model, action.digest)
+        self.store.record_installed(
+            backend=action.backend.value, canonical=action.canonical, name=action.model,
+            digest=facts.digest,
+        )  # fmt: skip
+
+    def _pin(self, action: Action) -> None:
+        keep = action.keep_alive if action.keep_alive is not None else 0.0
+        self._backend(action).load(
+            action.model, keep_alive=keep, embedding=action.embedding, context=action.context
+        )
+        self.store.set_pinned(
+            backend=action.backend.value, canonical=action.canonical, pinned=keep < 0
+        )
+
+    def _remove(self, action: Action) -> None:
+        self._backend(action).remove(action.model, embedding=action.embedding)
+        self.store.record_removed(backend=action.backend.value, canonical=action.canonical)
+
+    # ---- the run
+
+    def execute(self, plan: Plan, reobserve: Reobserve | None = None) -> Result:
+        """Apply ``plan``'s actions in the safe order, then observe again."""
+        interrupted = self.store.unfinished_actions()
+        if interrupted:
+            names = ", ".join(sorted({f"{e.op} {e.model}" for e in interrupted}))
+            self.store.close_unfinished(note="interrupted; rolled forward by the next apply")
+            self.progress(
+                Event(Kind.NOTE, message=f"rolling forward an interrupted apply ({names})")
+            )
+        run_id = self.store.begin_run(
+            config_sha256=plan.source.sha256,
+            plan={"fingerprint": plan.fingerprint, "actions": [a.model for a in plan.actions]},
+        )
+        outcomes: list[Outcome] = []
+        pulls = [a for a in plan.actions if a.op in (Op.PULL, Op.UPDATE)]
+        with ThreadPoolExecutor(max_workers=max(1, self.parallel)) as pool:
+            jobs = [pool.submit(self._run, a, run_id, partial(self._pull, a)) for a in pulls]
+            outcomes.extend(job.result() for job in jobs)
+        failed_pulls = {
+            key(o.action.backend, o.action.canonical) for o in outcomes if o.result != "ok"
+        }
+
+        for action in (a for a in plan.actions if a.op in (Op.PIN, Op.UNPIN)):
+            if key(action.backend, action.canonical) in failed_pulls:
+                outcomes.append(self._skip(action, run_id, "its pull failed"))
+            else:
+                outcomes.append(self._run(action, run_id, partial(self._pin, action)))
+
+        removals = [a for a in plan.actions if a.op is Op.REMOVE]
+        if removals and failed_pulls:
+            why = "a pull failed: removals wait so the node keeps serving what it has"
+            outcomes.extend(self._skip(a, run_id, why) for a in removals)
+        elif removals:
+            if self.withdraw is not None:
+                self.withdraw(plan.advertised)  # heartbeat without them before any delete
+            for action in removals:
+                outcomes.append(self._run(action, run_id, partial(self._remove, action)))
+
+        final: Plan | None = None
+        converged = False
+        if reobserve is not None:
+            try:
+                observed, final = reobserve()
+            except BackendError as exc:
+                self.progress(Event(Kind.NOTE, message=f"could not observe after apply: {exc}"))
+            else:
+                converged = not final.actions and not final.errors
+                self._record_measured(observed)
+        self.store.finish_run(run_id, converged=converged)
+        failed = sum(1 for o in outcomes if o.result == "failed")
+        self.store.record_apply(
+            config_sha256=plan.source.sha256, git_commit=plan.source.git_commit,
+            converged=converged, actions=len(outcomes), failed=failed,
+            summary={"advertised": list(final.advertised if final else plan.advertised)},
+        )  # fmt: skip
+        outcome = "converged" if converged else "not_converged"
+        self.progress(Event(Kind.CONVERGED, outcome=outcome))
+        advertised = final.advertised if final else plan.advertised
+        return Result(tuple(outcomes), converged, final, advertised)
+
+    def _record_measured(self, observed: Observed) -> None:
+        """Keep ``size_vram`` of loaded desired models: the budget's "measured" layer."""
+        for kind, state in observed.backends.items():
+            for loaded in state.loaded:
+                if loaded.size_vram > 0:
+                    self.store.record_measured_vram(
+                        backend=kind.value, canonical=loaded.canonical, size_vram=loaded.size_vram
+                    )

@@ -1,0 +1,131 @@
+"""Reading the Ollama registry before a pull: manifest, config blob, bytes still missing.
+
+Ollama itself exposes no "what would this pull fetch" call, so we ask the registry the way
+Ollama does (``GET /v2/<ns>/<model>/manifests/<tag>``, then the small config blob) and ask the
+Ollama server which of the layer blobs it already has (``HEAD /api/blobs/<digest>``). That gives
+exact download bytes and the quantization before a single weight byte moves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from reconciler.errors import BackendUnreachable, ModelNotFound, TransientBackendError
+from reconciler.names import DEFAULT_HOST, OllamaName
+
+MANIFEST_ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
+WEIGHTS_MEDIA = "application/vnd.ollama.image.model"
+PROJECTOR_MEDIA = "application/vnd.ollama.image.projector"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One blob of a manifest."""
+
+    media_type: str
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed registry manifest plus its config blob."""
+
+    digest: str  # hex sha256 of the manifest bytes, as /api/tags reports after a pull
+    layers: tuple[Layer, ...]  # config blob included (last), as Ollama downloads it
+    config: dict[str, Any]
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes on disk once pulled: every layer plus the config blob."""
+        return sum(layer.size for layer in self.layers)
+
+    @property
+    def weights_bytes(self) -> int:
+        """The GGUF weights (and a vision projector, which loads with them)."""
+        media = (WEIGHTS_MEDIA, PROJECTOR_MEDIA)
+        return sum(layer.size for layer in self.layers if layer.media_type in media)
+
+
+def registry_base(name: OllamaName, default_registry: str) -> str:
+    """The registry URL for ``name``: the configured one for the default host."""
+    if name.host.lower() == DEFAULT_HOST:
+        return default_registry.rstrip("/")
+    return f"{name.scheme}://{name.host}"
+
+
+def parse_manifest(raw: bytes, config_raw: bytes | None) -> Manifest:
+    """Turn the registry's manifest bytes (and config blob bytes) into a ``Manifest``."""
+    doc = json.loads(raw)
+    layers = [
+        Layer(str(item.get("mediaType", "")), str(item["digest"]), int(item["size"]))
+        for item in doc.get("layers", [])
+    ]
+    cfg = doc.get("config") or {}
+    if cfg.get("digest"):
+        layers.append(Layer(str(cfg.get("mediaType", "")), str(cfg["digest"]), int(cfg["size"])))
+    config = json.loads(config_raw) if config_raw else {}
+    return Manifest(
+        digest=hashlib.sha256(raw).hexdigest(),
+        layers=tuple(layers),
+        config=config if isinstance(config, dict) else {},
+    )
+
+
+def fetch_manifest(http: httpx.Client, name: OllamaName, registry: str) -> Manifest:
+    """GET the manifest and config blob; ``ModelNotFound`` when the registry lacks the tag."""
+    base = registry_base(name, registry)
+    url = f"{base}/v2/{name.namespace}/{name.model}/manifests/{name.tag}"
+    try:
+        resp = http.get(url, headers={"Accept": MANIFEST_ACCEPT})
+        if resp.status_code == 404:
+            raise ModelNotFound(
+                f"model '{name.display}' is not in the registry {base} "
+                "(check the name and tag on ollama.com/library)",
+                model=name.display,
+            )
+        if resp.status_code >= 400:
+            raise TransientBackendError(
+                f"registry {base} answered {resp.status_code} for {name.display}: "
+                f"{resp.text.strip()[:200]}",
+                model=name.display,
+            )
+        raw = resp.content
+        config_raw: bytes | None = None
+        cfg = (json.loads(raw).get("config") or {}) if raw else {}
+        if cfg.get("digest"):
+            blob = f"{base}/v2/{name.namespace}/{name.model}/blobs/{cfg['digest']}"
+            cresp = http.get(blob, follow_redirects=True)
+            if cresp.status_code < 400:
+                config_raw = cresp.content
+    except httpx.TransportError as exc:
+        raise BackendUnreachable(
+            f"can't reach the registry {base} for {name.display}: {exc}; "
+            "check the network or backends.ollama.registry",
+            model=name.display,
+        ) from exc
+    except ValueError as exc:  # JSON garbage from a proxy or captive portal
+        raise TransientBackendError(
+            f"registry {base} sent a manifest that is not JSON for {name.display}: {exc}",
+            model=name.display,
+        ) from exc
+    return parse_manifest(raw, config_raw)
+
+
+def missing_bytes(http: httpx.Client, ollama_url: str, manifest: Manifest) -> int:
+    """Bytes of the manifest's blobs that the Ollama server doesn't have yet."""
+    missing = 0
+    seen: set[str] = set()
+    for layer in manifest.layers:
+        if layer.digest in seen:
+            continue
+        seen.add(layer.digest)
+        resp = http.head(f"{ollama_url.rstrip('/')}/api/blobs/{layer.digest}")
+        if resp.status_code != 200:
+            missing += layer.size
+    return missing

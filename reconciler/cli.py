@@ -1,0 +1,397 @@
+"""``infernet``: parse flags, call the engine, render. Nothing else lives here.
+
+Expected failures (``InfernetError``) print one line and exit 1; anything else is a bug: the
+traceback is saved to the state directory and the user is asked to report it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from reconciler import __version__
+from reconciler.errors import ConfigError, InfernetError, PlanError, ValidationError
+
+if TYPE_CHECKING:
+    from reconciler.model import Desired, Plan
+    from reconciler.session import Session
+
+EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """-c and --state-dir are accepted before or after the command name."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument("-c", "--config", metavar="FILE", default=default,
+                        help="desired-state file (default: $INFERNET_CONFIG, ./infernet.yaml, "
+                        "/etc/infernet/infernet.yaml)")  # fmt: skip
+    parser.add_argument("--state-dir", metavar="DIR", default=default,
+                        help="state directory (default: $INFERNET_STATE_DIR, XDG)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    parser = argparse.ArgumentParser(
+        prog="infernet",
+        description="Keep this node's model inventory exactly as infernet.yaml declares.",
+    )
+    parser.add_argument("--version", action="version", version=f"infernet {__version__}")
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p, top=False)
+        return p
+
+    command("validate", "validate the file; print every error as FILE:LINE:COL: message")
+    p = command("plan", "show what apply would change")
+    p.add_argument("--out", metavar="PLAN", help="save the plan for 'infernet apply PLAN'")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON document")
+    p.add_argument("--detailed-exitcode", action="store_true", help="exit 2 when there are changes")
+    p.add_argument("--allow-destroy", action="store_true", help="allow more than max_removals")
+    p.add_argument("--refresh", action="store_true", help="check every model upstream for updates")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="also list models that need nothing"
+    )
+
+    p = command("apply", "bring the node to the file's state")
+    p.add_argument("plan_file", nargs="?", metavar="PLAN", help="a plan saved by plan --out")
+    p.add_argument("--yes", "-y", action="store_true", help="don't ask for confirmation")
+    p.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
+    p.add_argument("--allow-destroy", action="store_true", help="allow more than max_removals")
+    p.add_argument("--detailed-exitcode", action="store_true",
+                   help="exit 2 when changes were made and the node converged")  # fmt: skip
+    p.add_argument("--refresh", action="store_true", help="check every model upstream for updates")
+    p.add_argument("-v", "--verbose", action="store_true", help="progress lines with speed")
+
+    p = command("status", "desired vs installed vs loaded vs advertised")
+    p.add_argument("--json", action="store_true")
+
+    model = command("model", "list, install or remove one model")
+    msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    p = msub.add_parser("list", help="installed and desired models")
+    _common(p, top=False)
+    p.add_argument("--json", action="store_true")
+    p = msub.add_parser("install", help="add NAME to the file and apply")
+    _common(p, top=False)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--backend", choices=["ollama", "llamacpp", "vllm", "sglang", "max"])
+    p.add_argument("--pin", action="store_true", help="keep it loaded (keep_alive: forever)")
+    p.add_argument("--verbose", "-v", action="store_true", help="progress: percent, GB, speed")
+    p.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
+    p = msub.add_parser("remove", help="remove NAME from the file, withdraw it, delete it")
+    _common(p, top=False)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--backend", choices=["ollama", "llamacpp", "vllm", "sglang", "max"])
+    p.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
+
+    command("schema", "print the JSON Schema of infernet.yaml")
+    return parser
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _load(args: argparse.Namespace) -> Desired:
+    from reconciler import desired
+
+    return desired.load(desired.locate(args.config))
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    if args.state_dir:
+        return Path(args.state_dir).expanduser()
+    from state import default_state_dir
+
+    return default_state_dir()
+
+
+def _session(args: argparse.Namespace, the_desired: Desired) -> Session:
+    from reconciler.session import Session
+
+    return Session.open(the_desired, _state_dir(args))
+
+
+def _err(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _confirm(prompt: str) -> bool:
+    if not sys.stdin.isatty():
+        raise PlanError(
+            "refusing to apply without confirmation: stdin is not a terminal; pass --yes"
+        )
+    answer = input(f"{prompt} Only 'yes' will be accepted: ")
+    return answer.strip() == "yes"
+
+
+def _emit_plan(plan: Plan, args: argparse.Namespace) -> None:
+    from reconciler import render
+
+    if getattr(args, "json", False):
+        from reconciler.plandoc import to_document
+
+        render.print_json(to_document(plan))
+    else:
+        print(render.render_plan(plan, verbose=getattr(args, "verbose", False)), flush=True)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """validate: every problem on its own line; exit 0 or 1."""
+    from reconciler import desired
+
+    path = desired.locate(args.config)
+    try:
+        loaded = desired.load(path)
+    except ValidationError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{path}: valid ({len(loaded.models)} served models)")
+    return EXIT_OK
+
+
+def cmd_schema(_args: argparse.Namespace) -> int:
+    """schema: the JSON Schema of the file."""
+    from reconciler import desired
+
+    sys.stdout.write(desired.schema_text())
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """plan: observe, diff, print; ``--out`` saves it."""
+    the_desired = _load(args)
+    with _session(args, the_desired) as session:
+        _observed, plan = session.observe_and_plan(
+            allow_destroy=args.allow_destroy, refresh=args.refresh
+        )
+    _emit_plan(plan, args)
+    if args.out:
+        from reconciler.plandoc import write_document
+
+        write_document(plan, Path(args.out))
+        print(f"Saved the plan to {args.out}; apply it with: infernet apply {args.out}",
+              file=sys.stderr)  # fmt: skip
+    if plan.errors:
+        return EXIT_ERROR
+    return EXIT_CHANGES if args.detailed_exitcode and plan.actions else EXIT_OK
+
+
+def _saved_plan(args: argparse.Namespace) -> tuple[Desired, Plan]:
+    """A plan saved by ``plan --out`` and the file it was made from (which must not have moved)."""
+    from reconciler import desired
+    from reconciler.plandoc import read_document
+
+    saved = read_document(Path(args.plan_file))
+    the_desired = desired.load(Path(saved.source.path))
+    if the_desired.source.sha256 != saved.source.sha256:
+        raise PlanError(
+            f"saved plan {args.plan_file} was made from another version of "
+            f"{saved.source.path}; run infernet plan --out again"
+        )
+    return the_desired, saved
+
+
+def run_apply(
+    session: Session,
+    args: argparse.Namespace,
+    *,
+    saved: Plan | None = None,
+    force_remove: frozenset[str] = frozenset(),
+    confirm: bool = True,
+) -> int:
+    """Lock, observe, plan (or check the saved plan), confirm, execute, report."""
+    from reconciler import render
+    from reconciler.plan import plan as make_plan
+    from reconciler.session import read_owned, summary
+
+    json_lines = getattr(args, "json", False)
+    with session.lock("apply"):
+        observed, plan = session.observe_and_plan(
+            allow_destroy=getattr(args, "allow_destroy", False),
+            refresh=getattr(args, "refresh", False),
+        )
+        if force_remove:
+            plan = make_plan(
+                session.desired, observed, read_owned(session.store),
+                allow_destroy=True, force_remove=force_remove,
+            )  # fmt: skip
+        if saved is not None:
+            if saved.fingerprint != plan.fingerprint:
+                raise PlanError(
+                    f"the node changed since the plan in {args.plan_file} was made "
+                    "(installed, loaded or upstream models differ); run infernet plan --out again"
+                )
+            plan = saved
+        if not json_lines:
+            print(render.render_plan(plan), flush=True)
+        if plan.errors:
+            if json_lines:
+                _emit_plan(plan, args)
+            raise PlanError(plan.errors[0] + (f" (and {len(plan.errors) - 1} more)"
+                                              if len(plan.errors) > 1 else ""))  # fmt: skip
+        if not plan.actions:
+            if json_lines:
+                render.print_json({"event": "converged", "outcome": "converged", "changes": 0})
+            return EXIT_OK
+        if confirm and not args.yes and not _confirm("Apply these changes?"):
+            print("Apply cancelled.", file=sys.stderr)
+            return EXIT_ERROR
+        printer = render.ProgressPrinter(
+            json_lines=json_lines, verbose=getattr(args, "verbose", False)
+        )
+        try:
+            result = session.apply(plan, observed=observed, progress=printer)
+        finally:
+            printer.close()
+    if json_lines:
+        render.print_json({"event": "result", **summary(result)})
+    failed = result.failed
+    if failed:
+        for outcome in failed:
+            _err(f"{outcome.action.op.value} {outcome.action.model}: {outcome.error}")
+        return EXIT_ERROR
+    if not result.converged:
+        drift = result.final.actions if result.final else ()
+        _err("applied, but the node has not converged: "
+             + ", ".join(f"{a.op.value} {a.model}" for a in drift))  # fmt: skip
+        return EXIT_ERROR
+    if not json_lines:
+        print(f"Apply complete: {len(result.outcomes)} actions. Advertised: "
+              f"{', '.join(result.advertised) or '(nothing)'}")  # fmt: skip
+    return EXIT_CHANGES if getattr(args, "detailed_exitcode", False) else EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """apply: converge the node, from the file or a saved plan."""
+    saved = None
+    if args.plan_file:
+        the_desired, saved = _saved_plan(args)
+    else:
+        the_desired = _load(args)
+    with _session(args, the_desired) as session:
+        return run_apply(session, args, saved=saved)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """status: desired vs installed vs loaded vs advertised, budget, last apply."""
+    from reconciler import render
+    from reconciler.status import build_status, render_status
+
+    the_desired = _load(args)
+    with _session(args, the_desired) as session:
+        observed, plan = session.observe_and_plan()
+        doc = build_status(session, observed, plan)
+    if args.json:
+        render.print_json(doc)
+    else:
+        print(render_status(doc))
+    return EXIT_OK
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    """model list | install | remove."""
+    from reconciler import render
+    from reconciler.status import model_rows
+
+    if args.model_command == "list":
+        the_desired = _load(args)
+        with _session(args, the_desired) as session:
+            observed, _plan = session.observe_and_plan()
+            rows = model_rows(session.desired, observed, session.store)
+        if args.json:
+            render.print_json({"models": rows})
+        else:
+            print(render.render_models(rows))
+        return EXIT_OK
+    return _model_edit(args)
+
+
+def _model_edit(args: argparse.Namespace) -> int:
+    from reconciler import configedit, desired, names
+    from reconciler.model import FOREVER, BackendKind
+
+    path = desired.locate(args.config)
+    current = desired.load(path)
+    backend = BackendKind(args.backend) if args.backend else current.default_backend
+    canonical = names.canonical(backend, args.name)
+    if args.model_command == "install":
+        entry: str | dict[str, Any] = args.name
+        if args.pin or args.backend:
+            entry = {"name": args.name}
+            if args.backend:
+                entry["backend"] = args.backend
+            if args.pin:
+                entry["keep_alive"] = "forever"
+        added = configedit.add_model(path, entry)
+        if not added and args.pin:
+            configedit.set_keep_alive(path, args.name, FOREVER)
+        the_desired = desired.load(path)
+        with _session(args, the_desired) as session:
+            return run_apply(session, args, confirm=False)
+    spec = next((m for m in current.models if m.canonical == canonical), None)
+    if spec is not None and spec.protect:
+        raise PlanError(f"{args.name} is protect: true in {path}; set protect: false there first")
+    configedit.remove_model(path, args.name, backend)
+    the_desired = desired.load(path)
+    with _session(args, the_desired) as session:
+        return run_apply(
+            session, args, force_remove=frozenset({names.key(backend, canonical)}), confirm=False
+        )
+
+
+COMMANDS = {
+    "validate": cmd_validate, "schema": cmd_schema, "plan": cmd_plan, "apply": cmd_apply,
+    "status": cmd_status, "model": cmd_model,
+}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``infernet`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ValidationError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_ERROR
+    except (ConfigError, InfernetError) as exc:
+        _err(str(exc))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _err("interrupted; the next apply resumes where this one stopped")
+        return 130
+    except Exception:
+        return _crash(args)
+
+
+def _crash(args: argparse.Namespace) -> int:
+    """A bug: keep the traceback, say where it is, ask for a report."""
+    import tempfile
+    import traceback
+
+    text = traceback.format_exc()
+    target = Path(tempfile.gettempdir()) / f"infernet-crash-{os.getpid()}.txt"
+    try:
+        target.write_text(text)
+        where = f"; details in {target}"
+    except OSError:
+        where = ""
+    sys.stderr.write(text)
+    _err(f"internal error in '{args.command}'{where}; please report it with that file")
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""``infernet.yaml`` → a validated, frozen ``Desired``, or every problem with file:line:col.
+
+One pass, in order: YAML (with marks, duplicate keys, tabs, truncation) → JSON Schema
+(``schemas/infernet.schema.json``, errors reworded) → semantic rules the schema cannot express
+(names per backend, duplicates after canonicalisation, advertised-name collisions, the control
+plane's 50-name limit, empty lists, the VRAM reserve) → defaults. Any problem raises
+``ValidationError`` listing all of them, so a user fixes the file in one go and an invalid file
+never reaches the planner (contract §4.4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from reconciler import _gitcommit, _schemacheck, _yamldoc, names, units
+from reconciler._yamldoc import JsonPath, format_path
+from reconciler.errors import ConfigError, Problem, ValidationError
+from reconciler.model import (
+    BackendKind,
+    BudgetSettings,
+    ConfigSource,
+    ControlPlaneSettings,
+    Desired,
+    HfSettings,
+    LlamacppSettings,
+    ModelSpec,
+    OllamaSettings,
+    Policy,
+)
+
+ENV_CONFIG = "INFERNET_CONFIG"
+SEARCH_PATH = (Path("infernet.yaml"), Path("/etc/infernet/infernet.yaml"))
+SCHEMA_FILE = "infernet.schema.json"
+MAX_ADVERTISED = 50  # the control plane rejects a heartbeat with more served_models
+
+_HF_BACKENDS = frozenset({BackendKind.VLLM, BackendKind.SGLANG, BackendKind.MAX})
+_OLLAMA_PORT = 11434
+_EMPTY = "file is empty: expected at least 'served_models: [...]'"
+
+# Wording for schema nodes by their "title": what a valid value looks like.
+_EXPECTATIONS = {
+    "size": units.SIZE_HINT,
+    "vram budget": f"'auto' or {units.SIZE_HINT}",
+    "duration": units.DURATION_HINT,
+    "keep_alive": units.KEEP_ALIVE_HINT,
+    "http URL": "an http:// or https:// URL",
+    "source URL": "a URL starting with hf://, https://, http:// or file://",
+    "model entry": "a model name or a mapping with at least 'name'",
+    "model list": "a list of models, e.g. ['qwen2.5:14b']",
+    "format version": "1 (the only version of this file format)",
+}
+
+_SAME_MODEL = {
+    BackendKind.OLLAMA: "same model after normalising case and default tag",
+    BackendKind.LLAMACPP: "same GGUF file",
+}
+
+
+def locate(explicit: str | None, *, env: Mapping[str, str] | None = None) -> Path:
+    """The file to use: ``-c``, then ``$INFERNET_CONFIG``, then the search path."""
+    env = os.environ if env is None else env
+    if explicit:
+        return _existing(Path(explicit), "given with -c/--config")
+    if env.get(ENV_CONFIG):
+        return _existing(Path(env[ENV_CONFIG]), f"from ${ENV_CONFIG}")
+    for candidate in SEARCH_PATH:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(p) for p in SEARCH_PATH)
+    raise ConfigError(
+        f"no infernet.yaml found (looked in: {looked}); pass -c FILE or set {ENV_CONFIG}"
+    )
+
+
+def load(path: Path, *, env: Mapping[str, str] | None = None) -> Desired:
+    """Read and validate ``path``; raises ``ConfigError``/``ValidationError``, never a traceback."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ValidationError(
+            [Problem(str(path), line, column, "the file is not UTF-8 text; save it as UTF-8")]
+        ) from exc
+    desired = _validate(text, file=str(path), env=os.environ if env is None else env)
+    source = ConfigSource(
+        str(path), hashlib.sha256(data).hexdigest(), _gitcommit.commit_of(path, data)
+    )
+    return replace(desired, source=source)
+
+
+def parse(text: str, *, path: str, env: Mapping[str, str] | None = None) -> Desired:
+    """Validate ``text`` as if read from ``path`` (no git lookup); raises ``ValidationError``."""
+    desired = _validate(text, file=path, env=os.environ if env is None else env)
+    return replace(desired, source=ConfigSource(path, hashlib.sha256(text.encode()).hexdigest()))
+
+
+def schema_text() -> str:
+    """The JSON Schema of ``infernet.yaml`` as shipped (``infernet schema`` prints it)."""
+    return _schemacheck.read_schema_text(SCHEMA_FILE)
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of ``infernet.yaml`` as a fresh dict."""
+    value: dict[str, Any] = json.loads(schema_text())
+    return value
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _existing(path: Path, origin: str) -> Path:
+    if not path.exists():
+        raise ConfigError(f"{path} ({origin}) does not exist; check the path")
+    return path
+
+
+@dataclass
+class _Check:
+    """One validation pass: the document, where problems go, and which paths are already bad."""
+
+    doc: _yamldoc.Document
+    file: str
+    problems: list[Problem] = field(default_factory=list)
+    bad: set[JsonPath] = field(default_factory=set)
+
+    def report(self, path: JsonPath, message: str, *, at_key: bool = False) -> None:
+        mark = self.doc.locate(path, key=at_key)
+        self.problems.append(Problem(self.file, mark.line, mark.column, message))
+        self.bad.add(path)
+
+    def clean(self, path: JsonPath) -> bool:
+        """True when no problem was reported at or under ``path``."""
+        return not any(bad[: len(path)] == path for bad in self.bad)
+
+    def convert(self, path: JsonPath, parse: Any, value: Any) -> Any:
+        """``parse(value)``, reporting its ``ValueError`` at ``path``."""
+        try:
+            return parse(value)
+        except ValueError as exc:
+            self.report(path, f"{format_path(path)}: {exc}")
+            return None
+
+
+def _validate(text: str, *, file: str, env: Mapping[str, str]) -> Desired:
+    doc = _yamldoc.read(text)
+    check = _Check(doc, file)
+    for finding in doc.findings:
+        check.problems.append(
+            Problem(file, finding.mark.line, finding.mark.column, finding.message)
+        )
+    if doc.value is None and not check.problems:
+        check.problems.append(Problem(file, 1, 1, _EMPTY))
+    elif doc.value is not None and not isinstance(doc.value, dict):
+        mark = doc.locate(())
+        got = _schemacheck.describe(doc.value)
+        message = f"the top level must be a mapping like 'served_models: [...]', got {got}"
+        check.problems.append(Problem(file, mark.line, mark.column, message))
+    if check.problems and not isinstance(doc.value, dict):
+        raise ValidationError(check.problems)
+
+    raw: dict[str, Any] = doc.value
+    # A value the YAML layer already complained about (bad tag, alias loop) is None here;
+    # its schema error at the same spot would only repeat the first complaint.
+    seen = {(f.mark.line, f.mark.column) for f in doc.findings}
+    for error in _schemacheck.check(raw, SCHEMA_FILE, expectations=_EXPECTATIONS):
+        mark = doc.locate(error.path, key=error.at_key)
+        if (mark.line, mark.column) in seen:
+            check.bad.add(error.path)
+            continue
+        check.report(error.path, error.message, at_key=error.at_key)
+    desired = _build(raw, check, env)
+    if check.problems:
+        check.problems.sort(key=lambda p: (p.line, p.column))
+        raise ValidationError(check.problems)
+    return desired
+
+
+def _build(raw: dict[str, Any], check: _Check, env: Mapping[str, str]) -> Desired:
+    """The frozen ``Desired``, reporting semantic problems on the way (result unused if any)."""
+    default_backend = BackendKind.OLLAMA
+    if check.clean(("default_backend",)) and "default_backend" in raw:
+        default_backend = BackendKind(raw["default_backend"])
+    policy = Policy(**raw.get("policy", {})) if check.clean(("policy",)) else Policy()
+    models = _models(raw, check, default_backend, allow_empty=policy.allow_empty)
+    backends = raw.get("backends", {}) if check.clean(("backends",)) else {}
+    return Desired(
+        source=ConfigSource("", ""),
+        models=models,
+        default_backend=default_backend,
+        ollama=_ollama(backends.get("ollama", {}), env),
+        llamacpp=LlamacppSettings(**backends.get("llamacpp", {})),
+        hf=HfSettings(**backends.get("hf", {})),
+        budget=_budget(raw, check),
+        control_plane=_control_plane(raw, check),
+        policy=policy,
+    )
+
+
+def _models(
+    raw: dict[str, Any], check: _Check, default: BackendKind, *, allow_empty: bool
+) -> tuple[ModelSpec, ...]:
+    entries = raw.get("served_models")
+    if not isinstance(entries, list):
+        return ()
+    if not entries and not allow_empty:
+        check.report(
+            ("served_models",),
+            "served_models is empty: that would remove every model; "
+            "set policy.allow_empty: true if you mean it",
+        )
+    default_known = check.clean(("default_backend",))
+    specs: list[ModelSpec] = []
+    first_of: dict[str, int] = {}  # names.key → index of the first entry
+    advertiser: dict[str, int] = {}  # advertised name → index of the first entry
+    for index, entry in enumerate(entries):
+        path: JsonPath = ("served_models", index)
+        explicit = isinstance(entry, dict) and "backend" in entry
+        if not check.clean(path) or not (explicit or default_known):
+            continue
+        spec = _model(entry, path, check, default)
+        if spec is None:
+            continue
+        key = names.key(spec.backend, spec.canonical)
+        if key in first_of:
+            why = _SAME_MODEL.get(spec.backend, "same repository and revision")
+            check.report(
+                path,
+                f"{format_path(path)}: '{spec.name}' is a duplicate of "
+                f"served_models[{first_of[key]}] ({why})",
+            )
+            continue
+        first_of[key] = index
+        if spec.advertise_as in advertiser:
+            named = isinstance(entry, dict) and "advertise_as" in entry
+            check.report(
+                (*path, "advertise_as") if named else path,
+                f"{format_path(path)}: advertised name '{spec.advertise_as}' is already used by "
+                f"served_models[{advertiser[spec.advertise_as]}]; "
+                "give one of them a different advertise_as",
+            )
+            continue
+        advertiser[spec.advertise_as] = index
+        specs.append(spec)
+    if len(entries) > MAX_ADVERTISED:  # reported last so the entries above are still checked
+        check.report(
+            ("served_models", MAX_ADVERTISED),
+            f"served_models has {len(entries)} entries: "
+            f"the control plane accepts at most {MAX_ADVERTISED} served_models",
+        )
+    return tuple(specs)
+
+
+def _model(entry: Any, path: JsonPath, check: _Check, default: BackendKind) -> ModelSpec | None:
+    """One entry with defaults filled in; None (and a problem reported) when it is unusable."""
+    fields: dict[str, Any] = entry if isinstance(entry, dict) else {"name": entry}
+    backend = BackendKind(fields.get("backend", default))
+    name: str = fields["name"]
+    name_path = (*path, "name") if isinstance(entry, dict) else path
+    usable = True
+    reason = names.is_valid(backend, name)
+    if reason is not None:
+        check.report(name_path, f"{format_path(name_path)}: {reason}")
+        usable = False
+    if "source" in fields and backend is BackendKind.OLLAMA:
+        check.report(
+            (*path, "source"),
+            f"{format_path(path)}.source: Ollama models come from the registry, not a source "
+            "URL; remove source, or use backend: llamacpp for a GGUF file",
+            at_key=True,
+        )
+        usable = False
+    if "revision" in fields and backend not in _HF_BACKENDS:
+        check.report(
+            (*path, "revision"),
+            f"{format_path(path)}.revision: only vllm, sglang and max models (HuggingFace "
+            f"repositories) have a revision; remove it from this {backend.value} model",
+            at_key=True,
+        )
+        usable = False
+    keep_alive = vram = None
+    if "keep_alive" in fields:
+        keep_alive = check.convert(
+            (*path, "keep_alive"), units.parse_keep_alive, fields["keep_alive"]
+        )
+    if "vram" in fields:
+        vram = check.convert((*path, "vram"), units.parse_size, fields["vram"])
+    if not usable or not check.clean(path):
+        return None
+    revision = fields.get("revision")
+    return ModelSpec(
+        name=name,
+        backend=backend,
+        canonical=names.canonical(backend, name, revision),
+        advertise_as=fields.get("advertise_as", name),
+        quantization=fields.get("quantization"),
+        keep_alive=keep_alive,
+        context=fields.get("context"),
+        vram=vram,
+        protect=fields.get("protect", False),
+        source=fields.get("source"),
+        revision=revision,
+        line=check.doc.locate(path).line,
+    )
+
+
+def _ollama(fields: Mapping[str, Any], env: Mapping[str, str]) -> OllamaSettings:
+    defaults = OllamaSettings()
+    url = fields.get("url")
+    if url is None:
+        url = ollama_host(env["OLLAMA_HOST"]) if env.get("OLLAMA_HOST") else defaults.url
+    return OllamaSettings(
+        url=url.rstrip("/"),
+        registry=fields.get("registry", defaults.registry).rstrip("/"),
+        models_dir=fields.get("models_dir") or env.get("OLLAMA_MODELS") or defaults.models_dir,
+    )
+
+
+def ollama_host(value: str) -> str:
+    """``$OLLAMA_HOST`` as the ollama client reads it: bare hosts get http:// and port 11434."""
+    # Mirrors ollama-python's _parse_host, so `infernet` talks to the server `ollama` talks to.
+    scheme, _, hostport = value.partition("://")
+    port = _OLLAMA_PORT
+    if not hostport:
+        scheme, hostport = "http", value
+    elif scheme == "http":
+        port = 80
+    elif scheme == "https":
+        port = 443
+    split = urllib.parse.urlsplit(f"{scheme}://{hostport}")
+    host = split.hostname or "127.0.0.1"
+    port = split.port or port
+    try:
+        if isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address):
+            host = f"[{host}]"
+    except ValueError:
+        pass
+    path = split.path.strip("/")
+    return f"{scheme}://{host}:{port}/{path}" if path else f"{scheme}://{host}:{port}"
+
+
+def _budget(raw: dict[str, Any], check: _Check) -> BudgetSettings:
+    fields = raw.get("budget", {})
+    if not check.clean(("budget",)):
+        return BudgetSettings()
+    defaults = BudgetSettings()
+    vram_text = fields.get("vram", "auto")
+    vram = (
+        None
+        if vram_text == "auto"
+        else check.convert(("budget", "vram"), units.parse_size, vram_text)
+    )
+    reserve = defaults.reserve
+    if "reserve" in fields:
+        reserve = check.convert(("budget", "reserve"), units.parse_size, fields["reserve"])
+    disk_reserve = defaults.disk_reserve
+    if "disk_reserve" in fields:
+        disk_reserve = check.convert(
+            ("budget", "disk_reserve"), units.parse_size, fields["disk_reserve"]
+        )
+    if vram is not None and reserve is not None and reserve >= vram:
+        # Point at the value the user wrote: reserve if set, else vram (vs the default reserve).
+        if "reserve" in fields:
+            where: JsonPath = ("budget", "reserve")
+            what = f"{units.format_bytes(reserve)} must be less than budget.vram"
+            than = units.format_bytes(vram)
+        else:
+            where = ("budget", "vram")
+            what = f"{units.format_bytes(vram)} must be more than budget.reserve"
+            than = f"{units.format_bytes(reserve)}, the default"
+        check.report(
+            where, f"{format_path(where)}: {what} ({than}), or no VRAM is left to plan with"
+        )
+    if (vram is None and vram_text != "auto") or reserve is None or disk_reserve is None:
+        return defaults
+    return BudgetSettings(vram=vram, reserve=reserve, disk_reserve=disk_reserve)
+
+
+def _control_plane(raw: dict[str, Any], check: _Check) -> ControlPlaneSettings | None:
+    fields = raw.get("control_plane")
+    if fields is None or not check.clean(("control_plane",)):
+        return None
+    values = dict(fields)
+    if "heartbeat_interval" in values:
+        path: JsonPath = ("control_plane", "heartbeat_interval")
+        interval = check.convert(path, units.parse_duration, values["heartbeat_interval"])
+        if interval is not None and interval <= 0:
+            check.report(path, f"{format_path(path)}: expected more than 0 seconds")
+        values["heartbeat_interval"] = interval
+    return ControlPlaneSettings(**values)

@@ -1,0 +1,357 @@
+"""The reconciler's value types: what is desired, what was observed, and the plan between them.
+
+All are frozen dataclasses so the planner stays a pure function of its inputs. Sizes are bytes
+(``int``); durations are seconds (``float``); ``FOREVER`` (-1.0) is Ollama's "pinned".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+FOREVER = -1.0
+"""keep_alive meaning "pinned in VRAM": Ollama treats every negative duration as forever."""
+
+
+class BackendKind(StrEnum):
+    """Inference backends a model can be served by."""
+
+    OLLAMA = "ollama"
+    LLAMACPP = "llamacpp"
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    MAX = "max"
+
+
+class Op(StrEnum):
+    """The closed vocabulary of plan actions (contract §3)."""
+
+    PULL = "pull"  # download a model that is desired and not installed
+    REMOVE = "remove"  # unload, withdraw and delete a model that left the file
+    PIN = "pin"  # load with keep_alive forever
+    UNPIN = "unpin"  # give a model we pinned back its declared keep_alive (or unload it)
+    UPDATE = "update"  # re-pull: the tag now points at new weights upstream
+
+
+# --------------------------------------------------------------------------- desired
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of ``served_models``, defaults filled in."""
+
+    name: str  # as the file writes it
+    backend: BackendKind
+    canonical: str  # comparison key (names.canonical)
+    advertise_as: str
+    quantization: str | None = None
+    keep_alive: float | None = None  # seconds; FOREVER = pinned; None = backend default
+    context: int | None = None
+    vram: int | None = None
+    protect: bool = False
+    source: str | None = None
+    revision: str | None = None
+    line: int = 0  # 1-based line of the entry in the file, for messages
+
+    @property
+    def pinned(self) -> bool:
+        """True when the file asks for the model to stay in VRAM forever."""
+        return self.keep_alive is not None and self.keep_alive < 0
+
+
+@dataclass(frozen=True)
+class OllamaSettings:
+    """``backends.ollama``."""
+
+    url: str = "http://127.0.0.1:11434"
+    registry: str = "https://registry.ollama.ai"
+    models_dir: str = "~/.ollama/models"
+
+
+@dataclass(frozen=True)
+class LlamacppSettings:
+    """``backends.llamacpp``."""
+
+    models_dir: str = "/var/lib/infernet/models"
+    url: str = "http://127.0.0.1:8080"
+
+
+@dataclass(frozen=True)
+class HfSettings:
+    """``backends.hf``."""
+
+    cache_dir: str = "~/.cache/huggingface/hub"
+    url: str = "http://127.0.0.1:8000"
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """``budget``: ``vram`` None means auto (NVML)."""
+
+    vram: int | None = None
+    reserve: int = 1 << 30
+    disk_reserve: int = 10 << 30
+
+
+@dataclass(frozen=True)
+class ControlPlaneSettings:
+    """``control_plane``; absent from the file means local only."""
+
+    url: str
+    key_file: str = "~/.config/infernet/node.key"
+    role: str = "provider"
+    node_id: str | None = None
+    heartbeat_interval: float = 30.0
+    commands: str = "edit"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """``policy``: what the planner may do on its own."""
+
+    prune: str = "managed"  # managed | all | none
+    max_removals: int = 3
+    allow_empty: bool = False
+    parallel_pulls: int = 2
+    self_heal: bool = True
+    updates: str = "notify"  # notify | follow
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where the desired state came from."""
+
+    path: str
+    sha256: str
+    git_commit: str | None = None
+
+
+@dataclass(frozen=True)
+class Desired:
+    """The validated desired state of the node."""
+
+    source: ConfigSource
+    models: tuple[ModelSpec, ...]
+    default_backend: BackendKind = BackendKind.OLLAMA
+    ollama: OllamaSettings = field(default_factory=OllamaSettings)
+    llamacpp: LlamacppSettings = field(default_factory=LlamacppSettings)
+    hf: HfSettings = field(default_factory=HfSettings)
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
+    control_plane: ControlPlaneSettings | None = None
+    policy: Policy = field(default_factory=Policy)
+
+    def backends_used(self) -> frozenset[BackendKind]:
+        """The backends some desired model is served by."""
+        return frozenset(m.backend for m in self.models)
+
+
+# --------------------------------------------------------------------------- observed
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What is known about a model's artifact, from the backend or the registry."""
+
+    digest: str | None = None  # manifest digest (Ollama) / file sha (llama.cpp)
+    size: int | None = None  # bytes on disk, all layers
+    weights_bytes: int | None = None
+    quantization: str | None = None  # upper case, as Ollama's details print it
+    parameter_size: str | None = None
+    parameter_count: int | None = None
+    family: str | None = None
+    format: str | None = None
+    context_length: int | None = None  # trained context
+    block_count: int | None = None
+    head_count: int | None = None
+    head_count_kv: int | None = None
+    embedding_length: int | None = None
+    key_length: int | None = None
+    value_length: int | None = None
+    capabilities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """A model present in a backend's store."""
+
+    backend: BackendKind
+    name: str  # as the backend reports it
+    canonical: str
+    facts: ModelFacts
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model resident in memory (``/api/ps``)."""
+
+    backend: BackendKind
+    name: str
+    canonical: str
+    digest: str | None
+    size: int
+    size_vram: int
+    expires_at: str | None  # ISO-8601 as the backend sent it
+    pinned: bool  # expires_at so far ahead that it is keep_alive forever
+    context_length: int | None = None
+
+
+@dataclass(frozen=True)
+class BackendState:
+    """One backend's inventory, or why it couldn't be read."""
+
+    backend: BackendKind
+    url: str
+    reachable: bool
+    error: str | None = None
+    version: str | None = None
+    installed: tuple[InstalledModel, ...] = ()
+    loaded: tuple[LoadedModel, ...] = ()
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """What the registry says a desired name points at, before anything is downloaded."""
+
+    backend: BackendKind
+    canonical: str
+    facts: ModelFacts
+    total_bytes: int  # every layer + config
+    download_bytes: int  # layers not yet present locally
+    error: str | None = None  # e.g. "model 'x' not found in registry ..."
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One GPU (or MIG instance) as NVML reports it."""
+
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    used_bytes: int
+
+
+@dataclass(frozen=True)
+class GpuState:
+    """The node's accelerator memory; ``source`` says how the total was found."""
+
+    source: str  # "nvml" | "config" | "cpu" | "none"
+    total_bytes: int | None
+    free_bytes: int | None
+    gpus: tuple[GpuInfo, ...] = ()
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class DiskState:
+    """Free space where a backend stores models."""
+
+    path: str
+    free_bytes: int | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything the planner may look at: backends, registry answers, GPUs and disks."""
+
+    backends: Mapping[BackendKind, BackendState]
+    upstream: Mapping[str, Upstream]  # key: names.key(backend, canonical)
+    gpu: GpuState
+    disks: Mapping[BackendKind, DiskState]
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class OwnedModel:
+    """A model this tool installed (from the state store)."""
+
+    backend: BackendKind
+    canonical: str
+    name: str
+    pinned_by_us: bool = False
+    measured_vram: int | None = None
+
+
+@dataclass(frozen=True)
+class Owned:
+    """The state store's view of what we own; empty when the store was lost."""
+
+    models: Mapping[str, OwnedModel] = field(default_factory=dict)  # key: names.key(...)
+    measured_vram: Mapping[str, int] = field(default_factory=dict)  # key: names.key(...)
+    protected: frozenset[str] = frozenset()  # keys last declared with protect: true
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Action:
+    """One change the executor will make."""
+
+    op: Op
+    model: str  # as the file writes it, or as installed for removals
+    backend: BackendKind
+    canonical: str
+    reason: str
+    download_bytes: int | None = None
+    vram_bytes: int | None = None
+    keep_alive: float | None = None  # for pin/unpin: what to send
+    digest: str | None = None  # for pull/update: what upstream pointed at when planned
+    embedding: bool = False  # load through /api/embed, not generate
+    context: int | None = None
+
+
+@dataclass(frozen=True)
+class Noop:
+    """A desired or installed model that needs nothing, and why (``plan -v``)."""
+
+    model: str
+    backend: BackendKind
+    reason: str
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A model's VRAM estimate and where it came from."""
+
+    model: str
+    bytes: int | None
+    source: str  # "config" | "measured" | "metadata" | "rough" | "unknown"
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The VRAM and disk arithmetic behind a plan."""
+
+    vram_total_bytes: int | None
+    vram_source: str
+    reserve_bytes: int
+    vram_pinned_bytes: int
+    largest_swap_in_bytes: int
+    fits: bool
+    disk_free_bytes: int | None
+    disk_reserve_bytes: int
+    download_bytes: int
+    estimates: tuple[Estimate, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The planner's answer: actions in execution order, and everything needed to explain it."""
+
+    source: ConfigSource
+    fingerprint: str
+    actions: tuple[Action, ...]
+    noops: tuple[Noop, ...]
+    budget: Budget
+    advertised: tuple[str, ...]  # served_models once the plan is applied
+    errors: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def has_changes(self) -> bool:
+        """True when applying would change something."""
+        return bool(self.actions)

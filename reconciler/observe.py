@@ -1,0 +1,172 @@
+"""Observation: ask every backend, the registry, the GPUs and the disk; return ``Observed``.
+
+The expensive parts are asked only for models the file mentions: ``show`` details for desired
+models that are installed (cached by digest), registry manifests for desired models that are
+not (exact bytes to download), and update checks at most every ``UPDATE_CHECK_TTL`` unless
+forced. Backends are asked in parallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from reconciler.backends.base import Backend, Cache
+from reconciler.errors import BackendError
+from reconciler.gpu import read_gpus
+from reconciler.model import (
+    BackendKind,
+    BackendState,
+    Desired,
+    DiskState,
+    InstalledModel,
+    ModelFacts,
+    ModelSpec,
+    Observed,
+    Upstream,
+)
+from reconciler.names import key
+
+UPDATE_CHECK_TTL = 6 * 3600.0
+"""How long an upstream digest is trusted before ``policy.updates`` asks the registry again."""
+
+
+def make_backends(desired: Desired, *, cache: Cache | None = None) -> dict[BackendKind, Backend]:
+    """One adapter per backend the file uses (Ollama always, for inventory and pruning)."""
+    from reconciler.backends.ollama import OllamaBackend
+
+    stall = float(os.environ.get("INFERNET_PULL_STALL_TIMEOUT", "300"))
+    return {BackendKind.OLLAMA: OllamaBackend(desired.ollama, cache=cache, stall_timeout=stall)}
+
+
+def models_dir(desired: Desired, kind: BackendKind) -> str:
+    """Where ``kind`` keeps its weights (for the disk check)."""
+    if kind is BackendKind.OLLAMA:
+        return desired.ollama.models_dir
+    if kind is BackendKind.LLAMACPP:
+        return desired.llamacpp.models_dir
+    return desired.hf.cache_dir
+
+
+def read_disk(path: str) -> DiskState:
+    """Free bytes on the filesystem holding ``path`` (its nearest existing parent)."""
+    target = Path(path).expanduser()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError as exc:
+        return DiskState(str(target), None, f"can't read free space at {target}: {exc}")
+    note = None if probe == target else f"{target} does not exist yet; free space read at {probe}"
+    return DiskState(str(target), free, note)
+
+
+def fingerprint(backends: dict[BackendKind, BackendState], upstream: dict[str, Upstream]) -> str:
+    """A digest of what the plan depends on: installed and loaded sets, upstream digests.
+
+    Free VRAM and disk are left out on purpose: they move all the time, and the budget is
+    checked again when the plan is applied.
+    """
+    doc = {
+        kind.value: {
+            "reachable": state.reachable,
+            "installed": sorted((m.canonical, m.facts.digest or "") for m in state.installed),
+            "loaded": sorted((m.canonical, m.digest or "", m.pinned) for m in state.loaded),
+        }
+        for kind, state in sorted(backends.items())
+    }
+    ups = sorted((k, u.facts.digest or "", u.error is None) for k, u in upstream.items())
+    raw = json.dumps({"backends": doc, "upstream": ups}, sort_keys=True).encode()
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def _merge(installed: InstalledModel, shown: ModelFacts) -> InstalledModel:
+    """Show's GGUF keys on top of the tags entry (which has size and digest)."""
+    facts = dataclasses.replace(
+        shown,
+        digest=installed.facts.digest,
+        size=installed.facts.size,
+        weights_bytes=installed.facts.weights_bytes,
+        quantization=shown.quantization or installed.facts.quantization,
+    )
+    return dataclasses.replace(installed, facts=facts)
+
+
+def observe(
+    desired: Desired,
+    backends: dict[BackendKind, Backend],
+    *,
+    cache: Cache | None = None,
+    refresh_upstream: bool = False,
+) -> Observed:
+    """Everything the planner needs, gathered with parallel requests."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        states = dict(
+            zip(backends, pool.map(lambda b: b.inventory(), backends.values()), strict=True)
+        )
+        detail_jobs = []
+        upstream_jobs = []
+        for spec in desired.models:
+            state = states.get(spec.backend)
+            backend = backends.get(spec.backend)
+            if state is None or backend is None or not state.reachable:
+                continue
+            found = next((m for m in state.installed if m.canonical == spec.canonical), None)
+            if found is None:
+                upstream_jobs.append((spec, pool.submit(backend.upstream, spec)))
+                continue
+            detail_jobs.append(
+                (spec, found, pool.submit(backend.details, found.name, found.facts.digest))
+            )
+            if _update_due(spec, found.facts.digest, cache, refresh_upstream):
+                upstream_jobs.append((spec, pool.submit(backend.upstream, spec)))
+        enriched: dict[str, InstalledModel] = {}
+        for spec, found, job in detail_jobs:
+            try:
+                enriched[key(spec.backend, found.canonical)] = _merge(found, job.result())
+            except BackendError:
+                continue  # keep the tags facts; the estimate falls back to a rougher layer
+        upstream: dict[str, Upstream] = {}
+        for spec, pending in upstream_jobs:
+            up = pending.result()
+            upstream[key(spec.backend, spec.canonical)] = up
+            if cache is not None and up.error is None:
+                cache.put("upstream.digest", key(spec.backend, spec.canonical), up.facts.digest)
+    for kind, state in states.items():
+        installed = tuple(enriched.get(key(kind, m.canonical), m) for m in state.installed)
+        states[kind] = dataclasses.replace(state, installed=installed)
+    # An installed model's update check that failed is not a plan error: only a warning later.
+    upstream = {
+        k: u for k, u in upstream.items()
+        if u.error is None or not _installed(states, k)
+    }  # fmt: skip
+    return Observed(
+        backends=states,
+        upstream=upstream,
+        gpu=read_gpus(desired.budget.vram),
+        disks={kind: read_disk(models_dir(desired, kind)) for kind in backends},
+        fingerprint=fingerprint(states, upstream),
+    )
+
+
+def _installed(states: dict[BackendKind, BackendState], k: str) -> bool:
+    kind, _, canonical = k.partition(":")
+    state = states.get(BackendKind(kind))
+    return bool(state and any(m.canonical == canonical for m in state.installed))
+
+
+def _update_due(spec: ModelSpec, digest: str | None, cache: Cache | None, refresh: bool) -> bool:
+    """Check an installed model upstream when forced, when the last check is stale, or when
+    it last saw other weights (so an update stays in the plan until it is pulled)."""
+    if refresh:
+        return True
+    if cache is None:
+        return False
+    seen = cache.get("upstream.digest", key(spec.backend, spec.canonical), UPDATE_CHECK_TTL)
+    return seen is None or seen != digest

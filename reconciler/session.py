@@ -1,0 +1,169 @@
+"""One reconciliation session: the desired state, the state store and the backends together.
+
+The CLI and (later) the daemon both go through here, so "observe, then plan" and "lock, then
+apply" are written once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reconciler.apply import Executor, Result, Withdraw
+from reconciler.backends.base import Backend
+from reconciler.events import Progress, ignore
+from reconciler.model import (
+    BackendKind,
+    Desired,
+    Observed,
+    Owned,
+    OwnedModel,
+    Plan,
+)
+from reconciler.names import key
+from reconciler.observe import make_backends, observe
+from reconciler.plan import plan
+from state import NodeLock, Store
+
+PROTECTED = "protected"  # status key: model keys declared protect: true, until removed
+
+
+class StoreCache:
+    """The state store's cache table behind the backends' ``Cache`` protocol."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def get(self, kind: str, key: str, max_age: float | None = None) -> object | None:
+        """A cached value younger than ``max_age`` seconds, or None."""
+        value: object | None = self._store.cache_get(kind, key, max_age=max_age)
+        return value
+
+    def put(self, kind: str, key: str, value: object) -> None:
+        """Remember ``value``."""
+        self._store.cache_put(kind, key, value)
+
+
+def retry_backoff() -> float:
+    """First retry delay in seconds (``INFERNET_RETRY_BACKOFF``); doubles per attempt."""
+    return float(os.environ.get("INFERNET_RETRY_BACKOFF", "2"))
+
+
+def lock_timeout() -> float:
+    """Seconds a second writer waits for the node lock (``INFERNET_LOCK_TIMEOUT``)."""
+    return float(os.environ.get("INFERNET_LOCK_TIMEOUT", "30"))
+
+
+def read_owned(store: Store) -> Owned:
+    """What we own, what was measured, and what is protected, from the store."""
+    models = {
+        key(r.backend, r.canonical): OwnedModel(
+            BackendKind(r.backend), r.canonical, r.name, r.pinned_by_us, r.measured_vram
+        )
+        for r in store.owned()
+        if r.backend in BackendKind._value2member_map_
+    }
+    measured = {key(b, c): v for (b, c), v in store.measured_vram().items()}
+    protected = store.get_status(PROTECTED) or []
+    return Owned(models=models, measured_vram=measured, protected=frozenset(protected))
+
+
+def remember_protected(store: Store, desired: Desired, observed: Observed) -> None:
+    """Protected keys stay protected after they leave the file, until the model is gone."""
+    installed = {
+        key(kind, m.canonical) for kind, s in observed.backends.items() for m in s.installed
+    }
+    previous = set(store.get_status(PROTECTED) or [])
+    now = {key(m.backend, m.canonical) for m in desired.models if m.protect}
+    declared = {key(m.backend, m.canonical) for m in desired.models}
+    keep = {k for k in previous if k in installed and k not in declared} | now
+    if keep != previous:
+        store.put_status(PROTECTED, sorted(keep))
+
+
+@dataclass
+class Session:
+    """Desired state + store + backends; ``close()`` releases connections."""
+
+    desired: Desired
+    store: Store
+    backends: dict[BackendKind, Backend] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, desired: Desired, state_dir: Path) -> Session:
+        """Open the store (rebuilt when corrupt) and the backends the file needs."""
+        store = Store.open(state_dir)
+        backends = make_backends(desired, cache=StoreCache(store))
+        return cls(desired, store, backends)
+
+    def close(self) -> None:
+        """Close backends and the store."""
+        for backend in self.backends.values():
+            backend.close()
+        self.store.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def observe_and_plan(
+        self, *, allow_destroy: bool = False, refresh: bool = False
+    ) -> tuple[Observed, Plan]:
+        """Observe the node and plan against the file."""
+        observed = observe(
+            self.desired, self.backends, cache=StoreCache(self.store), refresh_upstream=refresh
+        )
+        owned = read_owned(self.store)
+        result = plan(self.desired, observed, owned, allow_destroy=allow_destroy)
+        if self.store.rebuilt:
+            result = _with_warning(result, self.store.rebuilt)
+        return observed, result
+
+    def apply(
+        self,
+        the_plan: Plan,
+        *,
+        observed: Observed | None = None,
+        progress: Progress = ignore,
+        withdraw: Withdraw | None = None,
+    ) -> Result:
+        """Execute ``the_plan`` and observe again; the caller holds the node lock."""
+        executor = Executor(
+            self.backends, self.store, progress=progress, withdraw=withdraw,
+            parallel=self.desired.policy.parallel_pulls, backoff=retry_backoff(),
+        )  # fmt: skip
+        if observed is not None:
+            remember_protected(self.store, self.desired, observed)
+
+        def reobserve() -> tuple[Observed, Plan]:
+            return self.observe_and_plan()
+
+        return executor.execute(the_plan, reobserve)
+
+    def lock(self, purpose: str) -> NodeLock:
+        """The node lock (one writer per node), acquired with the configured timeout."""
+        node_lock = NodeLock(self.store.state_dir, purpose=purpose)
+        node_lock.acquire(timeout=lock_timeout())
+        return node_lock
+
+
+def _with_warning(p: Plan, text: str) -> Plan:
+    from dataclasses import replace
+
+    return replace(p, warnings=(*p.warnings, text))
+
+
+def summary(result: Result) -> dict[str, Any]:
+    """A JSON summary of an apply for ``--json`` and the state store."""
+    return {
+        "converged": result.converged,
+        "advertised": list(result.advertised),
+        "outcomes": [
+            {"op": o.action.op.value, "model": o.action.model, "result": o.result, "error": o.error}
+            for o in result.outcomes
+        ],
+    }

@@ -1,0 +1,127 @@
+"""``status`` and ``model list``: what is desired, installed, loaded and advertised."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from reconciler.model import Desired, Observed, Plan
+from reconciler.names import key
+from reconciler.render import human_bytes, render_budget, table
+
+if TYPE_CHECKING:
+    from reconciler.session import Session
+    from state import Store
+
+
+def model_rows(desired: Desired, observed: Observed, store: Store) -> list[dict[str, Any]]:
+    """One row per desired or installed model: Model, Size, Backend, Status."""
+    owned = {(r.backend, r.canonical) for r in store.owned()}
+    wanted = {key(m.backend, m.canonical): m for m in desired.models}
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for kind, state in sorted(observed.backends.items()):
+        loaded = {m.canonical: m for m in state.loaded}
+        loaded_digests = {m.digest: m for m in state.loaded if m.digest}
+        for model in state.installed:
+            k = key(kind, model.canonical)
+            seen.add(k)
+            run = loaded.get(model.canonical) or loaded_digests.get(model.facts.digest or "")
+            if run is not None:
+                status = "pinned" if run.pinned else "loaded"
+            elif k in wanted or (kind.value, model.canonical) in owned:
+                status = "installed"
+            else:
+                status = "unmanaged"
+            rows.append({
+                "model": model.name, "size": model.facts.size, "backend": kind.value,
+                "status": status, "desired": k in wanted,
+                "quantization": model.facts.quantization, "digest": model.facts.digest,
+                "size_vram": run.size_vram if run else None,
+            })  # fmt: skip
+    for k, spec in wanted.items():
+        if k not in seen:
+            rows.append({
+                "model": spec.name, "size": None, "backend": spec.backend.value,
+                "status": "missing", "desired": True, "quantization": spec.quantization,
+                "digest": None, "size_vram": None,
+            })  # fmt: skip
+    return rows
+
+
+def build_status(session: Session, observed: Observed, plan: Plan) -> dict[str, Any]:
+    """The ``status --json`` document."""
+    store = session.store
+    last = store.last_apply()
+    return {
+        "config": {
+            "path": plan.source.path,
+            "sha256": plan.source.sha256,
+            "git_commit": plan.source.git_commit,
+        },
+        "backends": {
+            kind.value: {"url": s.url, "reachable": s.reachable, "error": s.error}
+            for kind, s in observed.backends.items()
+        },
+        "models": model_rows(session.desired, observed, store),
+        "advertised": list(plan.advertised),
+        "drift": [{"op": a.op.value, "model": a.model, "reason": a.reason} for a in plan.actions],
+        "errors": list(plan.errors),
+        "warnings": list(plan.warnings),
+        "budget": {
+            "vram_total_bytes": plan.budget.vram_total_bytes,
+            "vram_source": plan.budget.vram_source,
+            "vram_pinned_bytes": plan.budget.vram_pinned_bytes,
+            "fits": plan.budget.fits,
+        },
+        "last_apply": None
+        if last is None
+        else {
+            "at": last.at,
+            "config_sha256": last.config_sha256,
+            "git_commit": last.git_commit,
+            "converged": last.converged,
+            "actions": last.actions,
+            "failed": last.failed,
+        },
+        "last_heartbeat": store.get_status("last_heartbeat"),
+        "state_notice": store.rebuilt,
+    }
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    """``status`` for a person."""
+    cfg = doc["config"]
+    lines = [f"Config: {cfg['path']} (sha256 {cfg['sha256'][:12]})"]
+    for name, b in doc["backends"].items():
+        state = "reachable" if b["reachable"] else f"UNREACHABLE: {b['error']}"
+        lines.append(f"Backend {name}: {b['url']} {state}")
+    lines.append("")
+    rows = [
+        [r["model"], r["backend"], human_bytes(r["size"]) if r["size"] else "-", r["status"],
+         "yes" if r["desired"] else "no"]
+        for r in doc["models"]
+    ]  # fmt: skip
+    lines.append(table(rows, ["MODEL", "BACKEND", "SIZE", "STATUS", "DESIRED"]))
+    lines.append("")
+    lines.append(f"Advertised: {', '.join(doc['advertised']) or '(nothing)'}")
+    if doc["drift"]:
+        lines.append("Drift: " + "; ".join(f"{d['op']} {d['model']}" for d in doc["drift"]))
+    else:
+        lines.append("Drift: none")
+    last = doc["last_apply"]
+    if last:
+        verdict = "converged" if last["converged"] else "NOT converged"
+        lines.append(f"Last apply: {last['at']} ({verdict}, {last['actions']} actions, "
+                     f"{last['failed']} failed)")  # fmt: skip
+    else:
+        lines.append("Last apply: never")
+    hb = doc["last_heartbeat"]
+    lines.append(f"Last heartbeat: {hb if hb else 'none (no control plane configured)'}")
+    for err in doc["errors"]:
+        lines.append(f"Error: {err}")
+    for warn in doc["warnings"]:
+        lines.append(f"Warning: {warn}")
+    return "\n".join(lines)
+
+
+__all__ = ["build_status", "model_rows", "render_budget", "render_status"]

@@ -1,0 +1,31 @@
+"""The state store: what infernet owns, applied, journaled and still has to deliver.
+
+One SQLite database (``state.db``) and one lock file (``lock``) in the state directory. Only
+the standard library is imported, so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+from state.location import default_state_dir
+from state.lock import NodeLock
+from state.records import (
+    ApplyRecord,
+    CommandRecord,
+    JournalEntry,
+    LockHolder,
+    OutboxItem,
+    OwnedRecord,
+)
+from state.store import Store
+
+__all__ = [
+    "ApplyRecord",
+    "CommandRecord",
+    "JournalEntry",
+    "LockHolder",
+    "NodeLock",
+    "OutboxItem",
+    "OwnedRecord",
+    "Store",
+    "default_state_dir",
+]

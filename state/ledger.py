@@ -1,0 +1,164 @@
+"""The remote-command ledger and the outbox to the control plane.
+
+A command id is entered once and only ever moves forward, so a redelivered command is never
+run twice; a command stays "unreported" until its final answer was delivered, so none is left
+unanswered across crashes. The outbox keeps requests that could not be delivered yet.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from state.records import CommandRecord, OutboxItem
+from state.session import Session, dump_json, load_dict, now_iso
+
+COMMAND_STATES = frozenset({"received", "running", "completed", "failed"})
+# A command may only move forward; going back to received/running would mean running it twice.
+_COMMAND_NEXT = {
+    "received": frozenset({"received", "running", "completed", "failed"}),
+    "running": frozenset({"running", "completed", "failed"}),
+    "completed": frozenset({"completed"}),
+    "failed": frozenset({"failed"}),
+}
+
+
+class Ledger(Session):
+    """The store's control-plane part; see :class:`state.store.Store`."""
+
+    def command_seen(self, command_id: str) -> CommandRecord | None:
+        with self._reading() as conn:
+            row = conn.execute("SELECT * FROM commands WHERE id = ?", (command_id,)).fetchone()
+        return None if row is None else _command(row)
+
+    def record_command(self, *, command_id: str, verb: str, payload: dict[str, Any]) -> bool:
+        """Enters a command as ``received``; ``False`` when its id is known: do not run it."""
+        now = now_iso()
+        with self._writing() as conn:
+            cursor = conn.execute(
+                """INSERT INTO commands (id, verb, payload, state, received_at, updated_at)
+                   VALUES (?, ?, ?, 'received', ?, ?)
+                   ON CONFLICT (id) DO NOTHING""",
+                (command_id, verb, dump_json(payload), now, now),
+            )
+        return cursor.rowcount == 1
+
+    def set_command_state(
+        self,
+        command_id: str,
+        *,
+        state: str,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Moves a command forward (received → running → completed | failed).
+
+        Any change makes it unreported again, so its new answer is delivered too.
+        """
+        if state not in COMMAND_STATES:
+            raise ValueError(f"state must be one of {sorted(COMMAND_STATES)}, got {state!r}")
+        with self._writing() as conn:
+            row = conn.execute("SELECT state FROM commands WHERE id = ?", (command_id,)).fetchone()
+            if row is None:
+                raise ValueError(f"unknown command {command_id}")
+            if state not in _COMMAND_NEXT[row["state"]]:
+                raise ValueError(
+                    f"command {command_id} is {row['state']}; it cannot become {state} "
+                    "(a command is never run twice)"
+                )
+            conn.execute(
+                """UPDATE commands SET state = ?, result = ?, error = ?, updated_at = ?,
+                                       reported_at = NULL
+                   WHERE id = ?""",
+                (
+                    state,
+                    None if result is None else dump_json(result),
+                    error,
+                    now_iso(),
+                    command_id,
+                ),
+            )
+
+    def mark_command_reported(self, command_id: str) -> None:
+        """The command's final answer reached the control plane."""
+        with self._writing() as conn:
+            cursor = conn.execute(
+                "UPDATE commands SET reported_at = ? WHERE id = ?", (now_iso(), command_id)
+            )
+            if cursor.rowcount == 0:
+                raise ValueError(f"unknown command {command_id}")
+
+    def unreported_commands(self) -> list[CommandRecord]:
+        """Commands still owed an answer: finished but unreported, or cut off mid-way."""
+        with self._reading() as conn:
+            rows = conn.execute(
+                """SELECT * FROM commands
+                   WHERE reported_at IS NULL OR state NOT IN ('completed', 'failed')
+                   ORDER BY rowid"""
+            ).fetchall()
+        return [_command(row) for row in rows]
+
+    # -- outbox -----------------------------------------------------------------------------
+
+    def outbox_put(self, *, path: str, body: dict[str, Any], dedupe_key: str | None = None) -> int:
+        """Queues a request; returns its id.
+
+        With ``dedupe_key``, a pending item with the same key is replaced (newest body wins,
+        attempts restart) and keeps its id and place in the queue.
+        """
+        with self._writing() as conn:
+            rows = conn.execute(
+                """INSERT INTO outbox (path, body, dedupe_key, created_at) VALUES (?, ?, ?, ?)
+                   ON CONFLICT (dedupe_key) DO UPDATE SET
+                       path = excluded.path, body = excluded.body, attempts = 0,
+                       last_error = NULL, last_attempt_at = NULL
+                   RETURNING id""",
+                (path, dump_json(body), dedupe_key, now_iso()),
+            ).fetchall()
+        return int(rows[0]["id"])
+
+    def outbox_items(self) -> list[OutboxItem]:
+        """Everything still to deliver, oldest first."""
+        with self._reading() as conn:
+            rows = conn.execute("SELECT * FROM outbox ORDER BY id").fetchall()
+        return [
+            OutboxItem(
+                id=row["id"],
+                path=row["path"],
+                body=load_dict(row["body"]),
+                dedupe_key=row["dedupe_key"],
+                created_at=row["created_at"],
+                attempts=row["attempts"],
+                last_error=row["last_error"],
+                last_attempt_at=row["last_attempt_at"],
+            )
+            for row in rows
+        ]
+
+    def outbox_done(self, item_id: int) -> None:
+        """Drops a delivered item; an id already gone is fine (delivery is at-least-once)."""
+        with self._writing() as conn:
+            conn.execute("DELETE FROM outbox WHERE id = ?", (item_id,))
+
+    def outbox_failed(self, item_id: int, *, error: str) -> None:
+        """Counts a failed delivery and keeps its error for `status`."""
+        with self._writing() as conn:
+            conn.execute(
+                """UPDATE outbox SET attempts = attempts + 1, last_error = ?, last_attempt_at = ?
+                   WHERE id = ?""",
+                (error, now_iso(), item_id),
+            )
+
+
+def _command(row: sqlite3.Row) -> CommandRecord:
+    return CommandRecord(
+        command_id=row["id"],
+        verb=row["verb"],
+        payload=load_dict(row["payload"]),
+        state=row["state"],
+        result=None if row["result"] is None else load_dict(row["result"]),
+        error=row["error"],
+        received_at=row["received_at"],
+        updated_at=row["updated_at"],
+        reported_at=row["reported_at"],
+    )
