@@ -16,6 +16,7 @@ from typing import IO, Any
 
 from reconciler.events import Event, Kind
 from reconciler.model import Op, Plan
+from reconciler.units import format_bytes
 
 _SIGN = {Op.PULL: "+", Op.UPDATE: "~", Op.PIN: "^", Op.UNPIN: "v", Op.REMOVE: "-"}
 _VERB = {Op.PULL: "to pull", Op.UPDATE: "to update", Op.PIN: "to pin", Op.UNPIN: "to unpin",
@@ -23,15 +24,8 @@ _VERB = {Op.PULL: "to pull", Op.UPDATE: "to update", Op.PIN: "to pin", Op.UNPIN:
 
 
 def human_bytes(n: int | None) -> str:
-    """``8988124069`` → ``8.4 GiB``."""
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
+    """``8988124069`` → ``8.4 GiB``; ``?`` when unknown."""
+    return "?" if n is None else format_bytes(n)
 
 
 def print_json(doc: Any, out: IO[str] | None = None) -> None:

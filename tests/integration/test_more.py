@@ -1,0 +1,124 @@
+"""More of issue 2 end to end: parallel pulls, upstream updates, exact download bytes, the
+terminal confirmation, flags before or after the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+
+from tests.integration.conftest import INFERNET, Node, needs_fake
+
+SMALL = "smollm2:135m"
+QWEN = "qwen2.5:0.5b"
+LLAMA = "llama3.2:1b"
+
+
+def _events(out: subprocess.CompletedProcess[str]) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def _order(events: list[dict]) -> list[tuple[str, str]]:  # type: ignore[type-arg]
+    return [(e["event"], e["model"]) for e in events if e["event"].startswith("action_")]
+
+
+def test_parallel_pulls_overlap_and_serial_ones_do_not(node: Node) -> None:
+    node.throttle(150_000)
+    node.write_config([QWEN, LLAMA], policy={"parallel_pulls": 2})
+    out = node.run("apply", "--yes", "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    order = _order(_events(out))
+    assert [e for e, _ in order[:2]] == ["action_started", "action_started"], order
+    node.write_config([SMALL, "all-minilm:latest"], policy={"parallel_pulls": 1},
+                      budget={"vram": "24GiB", "disk_reserve": "1GiB"})  # fmt: skip
+    out = node.run("apply", "--yes", "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    pulls = [o for o in _order(_events(out)) if o[1] in (SMALL, "all-minilm:latest")]
+    assert [e for e, _ in pulls] == ["action_started", "action_finished"] * 2, pulls
+
+
+def test_alias_of_an_installed_model_downloads_nothing(node: Node) -> None:
+    needs_fake(node)
+    node.write_config([QWEN])
+    assert node.run("apply", "--yes").returncode == 0
+    node.write_config([QWEN, "qwen2.5:latest"])
+    doc = json.loads(node.run("plan", "--json").stdout)
+    (action,) = doc["actions"]
+    assert (action["op"], action["model"], action["download_bytes"]) == (
+        "pull",
+        "qwen2.5:latest",
+        0,
+    )
+
+
+def test_new_weights_upstream_notify_then_follow(node: Node) -> None:
+    server = needs_fake(node)
+    node.write_config([SMALL])
+    assert node.run("apply", "--yes").returncode == 0
+    old = next(m for m in _tags(node) if m["name"] == SMALL)["digest"]
+    server.bump_upstream(SMALL)
+    doc = json.loads(node.run("plan", "--json", "--refresh").stdout)
+    assert doc["actions"] == []
+    assert any("new weights upstream" in w for w in doc["warnings"])
+    node.write_config([SMALL], policy={"updates": "follow"})
+    doc = json.loads(node.run("plan", "--json").stdout)
+    assert [(a["op"], a["model"]) for a in doc["actions"]] == [("update", SMALL)]
+    assert node.run("apply", "--yes").returncode == 0
+    new = next(m for m in _tags(node) if m["name"] == SMALL)["digest"]
+    assert new != old
+    assert node.run("plan", "--detailed-exitcode").returncode == 0
+
+
+def _tags(node: Node) -> list[dict]:  # type: ignore[type-arg]
+    import httpx
+
+    return httpx.get(f"{node.url}/api/tags").json()["models"]  # type: ignore[no-any-return]
+
+
+def test_flags_before_or_after_the_command(node: Node) -> None:
+    node.write_config([SMALL])
+    before = subprocess.run(
+        [INFERNET, "-c", str(node.config), "--state-dir", str(node.state), "plan", "--json"],
+        capture_output=True, text=True, env=node.env, check=False,
+    )  # fmt: skip
+    after = node.run("plan", "--json")
+    assert before.returncode == after.returncode == 0, before.stderr
+    assert json.loads(before.stdout)["actions"] == json.loads(after.stdout)["actions"]
+
+
+def test_schema_command_prints_the_shipped_schema(node: Node) -> None:
+    out = node.run("schema")
+    assert out.returncode == 0
+    schema = json.loads(out.stdout)
+    assert schema["$schema"].endswith("2020-12/schema")
+    assert "served_models" in schema["properties"]
+
+
+def test_apply_asks_on_a_terminal(node: Node) -> None:
+    node.write_config([SMALL])
+    for answer, code, installed in ((b"no\n", 1, False), (b"yes\n", 0, True)):
+        primary, secondary = pty.openpty()
+        proc = subprocess.Popen(
+            [INFERNET, "apply", "-c", str(node.config), "--state-dir", str(node.state)],
+            stdin=secondary, stdout=secondary, stderr=secondary, env=node.env, close_fds=True,
+        )  # fmt: skip
+        os.close(secondary)
+        seen = b""
+        while b"Only 'yes' will be accepted" not in seen:
+            ready, _, _ = select.select([primary], [], [], 30)
+            assert ready, seen
+            seen += os.read(primary, 4096)
+        os.write(primary, answer)
+        while True:  # drain until the child closes the terminal
+            ready, _, _ = select.select([primary], [], [], 30)
+            try:
+                chunk = os.read(primary, 4096) if ready else b""
+            except OSError:
+                break
+            if not chunk:
+                break
+        assert proc.wait(timeout=30) == code
+        os.close(primary)
+        assert (SMALL in node.installed()) is installed
