@@ -32,7 +32,8 @@ from reconciler.names import key
 from state import Store
 
 Reobserve = Callable[[], tuple[Observed, Plan]]
-Withdraw = Callable[[tuple[str, ...]], None]
+Withdraw = Callable[[tuple[str, ...]], str | None]
+"""Advertise only these names before deletes; returns a note when that wasn't confirmed."""
 
 
 @dataclass(frozen=True)
@@ -98,12 +99,15 @@ class Executor:
                 self.progress(Event(Kind.RETRY, action, message=f"{exc}; retry in {delay:.0f}s"))
                 self.sleep(delay)
 
-    def _run(self, action: Action, run_id: str, work: Callable[[], None]) -> Outcome:
-        """Journal, announce, run with retries, record the outcome."""
-        entry = self.store.begin_action(
+    def _journal(self, action: Action, run_id: str) -> int:
+        return self.store.begin_action(
             run_id=run_id, op=action.op.value, backend=action.backend.value,
             canonical=action.canonical, model=action.model,
         )  # fmt: skip
+
+    def _run(self, action: Action, run_id: str, work: Callable[[], None]) -> Outcome:
+        """Journal, announce, run with retries, record the outcome."""
+        entry = self._journal(action, run_id)
         self.progress(Event(Kind.STARTED, action))
         outcome = self._with_retries(action, work)
         self.store.finish_action(entry, outcome=outcome.result, error=outcome.error)
@@ -111,10 +115,7 @@ class Executor:
         return outcome
 
     def _skip(self, action: Action, run_id: str, why: str) -> Outcome:
-        entry = self.store.begin_action(
-            run_id=run_id, op=action.op.value, backend=action.backend.value,
-            canonical=action.canonical, model=action.model,
-        )  # fmt: skip
+        entry = self._journal(action, run_id)
         self.store.finish_action(entry, outcome="skipped", error=why)
         self.progress(Event(Kind.FINISHED, action, outcome="skipped", message=why))
         return Outcome(action, "skipped", why, 0)
@@ -190,7 +191,10 @@ class Executor:
             outcomes.extend(self._skip(a, run_id, why) for a in removals)
         elif removals:
             if self.withdraw is not None:
-                self.withdraw(plan.advertised)  # heartbeat without them before any delete
+                # The heartbeat without them goes out (and is answered) before any delete.
+                note = self.withdraw(plan.advertised)
+                if note:
+                    self.progress(Event(Kind.NOTE, message=note))
             for action in removals:
                 outcomes.append(self._run(action, run_id, partial(self._remove, action)))
 

@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
 
     command("schema", "print the JSON Schema of infernet.yaml")
+    p = command("keygen", "make this node's BIP-340 key (mode 0600); print its public key")
+    p.add_argument("--out", metavar="FILE",
+                   help="where to write it (default: control_plane.key_file, else "
+                   "~/.config/infernet/node.key)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace an existing key")
     return parser
 
 
@@ -242,6 +247,8 @@ def run_apply(
             raise PlanError(plan.errors[0] + (f" (and {len(plan.errors) - 1} more)"
                                               if len(plan.errors) > 1 else ""))  # fmt: skip
         if not plan.actions:
+            printer = render.ProgressPrinter(json_lines=json_lines, verbose=False)
+            session.heartbeat(plan, observed, converged=True, progress=printer)
             if json_lines:
                 render.print_json({"event": "converged", "outcome": "converged", "changes": 0})
             return EXIT_OK
@@ -252,7 +259,7 @@ def run_apply(
             json_lines=json_lines, verbose=getattr(args, "verbose", False)
         )
         try:
-            result = session.apply(plan, observed=observed, progress=printer)
+            result = session.apply(plan, observed, progress=printer)
         finally:
             printer.close()
     if json_lines:
@@ -351,9 +358,30 @@ def _model_edit(args: argparse.Namespace) -> int:
         )
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """keygen: write a node key; the x-only public key alone on the last line."""
+    from reconciler.identity import generate_key
+    from reconciler.model import DEFAULT_KEY_FILE
+
+    target = args.out
+    if target is None:
+        target = DEFAULT_KEY_FILE
+        if args.config or os.environ.get("INFERNET_CONFIG") or Path("infernet.yaml").exists():
+            from reconciler import desired
+
+            the_desired = desired.load(desired.locate(args.config))
+            if the_desired.control_plane is not None:
+                target = the_desired.control_plane.key_file
+    path = Path(target).expanduser()
+    pubkey = generate_key(path, force=args.force)
+    print(f"Wrote the node key to {path} (mode 0600). Public key:", file=sys.stderr)
+    print(pubkey)
+    return EXIT_OK
+
+
 COMMANDS = {
     "validate": cmd_validate, "schema": cmd_schema, "plan": cmd_plan, "apply": cmd_apply,
-    "status": cmd_status, "model": cmd_model,
+    "status": cmd_status, "model": cmd_model, "keygen": cmd_keygen,
 }  # fmt: skip
 
 

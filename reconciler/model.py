@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+DEFAULT_KEY_FILE = "~/.config/infernet/node.key"
 FOREVER = -1.0
 """keep_alive meaning "pinned in VRAM": Ollama treats every negative duration as forever."""
 
@@ -99,11 +100,12 @@ class ControlPlaneSettings:
     """``control_plane``; absent from the file means local only."""
 
     url: str
-    key_file: str = "~/.config/infernet/node.key"
+    key_file: str = DEFAULT_KEY_FILE
     role: str = "provider"
     node_id: str | None = None
     heartbeat_interval: float = 30.0
     commands: str = "edit"
+    ca_bundle: str | None = None  # extension: PEM CAs for a private control plane
 
 
 @dataclass(frozen=True)

@@ -277,3 +277,15 @@ def _finish(draft: _Draft) -> Plan:
         noops=tuple(draft.noops), budget=fit.budget, advertised=advertised,
         errors=tuple(draft.errors), warnings=tuple(draft.warnings),
     )  # fmt: skip
+
+
+def serving(the_plan: Plan, desired: Desired) -> tuple[str, ...]:
+    """What may be advertised right now: the plan's advertised names minus models whose pull
+    is still pending (a model is advertised only once installed and verified)."""
+    pending = {(a.backend, a.canonical) for a in the_plan.actions if a.op is Op.PULL}
+    return tuple(
+        spec.advertise_as
+        for spec in desired.models
+        if spec.advertise_as in the_plan.advertised
+        and (spec.backend, spec.canonical) not in pending
+    )

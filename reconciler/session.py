@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler.apply import Executor, Result, Withdraw
+from reconciler.apply import Executor, Result
 from reconciler.backends.base import Backend
-from reconciler.events import Progress, ignore
+from reconciler.events import Event, Kind, Progress, ignore
+from reconciler.heartbeat import WITHDRAW_TIMEOUT, Heartbeater
 from reconciler.model import (
     BackendKind,
     Desired,
@@ -24,7 +25,7 @@ from reconciler.model import (
 )
 from reconciler.names import key
 from reconciler.observe import make_backends, observe
-from reconciler.plan import plan
+from reconciler.plan import plan, serving
 from state import NodeLock, Store
 
 PROTECTED = "protected"  # status key: model keys declared protect: true, until removed
@@ -90,18 +91,25 @@ class Session:
     desired: Desired
     store: Store
     backends: dict[BackendKind, Backend] = field(default_factory=dict)
+    heartbeater: Heartbeater | None = None
 
     @classmethod
     def open(cls, desired: Desired, state_dir: Path) -> Session:
-        """Open the store (rebuilt when corrupt) and the backends the file needs."""
+        """Open the store (rebuilt when corrupt), the backends, and the control plane."""
         store = Store.open(state_dir)
         backends = make_backends(desired, cache=StoreCache(store))
-        return cls(desired, store, backends)
+        beats = None
+        if desired.control_plane is not None:
+            timeout = float(os.environ.get("INFERNET_WITHDRAW_TIMEOUT", WITHDRAW_TIMEOUT))
+            beats = Heartbeater(desired.control_plane, store, withdraw_timeout=timeout)
+        return cls(desired, store, backends, beats)
 
     def close(self) -> None:
-        """Close backends and the store."""
+        """Close backends, the control-plane client and the store."""
         for backend in self.backends.values():
             backend.close()
+        if self.heartbeater is not None:
+            self.heartbeater.close()
         self.store.close()
 
     def __enter__(self) -> Session:
@@ -123,26 +131,55 @@ class Session:
             result = _with_warning(result, self.store.rebuilt)
         return observed, result
 
-    def apply(
-        self,
-        the_plan: Plan,
-        *,
-        observed: Observed | None = None,
-        progress: Progress = ignore,
-        withdraw: Withdraw | None = None,
-    ) -> Result:
-        """Execute ``the_plan`` and observe again; the caller holds the node lock."""
+    def apply(self, the_plan: Plan, observed: Observed, *, progress: Progress = ignore) -> Result:
+        """Execute ``the_plan``, observe again, heartbeat; the caller holds the node lock."""
+        remember_protected(self.store, self.desired, observed)
+        withdraw = None
+        if self.heartbeater is not None:
+            beats = self.heartbeater
+
+            def withdraw(names: tuple[str, ...]) -> str | None:
+                extension = self.extension(the_plan, converged=False)
+                return beats.withdraw(names, observed.gpu, extension)
+
         executor = Executor(
             self.backends, self.store, progress=progress, withdraw=withdraw,
             parallel=self.desired.policy.parallel_pulls, backoff=retry_backoff(),
         )  # fmt: skip
-        if observed is not None:
-            remember_protected(self.store, self.desired, observed)
+        result = executor.execute(the_plan, self.observe_and_plan)
+        if result.final is not None:
+            self.heartbeat(result.final, observed, converged=result.converged, progress=progress)
+        return result
 
-        def reobserve() -> tuple[Observed, Plan]:
-            return self.observe_and_plan()
+    def extension(self, the_plan: Plan, *, converged: bool) -> dict[str, Any]:
+        """``specs.reconciler``: how this node's reconciliation stands."""
+        last = self.store.last_apply()
+        return {
+            "config_sha256": the_plan.source.sha256,
+            "git_commit": the_plan.source.git_commit,
+            "converged": converged,
+            "drift": [f"{a.op.value} {a.model}" for a in the_plan.actions],
+            "errors": list(the_plan.errors),
+            "last_apply_at": last.at if last else None,
+            "estimates": [
+                {"model": e.model, "bytes": e.bytes, "source": e.source}
+                for e in the_plan.budget.estimates
+            ],
+        }
 
-        return executor.execute(the_plan, reobserve)
+    def heartbeat(
+        self, the_plan: Plan, observed: Observed, *, converged: bool, progress: Progress = ignore
+    ) -> None:
+        """Advertise what is served now (installed, verified, fitting); report the outcome."""
+        if self.heartbeater is None:
+            return
+        served = serving(the_plan, self.desired)
+        error = self.heartbeater.beat(
+            served, observed.gpu, self.extension(the_plan, converged=converged)
+        )
+        url = self.heartbeater.settings.url
+        message = error or f"heartbeat: {url} now lists {len(served)} models"
+        progress(Event(Kind.NOTE, outcome="failed" if error else "ok", message=message))
 
     def lock(self, purpose: str) -> NodeLock:
         """The node lock (one writer per node), acquired with the configured timeout."""

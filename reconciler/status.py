@@ -116,7 +116,13 @@ def render_status(doc: dict[str, Any]) -> str:
     else:
         lines.append("Last apply: never")
     hb = doc["last_heartbeat"]
-    lines.append(f"Last heartbeat: {hb if hb else 'none (no control plane configured)'}")
+    if not hb:
+        lines.append("Last heartbeat: none")
+    elif hb.get("ok"):
+        listed = ", ".join(hb.get("served_models") or []) or "(nothing)"
+        lines.append(f"Last heartbeat: {hb['at']} to {hb['url']}: ok, advertised {listed}")
+    else:
+        lines.append(f"Last heartbeat: {hb['at']} FAILED: {hb.get('error')}")
     for err in doc["errors"]:
         lines.append(f"Error: {err}")
     for warn in doc["warnings"]:

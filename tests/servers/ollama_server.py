@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,9 @@ class OllamaHandler(ApiHandler):
             except ValueError:
                 body = self.body.decode("utf-8", "replace")
         with _log_lock:
-            _request_log.append({"method": self.command, "path": path, "body": body})
+            _request_log.append(
+                {"method": self.command, "path": path, "body": body, "time": time.time()}
+            )
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
