@@ -180,14 +180,16 @@ class Executor:
         }
 
         for action in (a for a in plan.actions if a.op in (Op.PIN, Op.UNPIN)):
-            if key(action.backend, action.canonical) in failed_pulls:
+            if self.cancel.is_set():
+                outcomes.append(self._skip(action, run_id, "cancelled"))
+            elif key(action.backend, action.canonical) in failed_pulls:
                 outcomes.append(self._skip(action, run_id, "its pull failed"))
             else:
                 outcomes.append(self._run(action, run_id, partial(self._pin, action)))
 
         removals = [a for a in plan.actions if a.op is Op.REMOVE]
-        if removals and failed_pulls:
-            why = "a pull failed: removals wait so the node keeps serving what it has"
+        if removals and (failed_pulls or self.cancel.is_set()):
+            why = "a pull failed or was cancelled: removals wait, the node keeps what it has"
             outcomes.extend(self._skip(a, run_id, why) for a in removals)
         elif removals:
             if self.withdraw is not None:

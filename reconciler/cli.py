@@ -92,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["ollama", "llamacpp", "vllm", "sglang", "max"])
     p.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
 
+    p = command("watch", "the daemon: reconcile on every change of the file and on drift")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="log lines on stderr as text or JSON lines")  # fmt: skip
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")  # fmt: skip
+    p.add_argument("--tick", type=float, metavar="SECONDS",
+                   help="drift check / heartbeat / command poll period (default: "
+                   "control_plane.heartbeat_interval, else 30)")  # fmt: skip
+    p.add_argument("--once", action="store_true",
+                   help="one reconcile and one tick (heartbeat, commands), then exit")  # fmt: skip
+
     command("schema", "print the JSON Schema of infernet.yaml")
     p = command("keygen", "make this node's BIP-340 key (mode 0600); print its public key")
     p.add_argument("--out", metavar="FILE",
@@ -108,6 +120,24 @@ def _load(args: argparse.Namespace) -> Desired:
     from reconciler import desired
 
     return desired.load(desired.locate(args.config))
+
+
+def _load_or_last_valid(args: argparse.Namespace) -> tuple[Desired, str | None]:
+    """The file, or, while it is broken, the last valid version the daemon kept (status must
+    keep working exactly when something is wrong)."""
+    from reconciler import desired
+
+    path = desired.locate(args.config) if args.config is None else Path(args.config)
+    try:
+        return desired.load(path), None
+    except ConfigError as exc:
+        from state import Store
+
+        with Store.open(_state_dir(args)) as store:
+            kept = store.get_status("last_valid_config")
+        if not kept:
+            raise
+        return desired.parse(kept["text"], path=str(path)), str(exc).splitlines()[0]
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
@@ -218,20 +248,15 @@ def run_apply(
 ) -> int:
     """Lock, observe, plan (or check the saved plan), confirm, execute, report."""
     from reconciler import render
-    from reconciler.plan import plan as make_plan
-    from reconciler.session import read_owned, summary
+    from reconciler.session import summary
 
     json_lines = getattr(args, "json", False)
     with session.lock("apply"):
         observed, plan = session.observe_and_plan(
             allow_destroy=getattr(args, "allow_destroy", False),
             refresh=getattr(args, "refresh", False),
+            force_remove=force_remove,
         )
-        if force_remove:
-            plan = make_plan(
-                session.desired, observed, read_owned(session.store),
-                allow_destroy=True, force_remove=force_remove,
-            )  # fmt: skip
         if saved is not None:
             if saved.fingerprint != plan.fingerprint:
                 raise PlanError(
@@ -296,10 +321,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from reconciler import render
     from reconciler.status import build_status, render_status
 
-    the_desired = _load(args)
+    the_desired, config_error = _load_or_last_valid(args)
     with _session(args, the_desired) as session:
         observed, plan = session.observe_and_plan()
         doc = build_status(session, observed, plan)
+    doc["config_error"] = config_error
     if args.json:
         render.print_json(doc)
     else:
@@ -358,6 +384,18 @@ def _model_edit(args: argparse.Namespace) -> int:
         )
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    """watch: the GitOps daemon (see reconciler/daemon.py)."""
+    from reconciler import desired, logs
+    from reconciler.daemon import Daemon
+    from reconciler.metrics import Metrics
+
+    logs.setup(args.log_format, args.log_level)
+    path = desired.locate(args.config)
+    metrics = Metrics.start(args.metrics_addr) if args.metrics_addr else Metrics.disabled()
+    return Daemon(path, _state_dir(args), metrics=metrics, once=args.once, tick=args.tick).run()
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     """keygen: write a node key; the x-only public key alone on the last line."""
     from reconciler.identity import generate_key
@@ -382,6 +420,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 COMMANDS = {
     "validate": cmd_validate, "schema": cmd_schema, "plan": cmd_plan, "apply": cmd_apply,
     "status": cmd_status, "model": cmd_model, "keygen": cmd_keygen,
+    "watch": cmd_watch,
 }  # fmt: skip
 
 

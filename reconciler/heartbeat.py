@@ -43,6 +43,10 @@ class Heartbeater:
     sleep: Callable[[float], None] = time.sleep
     _client: ControlPlane | None = field(default=None, init=False)
 
+    def client(self) -> ControlPlane:
+        """The signed client (built on first use: loading the key may fail, in one line)."""
+        return self._connect()
+
     def _connect(self) -> ControlPlane:
         if self._client is None:
             ca = self.settings.ca_bundle

@@ -7,6 +7,7 @@ apply" are written once.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,17 +93,32 @@ class Session:
     store: Store
     backends: dict[BackendKind, Backend] = field(default_factory=dict)
     heartbeater: Heartbeater | None = None
+    config_error: str | None = None  # the file is broken now; the desired state is the last valid
 
     @classmethod
     def open(cls, desired: Desired, state_dir: Path) -> Session:
         """Open the store (rebuilt when corrupt), the backends, and the control plane."""
         store = Store.open(state_dir)
         backends = make_backends(desired, cache=StoreCache(store))
-        beats = None
-        if desired.control_plane is not None:
-            timeout = float(os.environ.get("INFERNET_WITHDRAW_TIMEOUT", WITHDRAW_TIMEOUT))
-            beats = Heartbeater(desired.control_plane, store, withdraw_timeout=timeout)
-        return cls(desired, store, backends, beats)
+        return cls(desired, store, backends, _heartbeater(desired, store))
+
+    def with_desired(self, fresh: Desired) -> Session:
+        """This session with a new desired state; adapters are rebuilt only if their
+        settings changed (a daemon keeps its connections across edits of served_models)."""
+        backends, beats = self.backends, self.heartbeater
+        if (fresh.ollama, fresh.llamacpp, fresh.hf) != (
+            self.desired.ollama,
+            self.desired.llamacpp,
+            self.desired.hf,
+        ):
+            for backend in backends.values():
+                backend.close()
+            backends = make_backends(fresh, cache=StoreCache(self.store))
+        if fresh.control_plane != self.desired.control_plane:
+            if beats is not None:
+                beats.close()
+            beats = _heartbeater(fresh, self.store)
+        return Session(fresh, self.store, backends, beats)
 
     def close(self) -> None:
         """Close backends, the control-plane client and the store."""
@@ -119,19 +135,31 @@ class Session:
         self.close()
 
     def observe_and_plan(
-        self, *, allow_destroy: bool = False, refresh: bool = False
+        self,
+        *,
+        allow_destroy: bool = False,
+        refresh: bool = False,
+        force_remove: frozenset[str] = frozenset(),
     ) -> tuple[Observed, Plan]:
-        """Observe the node and plan against the file."""
+        """Observe the node and plan against the file (``force_remove``: removals by name)."""
         observed = observe(
             self.desired, self.backends, cache=StoreCache(self.store), refresh_upstream=refresh
         )
         owned = read_owned(self.store)
-        result = plan(self.desired, observed, owned, allow_destroy=allow_destroy)
+        allow = allow_destroy or bool(force_remove)
+        result = plan(self.desired, observed, owned, allow_destroy=allow, force_remove=force_remove)
         if self.store.rebuilt:
             result = _with_warning(result, self.store.rebuilt)
         return observed, result
 
-    def apply(self, the_plan: Plan, observed: Observed, *, progress: Progress = ignore) -> Result:
+    def apply(
+        self,
+        the_plan: Plan,
+        observed: Observed,
+        *,
+        progress: Progress = ignore,
+        cancel: threading.Event | None = None,
+    ) -> Result:
         """Execute ``the_plan``, observe again, heartbeat; the caller holds the node lock."""
         remember_protected(self.store, self.desired, observed)
         withdraw = None
@@ -145,6 +173,7 @@ class Session:
         executor = Executor(
             self.backends, self.store, progress=progress, withdraw=withdraw,
             parallel=self.desired.policy.parallel_pulls, backoff=retry_backoff(),
+            cancel=cancel or threading.Event(),
         )  # fmt: skip
         result = executor.execute(the_plan, self.observe_and_plan)
         if result.final is not None:
@@ -159,7 +188,7 @@ class Session:
             "git_commit": the_plan.source.git_commit,
             "converged": converged,
             "drift": [f"{a.op.value} {a.model}" for a in the_plan.actions],
-            "errors": list(the_plan.errors),
+            "errors": list(the_plan.errors) + ([self.config_error] if self.config_error else []),
             "last_apply_at": last.at if last else None,
             "estimates": [
                 {"model": e.model, "bytes": e.bytes, "source": e.source}
@@ -183,9 +212,20 @@ class Session:
 
     def lock(self, purpose: str) -> NodeLock:
         """The node lock (one writer per node), acquired with the configured timeout."""
+        return self.lock_within(purpose, lock_timeout())
+
+    def lock_within(self, purpose: str, timeout: float) -> NodeLock:
+        """The node lock, waiting at most ``timeout`` seconds (``LockError`` names the holder)."""
         node_lock = NodeLock(self.store.state_dir, purpose=purpose)
-        node_lock.acquire(timeout=lock_timeout())
+        node_lock.acquire(timeout=timeout)
         return node_lock
+
+
+def _heartbeater(desired: Desired, store: Store) -> Heartbeater | None:
+    if desired.control_plane is None:
+        return None
+    timeout = float(os.environ.get("INFERNET_WITHDRAW_TIMEOUT", WITHDRAW_TIMEOUT))
+    return Heartbeater(desired.control_plane, store, withdraw_timeout=timeout)
 
 
 def _with_warning(p: Plan, text: str) -> Plan:

@@ -84,6 +84,7 @@ def build_status(session: Session, observed: Observed, plan: Plan) -> dict[str, 
             "failed": last.failed,
         },
         "last_heartbeat": store.get_status("last_heartbeat"),
+        "daemon": store.get_status("daemon"),
         "state_notice": store.rebuilt,
     }
 
@@ -92,6 +93,8 @@ def render_status(doc: dict[str, Any]) -> str:
     """``status`` for a person."""
     cfg = doc["config"]
     lines = [f"Config: {cfg['path']} (sha256 {cfg['sha256'][:12]})"]
+    if doc.get("config_error"):
+        lines.append(f"Config INVALID now, showing the last valid version: {doc['config_error']}")
     for name, b in doc["backends"].items():
         state = "reachable" if b["reachable"] else f"UNREACHABLE: {b['error']}"
         lines.append(f"Backend {name}: {b['url']} {state}")
@@ -115,6 +118,13 @@ def render_status(doc: dict[str, Any]) -> str:
                      f"{last['failed']} failed)")  # fmt: skip
     else:
         lines.append("Last apply: never")
+    daemon = doc.get("daemon")
+    if daemon:
+        state = "running" if daemon["running"] else "stopped"
+        lines.append(f"Daemon: {state} (PID {daemon['pid']}, {daemon['at']}), last reconcile "
+                     f"{daemon['last_outcome']}")  # fmt: skip
+        if not daemon["config_valid"]:
+            lines.append(f"Config INVALID (last valid state in force): {daemon['config_error']}")
     hb = doc["last_heartbeat"]
     if not hb:
         lines.append("Last heartbeat: none")

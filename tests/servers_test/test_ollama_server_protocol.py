@@ -267,10 +267,12 @@ def test_unknown_model_errors_after_first_line(http: httpx.Client, client: ollam
 def test_request_log(server: OllamaServer, http: httpx.Client) -> None:
     http.get("/api/tags")
     http.post("/api/show", json={"model": "x"})
-    assert server.requests() == [
+    log = server.requests()
+    assert [{k: r[k] for k in ("method", "path", "body")} for r in log] == [
         {"method": "GET", "path": "/api/tags", "body": None},
         {"method": "POST", "path": "/api/show", "body": {"model": "x"}},
     ]
+    assert log[0]["time"] <= log[1]["time"]  # ordering across servers is by wall clock
     server.reset_requests()
     assert server.requests() == []
 

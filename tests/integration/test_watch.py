@@ -1,0 +1,234 @@
+"""Issue 4 end to end: ``infernet watch`` as a real process, the Ollama-compatible server, and
+(where named) the control-plane test server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.integration.conftest import INFERNET, Node, needs_fake
+
+SMALL = "smollm2:135m"
+QWEN = "qwen2.5:0.5b"
+EMBED = "all-minilm:latest"
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def save(node: Node, served: list[Any], **extra: Any) -> None:
+    """Write the file the way editors and git do: a temp file renamed over the old one."""
+    doc = yaml.safe_load(node.config.read_text())
+    doc["served_models"] = served
+    doc.update(extra)
+    tmp = node.config.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, node.config)
+
+
+class Watch:
+    """A running ``infernet watch``; its stderr (logs) is collected in a file."""
+
+    def __init__(self, node: Node, *extra: str) -> None:
+        self.log = node.tmp / f"watch-{time.monotonic_ns()}.log"
+        self._log = self.log.open("w")
+        self.proc = subprocess.Popen(
+            [INFERNET, "watch", "-c", str(node.config), "--state-dir", str(node.state),
+             "--tick", "1", *extra],
+            stdout=subprocess.DEVNULL, stderr=self._log, env=node.env, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._log.close()
+
+
+@pytest.fixture
+def watch(node: Node) -> Iterator[Callable[..., Watch]]:
+    started: list[Watch] = []
+
+    def start(*extra: str) -> Watch:
+        w = Watch(node, *extra)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop(signal.SIGKILL)
+
+
+def test_file_changes_reconcile_and_sigterm_stops_cleanly(node: Node, watch: Any) -> None:
+    node.write_config([SMALL])
+    w = watch()
+    wait_for("the first reconcile", lambda: SMALL in node.installed())
+    save(node, [SMALL, QWEN])
+    wait_for("the added model", lambda: QWEN in node.installed())
+    save(node, [QWEN])
+    wait_for("the dropped model to go", lambda: SMALL not in node.installed())
+    started = time.monotonic()
+    assert w.stop() == 0, w.text()
+    assert time.monotonic() - started < 5
+    status = json.loads(node.run("status", "--json").stdout)
+    assert status["daemon"]["running"] is False
+
+
+def test_invalid_file_keeps_the_last_valid_state(node: Node, watch: Any) -> None:
+    node.write_config([SMALL])
+    w = watch()
+    wait_for("the first reconcile", lambda: SMALL in node.installed())
+    node.config.write_text("served_models: [\n")  # half-written
+    wait_for("the error in the log", lambda: "last valid desired state" in w.text())
+    time.sleep(1.5)  # a tick passes: nothing may be removed
+    assert SMALL in node.installed()
+    out = node.run("status", "--json")
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["daemon"]["config_valid"] is False
+    assert "half-written" in status["config_error"]
+    node.config.unlink()  # deleted: the same
+    time.sleep(1.5)
+    assert SMALL in node.installed()
+    node.write_config([QWEN], policy={"prune": "managed"})
+    wait_for("the fixed file to apply", lambda: QWEN in node.installed()
+             and SMALL not in node.installed())  # fmt: skip
+
+
+def test_a_storm_of_saves_ends_on_the_last_content(node: Node, watch: Any) -> None:
+    node.write_config([SMALL])
+    w = watch()
+    wait_for("the first reconcile", lambda: SMALL in node.installed())
+    choices = [[SMALL], [SMALL, QWEN], [SMALL, EMBED]]
+    for i in range(100):
+        save(node, choices[i % 3])
+        time.sleep(0.01)
+    last = choices[99 % 3]
+    wait_for("the last content", lambda: node.installed() == set(last), timeout=30)
+    time.sleep(1.5)
+    assert node.installed() == set(last)
+    assert w.text().count("file changed") <= 3, w.text()
+
+
+def test_drift_is_healed_deleted_model_repulled_evicted_pin_repinned(
+    node: Node, watch: Any
+) -> None:
+    server = needs_fake(node)
+    node.write_config([SMALL, {"name": EMBED, "keep_alive": "forever"}])
+    watch()
+    wait_for("pinned", lambda: EMBED in node.loaded())
+    import ollama
+
+    with ollama.Client(host=node.url) as client:
+        client.delete(SMALL)
+    wait_for("re-pulled", lambda: SMALL in node.installed())
+    server.evict(EMBED)
+    wait_for("re-pinned", lambda: EMBED in node.loaded())
+
+
+def test_drift_only_reported_without_self_heal(node: Node, watch: Any) -> None:
+    node.write_config([SMALL], policy={"self_heal": False})
+    import ollama
+
+    with ollama.Client(host=node.url) as client:
+        client.pull(SMALL)
+        w = watch()
+        wait_for("a tick", lambda: "drift" in w.text() or "converged" in w.text(), timeout=10)
+        client.delete(SMALL)
+    wait_for("the drift report", lambda: "drift (self_heal is off)" in w.text())
+    assert SMALL not in node.installed()
+
+
+def test_sigterm_abandons_a_pull_within_5s(node: Node, watch: Any) -> None:
+    node.throttle(5_000)  # a pull that takes half a minute
+    node.write_config([SMALL])
+    w = watch()
+    wait_for("the pull to start", lambda: "reconciling" in w.text())
+    started = time.monotonic()
+    assert w.stop() == 0, w.text()
+    assert time.monotonic() - started < 5, "SIGTERM must stop within 5 s"
+    assert SMALL not in node.installed()
+
+
+def test_killed_daemon_restarts_and_converges(node: Node, watch: Any) -> None:
+    node.throttle(40_000)
+    node.write_config([QWEN])
+    w = watch()
+    wait_for("the pull to start", lambda: "reconciling" in w.text())
+    w.stop(signal.SIGKILL)
+    assert QWEN not in node.installed()
+    watch()
+    wait_for("convergence after the restart", lambda: QWEN in node.installed(), timeout=40)
+
+
+def test_apply_from_a_shell_while_the_daemon_acts(node: Node, watch: Any) -> None:
+    node.throttle(10_000)
+    node.write_config([QWEN])
+    w = watch()
+    wait_for("the daemon to act", lambda: "reconciling" in w.text())
+    out = node.run("apply", "--yes")
+    assert out.returncode == 1
+    assert "watch" in out.stderr and "daemon is running" in out.stderr
+
+
+def test_sighup_reloads(node: Node, watch: Any) -> None:
+    node.write_config([SMALL])
+    w = watch()
+    wait_for("the first reconcile", lambda: SMALL in node.installed())
+    w.proc.send_signal(signal.SIGHUP)
+    wait_for("the reload", lambda: "SIGHUP" in w.text())
+    assert w.proc.poll() is None
+
+
+def test_dashboard_commands_heartbeats_and_goodbye(node: Node, watch: Any, tmp_path: Any) -> None:
+    from tests.integration.test_controlplane import _beats, _keygen
+    from tests.servers.controlplane_harness import start_control_plane
+
+    with start_control_plane(tmp_path / "cp") as cp:
+        pubkey = _keygen(node)
+        node.write_config([SMALL], control_plane={
+            "url": cp.url, "key_file": str(node.tmp / "node.key"), "heartbeat_interval": "1s",
+        })  # fmt: skip
+        w = watch()
+        wait_for("the first heartbeat", lambda: bool(_beats(cp)))
+        install = cp.enqueue_command(pubkey, "model_install", {"model": QWEN})
+        unknown = cp.enqueue_command(pubkey, "train_shard", {"shard_url": "x"})
+        wait_for("the install", lambda: cp.command(install)["status"] == "completed", 30)
+        assert QWEN in node.installed()
+        assert QWEN in node.config.read_text()  # commands: edit wrote it into the file
+        wait_for("the unknown verb refused", lambda: cp.command(unknown)["status"] == "failed")
+        assert "unsupported" in (cp.command(unknown)["error"] or "")
+
+        def listed() -> list[str]:
+            return _beats(cp)[-1]["body"]["specs"]["served_models"]  # type: ignore[no-any-return]
+
+        wait_for("a beat listing it", lambda: listed() == [SMALL, QWEN])
+        cp.set_down(3600)  # the control plane goes away; a command answer waits in the outbox
+        time.sleep(1.5)
+        cp.set_down(None)
+        remove = cp.enqueue_command(pubkey, "model_remove", {"model": QWEN})
+        wait_for("the removal", lambda: cp.command(remove)["status"] == "completed", 30)
+        assert QWEN not in node.installed()
+        assert w.stop() == 0, w.text()
+        last = [r for r in cp.received() if r["path"].endswith("/heartbeat")][-1]
+        assert last["body"] == {"role": "provider", "status": "offline"}
+        assert last["pubkey"] == pubkey
