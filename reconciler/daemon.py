@@ -208,6 +208,10 @@ class Daemon:
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
+                # Opens and read-only closes are our own reads of the file: waking on them
+                # would re-read it forever.
+                if event.event_type in ("opened", "closed_no_write"):
+                    return
                 paths = {str(event.src_path), str(getattr(event, "dest_path", "") or "")}
                 if paths & names:
                     daemon.wake.put("file")

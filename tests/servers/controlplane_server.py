@@ -139,6 +139,9 @@ STATE = ControlPlaneState()
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "controlplane-test"
+    # Headers and body go out in separate writes; with Nagle on, the client's delayed ACK
+    # adds ~40 ms to every request, which real servers (Go's net/http) never do.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         if VERBOSE:
