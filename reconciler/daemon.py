@@ -162,6 +162,7 @@ class Daemon:
 
     def _handle(self, reason: str) -> None:
         if reason == "file":
+            log.debug("file event on %s", self.config_path)
             self._debounce()
             if self.reload():
                 self.reconcile("file changed")

@@ -232,3 +232,15 @@ def test_dashboard_commands_heartbeats_and_goodbye(node: Node, watch: Any, tmp_p
         last = [r for r in cp.received() if r["path"].endswith("/heartbeat")][-1]
         assert last["body"] == {"role": "provider", "status": "offline"}
         assert last["pubkey"] == pubkey
+
+
+def test_idle_daemon_does_not_wake_on_its_own_reads(node: Node, watch: Any) -> None:
+    """Regression: inotify reports our own open/close of the file; waking on those re-read
+    it forever (1.7 % of a core while idle)."""
+    node.write_config([SMALL])
+    w = watch("--log-level", "debug")
+    wait_for("the first reconcile", lambda: SMALL in node.installed())
+    time.sleep(2.5)  # ticks happen (every 1 s here) and read the file
+    assert w.text().count("file event") == 0, w.text()
+    save(node, [SMALL, QWEN])
+    wait_for("a real edit to be seen", lambda: "file event" in w.text())
