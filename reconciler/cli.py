@@ -7,6 +7,7 @@ traceback is saved to the state directory and the user is asked to report it.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -393,6 +394,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
     logs.setup(args.log_format, args.log_level)
     path = desired.locate(args.config)
     metrics = Metrics.start(args.metrics_addr) if args.metrics_addr else Metrics.disabled()
+    if metrics.address is not None:
+        host, port = metrics.address
+        logging.getLogger("infernet.daemon").info(
+            "metrics at http://%s:%d/metrics", host, port, extra={"port": port}
+        )
     return Daemon(path, _state_dir(args), metrics=metrics, once=args.once, tick=args.tick).run()
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,9 +31,16 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0) -> Non
     raise AssertionError(f"timed out waiting for {what}")
 
 
+_LAST_GOOD: dict[Path, dict[str, Any]] = {}
+
+
 def save(node: Node, served: list[Any], **extra: Any) -> None:
     """Write the file the way editors and git do: a temp file renamed over the old one."""
-    doc = yaml.safe_load(node.config.read_text())
+    try:
+        doc = yaml.safe_load(node.config.read_text())
+        _LAST_GOOD[node.config] = doc
+    except yaml.YAMLError:  # the test broke it on purpose; start from the last good one
+        doc = dict(_LAST_GOOD[node.config])
     doc["served_models"] = served
     doc.update(extra)
     tmp = node.config.with_suffix(".tmp")
@@ -169,15 +177,37 @@ def test_sigterm_abandons_a_pull_within_5s(node: Node, watch: Any) -> None:
     assert SMALL not in node.installed()
 
 
-def test_killed_daemon_restarts_and_converges(node: Node, watch: Any) -> None:
+def test_killed_daemon_restarts_and_converges(node: Node, watch: Any, tmp_path: Any) -> None:
+    from tests.integration.test_controlplane import _beats, _keygen
+    from tests.servers.controlplane_harness import start_control_plane
+
     node.throttle(40_000)
-    node.write_config([QWEN])
-    w = watch()
-    wait_for("the pull to start", lambda: "reconciling" in w.text())
-    w.stop(signal.SIGKILL)
-    assert QWEN not in node.installed()
-    watch()
-    wait_for("convergence after the restart", lambda: QWEN in node.installed(), timeout=40)
+    with start_control_plane(tmp_path / "cp") as cp:
+        _keygen(node)
+        node.write_config([SMALL, QWEN], control_plane={
+            "url": cp.url, "key_file": str(node.tmp / "node.key"), "heartbeat_interval": "1s",
+        })  # fmt: skip
+        w = watch()
+        wait_for("the pull to start", lambda: "reconciling" in w.text())
+        w.stop(signal.SIGKILL)
+        assert QWEN not in node.installed()
+        watch()
+        violations: list[str] = []
+
+        def converged() -> bool:
+            installed = node.installed()
+            for beat in _beats(cp):
+                for name in beat["body"]["specs"]["served_models"]:
+                    if name not in installed:
+                        violations.append(f"advertised {name} before it was installed")
+            return QWEN in installed and SMALL in installed
+
+        wait_for("convergence after the restart", converged, timeout=60)
+        assert violations == []
+        both = [SMALL, QWEN]
+        wait_for(
+            "a beat listing both", lambda: _beats(cp)[-1]["body"]["specs"]["served_models"] == both
+        )
 
 
 def test_apply_from_a_shell_while_the_daemon_acts(node: Node, watch: Any) -> None:
@@ -244,3 +274,64 @@ def test_idle_daemon_does_not_wake_on_its_own_reads(node: Node, watch: Any) -> N
     assert w.text().count("file event") == 0, w.text()
     save(node, [SMALL, QWEN])
     wait_for("a real edit to be seen", lambda: "file event" in w.text())
+
+
+def test_symlink_swaps_and_git_style_targets_are_seen(node: Node, watch: Any) -> None:
+    """/etc/infernet/infernet.yaml -> repo/nodes/host.yaml: a `git pull` rewrites the target in
+    another folder; a deploy may also swap the link itself."""
+    repo = node.tmp / "repo"
+    repo.mkdir()
+    node.write_config([SMALL])
+    target = repo / "host.yaml"
+    node.config.rename(target)
+    node.config.symlink_to(target)
+    watch()
+    wait_for("the first reconcile", lambda: SMALL in node.installed())
+    doc = yaml.safe_load(target.read_text())
+    doc["served_models"] = [SMALL, QWEN]
+    tmp = repo / ".host.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(doc))
+    os.replace(tmp, target)  # what git does to the checkout
+    wait_for("the target's change", lambda: QWEN in node.installed())
+    other = repo / "host-v2.yaml"
+    doc["served_models"] = [QWEN, EMBED]
+    other.write_text(yaml.safe_dump(doc))
+    link = node.tmp / "infernet.yaml.new"
+    link.symlink_to(other)
+    os.replace(link, node.config)  # an atomic symlink swap
+    wait_for("the swapped link", lambda: EMBED in node.installed())
+
+
+def test_ollama_down_then_back(node: Node, watch: Any) -> None:
+    server = needs_fake(node)
+    node.write_config([SMALL])
+    w = watch()
+    wait_for("the first reconcile", lambda: SMALL in node.installed())
+    server.stop()
+    save(node, [SMALL, QWEN])
+    wait_for("the outage in the log", lambda: "can't reach Ollama" in w.text())
+    assert w.proc.poll() is None, "a backend outage must not stop the daemon"
+    server.start()
+    node.url = server.url  # same port: the restart keeps it
+    wait_for("convergence once Ollama is back", lambda: QWEN in node.installed(), timeout=30)
+
+
+def test_invalid_yaml_mid_storm_and_metrics(node: Node, watch: Any) -> None:
+    import httpx
+
+    node.write_config([SMALL])
+    w = watch("--metrics-addr", "127.0.0.1:0", "--log-format", "json")
+    wait_for("the first reconcile", lambda: SMALL in node.installed())
+    for i in range(30):
+        if i % 7 == 3:
+            node.config.write_text("served_models: [\n")
+        else:
+            save(node, [SMALL, QWEN] if i % 2 else [SMALL])
+    save(node, [SMALL, EMBED])
+    wait_for("the last content", lambda: node.installed() == {SMALL, EMBED}, timeout=30)
+    lines = [json.loads(x) for x in w.text().splitlines()]
+    assert all({"ts", "level", "logger", "msg"} <= set(x) for x in lines)
+    port = next(x["port"] for x in lines if "metrics" in x["msg"] and "port" in x)
+    body = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'infernet_reconciles_total{outcome="converged"}' in body
+    assert "infernet_config_valid 1.0" in body
