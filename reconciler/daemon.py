@@ -383,6 +383,7 @@ class Daemon:
         advertised: tuple[str, ...] | None = None,
     ) -> ReconcileOutcome:
         seconds = time.monotonic() - started
+        log.debug("reconcile done: %s in %.0f ms", outcome, seconds * 1000)
         self.last_outcome = outcome
         self.metrics.reconcile(outcome=outcome, seconds=seconds)
         self._status()
