@@ -34,6 +34,14 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0) -> Non
 _LAST_GOOD: dict[Path, dict[str, Any]] = {}
 
 
+def _last_served(cp: Any) -> list[str]:
+    """served_models of the last verified heartbeat; [] before the first."""
+    from tests.integration.test_controlplane import _beats
+
+    beats = _beats(cp)
+    return beats[-1]["body"]["specs"]["served_models"] if beats else []  # type: ignore[no-any-return]
+
+
 def save(node: Node, served: list[Any], **extra: Any) -> None:
     """Write the file the way editors and git do: a temp file renamed over the old one."""
     try:
@@ -205,10 +213,7 @@ def test_killed_daemon_restarts_and_converges(node: Node, watch: Any, tmp_path: 
 
         wait_for("convergence after the restart", converged, timeout=60)
         assert violations == []
-        both = [SMALL, QWEN]
-        wait_for(
-            "a beat listing both", lambda: _beats(cp)[-1]["body"]["specs"]["served_models"] == both
-        )
+        wait_for("a beat listing both", lambda: _last_served(cp) == [SMALL, QWEN])
 
 
 def test_apply_from_a_shell_while_the_daemon_acts(node: Node, watch: Any) -> None:
@@ -249,10 +254,7 @@ def test_dashboard_commands_heartbeats_and_goodbye(node: Node, watch: Any, tmp_p
         wait_for("the unknown verb refused", lambda: cp.command(unknown)["status"] == "failed")
         assert "unsupported" in (cp.command(unknown)["error"] or "")
 
-        def listed() -> list[str]:
-            return _beats(cp)[-1]["body"]["specs"]["served_models"]  # type: ignore[no-any-return]
-
-        wait_for("a beat listing it", lambda: listed() == [SMALL, QWEN])
+        wait_for("a beat listing it", lambda: _last_served(cp) == [SMALL, QWEN])
         cp.set_down(3600)  # the control plane goes away; a command answer waits in the outbox
         time.sleep(1.5)
         cp.set_down(None)
