@@ -338,3 +338,14 @@ def test_invalid_yaml_mid_storm_and_metrics(node: Node, watch: Any) -> None:
     body = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert 'infernet_reconciles_total{outcome="converged"}' in body
     assert "infernet_config_valid 1.0" in body
+
+
+def test_once_reconciles_and_exits(node: Node) -> None:
+    node.write_config([SMALL])
+    out = subprocess.run(
+        [INFERNET, "watch", "--once", "-c", str(node.config), "--state-dir", str(node.state)],
+        capture_output=True, text=True, env=node.env, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert SMALL in node.installed()
+    assert "stopped" in out.stderr
