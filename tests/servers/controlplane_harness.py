@@ -13,23 +13,18 @@ HTTP(S) to the unsigned ``/_test/`` routes; see the server module for what each 
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
 
+from tests.servers.ready import ServerStartError, read_ready_line
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 10.0
-
-
-class ServerStartError(RuntimeError):
-    """The server did not print READY in time; the message carries its stderr."""
 
 
 class ControlPlaneServer:
@@ -60,22 +55,10 @@ class ControlPlaneServer:
         self.url = parts[1]
 
     def _read_ready(self) -> str:
-        assert self._proc is not None and self._proc.stdout is not None
-        fd = self._proc.stdout.fileno()
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        buf = b""
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or self._proc.poll() is not None:
-                code = self._proc.poll()
-                self.close()
-                raise ServerStartError(
-                    f"control-plane test server did not become ready (exit {code}):\n"
-                    f"{self.stderr()}"
-                )
-            if select.select([fd], [], [], min(left, 0.1))[0]:
-                buf += os.read(fd, 4096)
-        return buf.split(b"\n", 1)[0].decode()
+        assert self._proc is not None
+        return read_ready_line(
+            self._proc, what="control-plane test server", stderr=self.stderr, give_up=self.close
+        )
 
     def stderr(self) -> str:
         try:

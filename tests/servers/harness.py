@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
 
+from tests.servers.ready import ServerStartError, read_ready_line
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 10.0
 
 _TOOLS = ["completion", "tools"]
 DEFAULT_CATALOGUE: dict[str, Any] = {
@@ -113,10 +112,6 @@ DEFAULT_CATALOGUE: dict[str, Any] = {
 }
 
 
-class ServerStartError(RuntimeError):
-    """The server did not print READY in time; the message carries its stderr."""
-
-
 class OllamaServer:
     """A running test server; see the module docstring."""
 
@@ -182,24 +177,10 @@ class OllamaServer:
         self._ports = (int(self.url.rsplit(":", 1)[1]), int(self.registry_url.rsplit(":", 1)[1]))
 
     def _read_ready(self) -> str:
-        assert self._proc is not None and self._proc.stdout is not None
-        fd = self._proc.stdout.fileno()
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        buf = b""
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or self._proc.poll() is not None:
-                code = self._proc.poll()
-                self.kill()
-                raise ServerStartError(
-                    f"Ollama test server did not become ready (exit {code}):\n{self.stderr()}"
-                )
-            if select.select([fd], [], [], min(left, 0.1))[0]:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    continue
-                buf += chunk
-        return buf.split(b"\n", 1)[0].decode()
+        assert self._proc is not None
+        return read_ready_line(
+            self._proc, what="Ollama test server", stderr=self.stderr, give_up=self.kill
+        )
 
     def stderr(self) -> str:
         try:
