@@ -13,6 +13,8 @@ recorded responses); ``OllamaBackend`` does the I/O. Facts that shape the code:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 import threading
 import time
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
+from reconciler import gguf_header
 from reconciler.backends import ollama_registry as registry
 from reconciler.backends.base import Cache, PullProgress
 from reconciler.errors import (
@@ -41,12 +44,13 @@ from reconciler.model import (
     OllamaSettings,
     Upstream,
 )
-from reconciler.names import parse_ollama
+from reconciler.names import OllamaName, parse_ollama
 
 if TYPE_CHECKING:
     import ollama
 
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 PINNED_YEAR = 2200  # keep_alive forever shows as now + ~292 years (year 2318 in 2026)
 _FROM_BLOB = re.compile(r"^FROM\s+\S*sha256[-:]([0-9a-f]{64})\s*$", re.MULTILINE)
 _HUMAN = re.compile(r"^\s*([0-9.]+)\s*([KMBT]?)\s*$", re.IGNORECASE)
@@ -145,6 +149,20 @@ def parse_config_blob(config: Mapping[str, Any], manifest: registry.Manifest) ->
         parameter_size=config.get("model_type") or None,
         parameter_count=parse_parameter_size(config.get("model_type")),
         family=config.get("model_family") or None, format=config.get("model_format") or None,
+    )  # fmt: skip
+
+
+def apply_gguf_header(facts: ModelFacts, header: Mapping[str, Any]) -> ModelFacts:
+    """Facts from the config blob, completed with the weights' GGUF metadata keys."""
+    if not header.get("general.architecture"):
+        return facts
+    meta = parse_show({"model_info": header}, digest=facts.digest, size=facts.size)
+    return dataclasses.replace(
+        facts, context_length=meta.context_length, block_count=meta.block_count,
+        head_count=meta.head_count, head_count_kv=meta.head_count_kv,
+        embedding_length=meta.embedding_length, key_length=meta.key_length,
+        value_length=meta.value_length,
+        parameter_count=facts.parameter_count or meta.parameter_count,
     )  # fmt: skip
 
 
@@ -254,18 +272,36 @@ class OllamaBackend:
         return parse_show(raw, digest=digest, size=None)
 
     def upstream(self, spec: ModelSpec) -> Upstream:
-        """Registry manifest + config blob, and which blobs Ollama still lacks."""
+        """Registry manifest, config blob and GGUF header, and which blobs Ollama lacks."""
         name = parse_ollama(spec.name)
         try:
             manifest = registry.fetch_manifest(self._http, name, self.registry)
             missing = registry.missing_bytes(self._http, self.url, manifest)
+            header = self._gguf_header(name, manifest)
         except BackendError as exc:
             return Upstream(BackendKind.OLLAMA, spec.canonical, ModelFacts(), 0, 0, error=str(exc))
         except httpx.TransportError as exc:
             err = str(self._unreachable(exc))
             return Upstream(BackendKind.OLLAMA, spec.canonical, ModelFacts(), 0, 0, error=err)
-        facts = parse_config_blob(manifest.config, manifest)
+        facts = apply_gguf_header(parse_config_blob(manifest.config, manifest), header)
         return Upstream(BackendKind.OLLAMA, spec.canonical, facts, manifest.total_bytes, missing)
+
+    def _gguf_header(self, name: OllamaName, manifest: registry.Manifest) -> dict[str, Any]:
+        """The weights' GGUF metadata, cached by weights digest; empty when unreadable."""
+        layer = next((x for x in manifest.layers if x.media_type == registry.WEIGHTS_MEDIA), None)
+        if layer is None:
+            return {}
+        cached = self._cache.get("ollama.gguf", layer.digest) if self._cache else None
+        if isinstance(cached, dict):
+            return cached
+        try:
+            header = registry.fetch_gguf_header(self._http, name, self.registry, layer)
+        except (httpx.HTTPError, ValueError, OSError) as exc:
+            log.debug("no GGUF header for %s (%s): %s", name.display, layer.digest, exc)
+            return {}
+        if self._cache and gguf_header.has_essentials(header):  # not a stalled read's scraps
+            self._cache.put("ollama.gguf", layer.digest, header)
+        return header
 
     # ---- change
 

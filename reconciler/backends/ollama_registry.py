@@ -3,7 +3,9 @@
 Ollama itself exposes no "what would this pull fetch" call, so we ask the registry the way
 Ollama does (``GET /v2/<ns>/<model>/manifests/<tag>``, then the small config blob) and ask the
 Ollama server which of the layer blobs it already has (``HEAD /api/blobs/<digest>``). That gives
-exact download bytes and the quantization before a single weight byte moves.
+exact download bytes and the quantization before a single weight byte moves. The weights blob's
+GGUF header (layer count, heads, context) is range-read from its first MiBs, as Ollama's own
+downloader range-requests parts of it.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from typing import Any
 
 import httpx
 
+from reconciler import gguf_header
 from reconciler.errors import BackendUnreachable, ModelNotFound, TransientBackendError
 from reconciler.names import DEFAULT_HOST, OllamaName
 
 MANIFEST_ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
 WEIGHTS_MEDIA = "application/vnd.ollama.image.model"
 PROJECTOR_MEDIA = "application/vnd.ollama.image.projector"
+MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -129,3 +133,60 @@ def missing_bytes(http: httpx.Client, ollama_url: str, manifest: Manifest) -> in
         if resp.status_code != 200:
             missing += layer.size
     return missing
+
+
+HEADER_TIMEOUT = httpx.Timeout(10.0, connect=5.0, read=3.0)
+"""A header read is an optional extra on the plan path: a stalled CDN must not hold it up."""
+
+
+def _read_prefix(http: httpx.Client, url: str, n: int) -> bytes:
+    """The first ``n`` bytes of ``url``, or fewer when the body stalls or ends early.
+
+    Stops reading at ``n`` even when the server ignores ``Range`` and sends the whole blob.
+    """
+    buf = bytearray()
+    headers = {"Range": f"bytes=0-{n - 1}"}
+    req = http.build_request("GET", url, headers=headers, timeout=HEADER_TIMEOUT)
+    resp = http.send(req, stream=True, follow_redirects=True)
+    try:
+        if resp.status_code >= 400:
+            return b""
+        for chunk in resp.iter_bytes():
+            buf += chunk
+            if len(buf) >= n:
+                break
+    except httpx.TimeoutException:
+        pass  # what came before the stall is still a prefix
+    finally:
+        resp.close()
+    return bytes(buf[:n])
+
+
+def fetch_gguf_header(
+    http: httpx.Client,
+    name: OllamaName,
+    registry: str,
+    layer: Layer,
+    *,
+    limit: int = 8 * MiB,
+    first: int = 256 * 1024,
+) -> dict[str, Any]:
+    """The VRAM-relevant GGUF metadata of a weights blob, from a ranged GET of its prefix.
+
+    Reads ``first`` bytes and doubles up to ``limit`` while the metadata is cut short and the
+    keys the estimate needs are still missing; gives back what was read by then. Empty when
+    the registry refuses the blob; ``NotGGUF`` for a blob that is not GGUF; transport errors
+    propagate (the caller treats all of these as "no header").
+    """
+    base = registry_base(name, registry)
+    url = f"{base}/v2/{name.namespace}/{name.model}/blobs/{layer.digest}"
+    n = max(1, min(first, limit, layer.size or limit))
+    while True:
+        data = _read_prefix(http, url, n)
+        header = gguf_header.parse_header(data)
+        short = len(data) < n  # the blob (or the server's answer) ended here
+        if header.complete or gguf_header.has_essentials(header.metadata) or short:
+            return header.metadata
+        if n >= limit:
+            return header.metadata
+        n = min(n * 2, limit)

@@ -122,3 +122,21 @@ def test_apply_asks_on_a_terminal(node: Node) -> None:
         assert proc.wait(timeout=30) == code
         os.close(primary)
         assert (SMALL in node.installed()) is installed
+
+
+def test_plan_reads_the_gguf_header_of_a_model_not_yet_pulled(node: Node) -> None:
+    server = needs_fake(node)
+    node.write_config([LLAMA])
+    out = node.run("plan", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    (estimate,) = doc["budget"]["estimates"]
+    assert (estimate["model"], estimate["source"]) == (LLAMA, "metadata"), estimate
+    assert LLAMA not in node.installed()
+    ranged = [r for r in server.registry_requests() if r["range"]]
+    assert ranged and all(r["range"].startswith("bytes=0-") for r in ranged), ranged
+    server.reset_requests()
+    again = json.loads(node.run("plan", "--json").stdout)
+    assert again["budget"]["estimates"][0]["source"] == "metadata"
+    seen = server.registry_requests()
+    assert seen and not [r for r in seen if r["range"]], "header not cached"
