@@ -7,6 +7,7 @@ With ``INFERNET_TEST_OLLAMA_URL`` set, the same tests run against that real Olla
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.servers.controlplane_harness import ControlPlaneServer, start_control_plane
 from tests.servers.harness import DEFAULT_CATALOGUE, OllamaServer, start_ollama_server
 
 REAL_OLLAMA = os.environ.get("INFERNET_TEST_OLLAMA_URL")
@@ -123,3 +125,33 @@ def node(tmp_path: Path) -> Iterator[Node]:
     finally:
         if node.server is not None:
             node.server.close()
+
+
+@pytest.fixture
+def cp(tmp_path: Path) -> Iterator[ControlPlaneServer]:
+    """The control-plane test server (verifies every signature like the real one)."""
+    server = start_control_plane(tmp_path / "cp")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def keygen(node: Node) -> str:
+    """``infernet keygen`` into the node's folder; returns the public key it printed."""
+    key = node.tmp / "node.key"
+    out = subprocess.run([INFERNET, "keygen", "--out", str(key)], capture_output=True,
+                         text=True, env=node.env, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    pubkey = out.stdout.strip().splitlines()[-1]
+    assert len(pubkey) == 64 and int(pubkey, 16) >= 0
+    return pubkey
+
+
+def verified_beats(cp: ControlPlaneServer) -> list[dict[str, Any]]:
+    """Heartbeats that verified and were accepted, with their pubkey and time."""
+    return [
+        r for r in cp.received()
+        if r["path"] == "/api/v1/node/heartbeat" and r["pubkey"] and r["status"] == 200
+    ]  # fmt: skip

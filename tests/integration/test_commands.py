@@ -5,8 +5,6 @@ against the Ollama-compatible server, and the answers land on the control plane.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -19,19 +17,10 @@ from reconciler.model import ControlPlaneSettings
 from reconciler.session import Session
 from state import Store
 from tests.integration.conftest import Node
-from tests.servers.controlplane_harness import ControlPlaneServer, start_control_plane
+from tests.servers.controlplane_harness import ControlPlaneServer
 
 SMALL = "smollm2:135m"
 QWEN = "qwen2.5:0.5b"
-
-
-@pytest.fixture
-def cp(tmp_path: Path) -> Iterator[ControlPlaneServer]:
-    server = start_control_plane(tmp_path / "cp")
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def _reconcile_for(node: Node) -> tuple[list[Event], Reconcile]:

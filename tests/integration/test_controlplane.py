@@ -5,39 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import stat
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from tests.integration.conftest import INFERNET, Node, needs_fake
-from tests.servers.controlplane_harness import ControlPlaneServer, start_control_plane
+from tests.integration.conftest import Node, keygen, needs_fake, verified_beats
+from tests.servers.controlplane_harness import ControlPlaneServer
 
 SMALL = "smollm2:135m"
 QWEN = "qwen2.5:0.5b"
-
-
-@pytest.fixture
-def cp(tmp_path: Path) -> Iterator[ControlPlaneServer]:
-    server = start_control_plane(tmp_path / "cp")
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-def _keygen(node: Node) -> str:
-    import subprocess
-
-    key = node.tmp / "node.key"
-    out = subprocess.run([INFERNET, "keygen", "--out", str(key)], capture_output=True,
-                         text=True, env=node.env, check=False)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
-    pubkey = out.stdout.strip().splitlines()[-1]
-    assert len(pubkey) == 64 and int(pubkey, 16) >= 0
-    return pubkey
 
 
 def _configure(node: Node, cp: ControlPlaneServer, served: list[object]) -> None:
@@ -46,24 +19,16 @@ def _configure(node: Node, cp: ControlPlaneServer, served: list[object]) -> None
     })  # fmt: skip
 
 
-def _beats(cp: ControlPlaneServer) -> list[dict]:  # type: ignore[type-arg]
-    """Heartbeats that verified and were accepted, with their pubkey and time."""
-    return [
-        r for r in cp.received()
-        if r["path"] == "/api/v1/node/heartbeat" and r["pubkey"] and r["status"] == 200
-    ]  # fmt: skip
-
-
 def _served(beat: dict) -> list[str]:  # type: ignore[type-arg]
     return beat["body"]["specs"]["served_models"]  # type: ignore[no-any-return]
 
 
 def test_apply_heartbeats_exactly_what_is_served(node: Node, cp: ControlPlaneServer) -> None:
-    pubkey = _keygen(node)
+    pubkey = keygen(node)
     _configure(node, cp, [SMALL, QWEN])
     out = node.run("apply", "--yes")
     assert out.returncode == 0, out.stderr
-    beats = _beats(cp)
+    beats = verified_beats(cp)
     assert len(beats) == 1, beats
     assert beats[0]["pubkey"] == pubkey
     assert _served(beats[0]) == [SMALL, QWEN]
@@ -83,7 +48,7 @@ def test_apply_heartbeats_exactly_what_is_served(node: Node, cp: ControlPlaneSer
 
 def test_withdrawn_before_the_backend_deletes(node: Node, cp: ControlPlaneServer) -> None:
     server = needs_fake(node)
-    _keygen(node)
+    keygen(node)
     _configure(node, cp, [SMALL, QWEN])
     assert node.run("apply", "--yes").returncode == 0
     cp.reset()
@@ -91,14 +56,14 @@ def test_withdrawn_before_the_backend_deletes(node: Node, cp: ControlPlaneServer
     _configure(node, cp, [SMALL])
     out = node.run("apply", "--yes")
     assert out.returncode == 0, out.stderr
-    beats = _beats(cp)
+    beats = verified_beats(cp)
     assert [_served(b) for b in beats] == [[SMALL], [SMALL]]  # withdrawal, then converged
     delete = next(r for r in server.requests() if r["path"] == "/api/delete")
     assert beats[0]["time"] < delete["time"]
 
 
 def test_control_plane_down_never_breaks_apply(node: Node, cp: ControlPlaneServer) -> None:
-    _keygen(node)
+    keygen(node)
     _configure(node, cp, [SMALL])
     cp.set_down(3600)
     out = node.run("apply", "--yes")
@@ -112,7 +77,7 @@ def test_control_plane_down_never_breaks_apply(node: Node, cp: ControlPlaneServe
 
 
 def test_clock_skew_is_named(node: Node, cp: ControlPlaneServer) -> None:
-    _keygen(node)
+    keygen(node)
     _configure(node, cp, [SMALL])
     cp.set_clock_offset(600)
     out = node.run("apply", "--yes")
@@ -121,17 +86,17 @@ def test_clock_skew_is_named(node: Node, cp: ControlPlaneServer) -> None:
 
 
 def test_unsafe_key_file_is_refused_in_one_line(node: Node, cp: ControlPlaneServer) -> None:
-    _keygen(node)
+    keygen(node)
     os.chmod(node.tmp / "node.key", 0o644)
     _configure(node, cp, [SMALL])
     out = node.run("apply", "--yes")
     assert out.returncode == 0, out.stderr  # the node still converges locally
     assert "chmod 600" in out.stderr
-    assert _beats(cp) == []
+    assert verified_beats(cp) == []
 
 
 def test_withdrawal_unconfirmed_is_bounded_and_recorded(node: Node, cp: ControlPlaneServer) -> None:
-    _keygen(node)
+    keygen(node)
     _configure(node, cp, [SMALL, QWEN])
     assert node.run("apply", "--yes").returncode == 0
     cp.set_down(3600)

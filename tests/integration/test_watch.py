@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import INFERNET, Node, needs_fake
+from tests.integration.conftest import INFERNET, Node, keygen, needs_fake, verified_beats
+from tests.servers.controlplane_harness import start_control_plane
 
 SMALL = "smollm2:135m"
 QWEN = "qwen2.5:0.5b"
@@ -36,9 +37,7 @@ _LAST_GOOD: dict[Path, dict[str, Any]] = {}
 
 def _last_served(cp: Any) -> list[str]:
     """served_models of the last verified heartbeat; [] before the first."""
-    from tests.integration.test_controlplane import _beats
-
-    beats = _beats(cp)
+    beats = verified_beats(cp)
     return beats[-1]["body"]["specs"]["served_models"] if beats else []  # type: ignore[no-any-return]
 
 
@@ -187,12 +186,9 @@ def test_sigterm_abandons_a_pull_within_5s(node: Node, watch: Any) -> None:
 
 
 def test_killed_daemon_restarts_and_converges(node: Node, watch: Any, tmp_path: Any) -> None:
-    from tests.integration.test_controlplane import _beats, _keygen
-    from tests.servers.controlplane_harness import start_control_plane
-
     node.throttle(40_000)
     with start_control_plane(tmp_path / "cp") as cp:
-        _keygen(node)
+        keygen(node)
         node.write_config([SMALL, QWEN], control_plane={
             "url": cp.url, "key_file": str(node.tmp / "node.key"), "heartbeat_interval": "1s",
         })  # fmt: skip
@@ -205,7 +201,7 @@ def test_killed_daemon_restarts_and_converges(node: Node, watch: Any, tmp_path: 
 
         def converged() -> bool:
             installed = node.installed()
-            for beat in _beats(cp):
+            for beat in verified_beats(cp):
                 for name in beat["body"]["specs"]["served_models"]:
                     if name not in installed:
                         violations.append(f"advertised {name} before it was installed")
@@ -236,16 +232,13 @@ def test_sighup_reloads(node: Node, watch: Any) -> None:
 
 
 def test_dashboard_commands_heartbeats_and_goodbye(node: Node, watch: Any, tmp_path: Any) -> None:
-    from tests.integration.test_controlplane import _beats, _keygen
-    from tests.servers.controlplane_harness import start_control_plane
-
     with start_control_plane(tmp_path / "cp") as cp:
-        pubkey = _keygen(node)
+        pubkey = keygen(node)
         node.write_config([SMALL], control_plane={
             "url": cp.url, "key_file": str(node.tmp / "node.key"), "heartbeat_interval": "1s",
         })  # fmt: skip
         w = watch()
-        wait_for("the first heartbeat", lambda: bool(_beats(cp)))
+        wait_for("the first heartbeat", lambda: bool(verified_beats(cp)))
         install = cp.enqueue_command(pubkey, "model_install", {"model": QWEN})
         unknown = cp.enqueue_command(pubkey, "train_shard", {"shard_url": "x"})
         wait_for("the install", lambda: cp.command(install)["status"] == "completed", 30)
