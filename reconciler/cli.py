@@ -123,24 +123,6 @@ def _load(args: argparse.Namespace) -> Desired:
     return desired.load(desired.locate(args.config))
 
 
-def _load_or_last_valid(args: argparse.Namespace) -> tuple[Desired, str | None]:
-    """The file, or, while it is broken, the last valid version the daemon kept (status must
-    keep working exactly when something is wrong)."""
-    from reconciler import desired
-
-    path = desired.locate(args.config) if args.config is None else Path(args.config)
-    try:
-        return desired.load(path), None
-    except ConfigError as exc:
-        from state import Store
-
-        with Store.open(_state_dir(args)) as store:
-            kept = store.get_status("last_valid_config")
-        if not kept:
-            raise
-        return desired.parse(kept["text"], path=str(path)), str(exc).splitlines()[0]
-
-
 def _state_dir(args: argparse.Namespace) -> Path:
     if args.state_dir:
         return Path(args.state_dir).expanduser()
@@ -319,10 +301,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """status: desired vs installed vs loaded vs advertised, budget, last apply."""
-    from reconciler import render
+    from reconciler import desired, render
+    from reconciler.session import load_or_last_valid
     from reconciler.status import build_status, render_status
 
-    the_desired, config_error = _load_or_last_valid(args)
+    # A deleted -c file is exactly when status must still answer from the last valid version.
+    path = Path(args.config) if args.config else desired.locate(None)
+    the_desired, config_error = load_or_last_valid(path, _state_dir(args))
     with _session(args, the_desired) as session:
         observed, plan = session.observe_and_plan()
         doc = build_status(session, observed, plan)

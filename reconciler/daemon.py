@@ -40,7 +40,7 @@ from reconciler.metrics import Metrics
 from reconciler.model import Action, Desired, Op, Plan
 from reconciler.names import key
 from reconciler.plan import serving
-from reconciler.session import Session
+from reconciler.session import LAST_VALID, Session, load_or_last_valid
 
 log = logging.getLogger("infernet.daemon")
 
@@ -49,7 +49,6 @@ DEBOUNCE_MAX = 1.0  # a storm of saves still reconciles at least once a second
 LOCK_WAIT = 5.0  # how long an act waits for an `infernet apply` running from a shell
 BACKOFF_BASE, BACKOFF_CAP = 2.0, 300.0
 DAEMON_STATUS = "daemon"  # state-store status key read by `infernet status`
-LAST_VALID = "last_valid_config"  # the last valid file text, kept across restarts
 
 
 def _now() -> str:
@@ -240,18 +239,10 @@ class Daemon:
 
     def _load_initial(self) -> Desired:
         """The file, or the last valid one kept in the store when the file is broken now."""
-        try:
-            return desired_mod.load(self.config_path)
-        except ConfigError as exc:
-            from state import Store
-
-            with Store.open(self.state_dir) as store:
-                kept = store.get_status(LAST_VALID)
-            if not kept:
-                raise
-            self.config_error = str(exc)
-            log.error("%s; using the last valid version from %s", exc, kept.get("at"))
-            return desired_mod.parse(kept["text"], path=str(self.config_path))
+        first, self.config_error = load_or_last_valid(self.config_path, self.state_dir)
+        if self.config_error:
+            log.error("%s; using the last valid version kept in the state store", self.config_error)
+        return first
 
     def reload(self, *, force: bool = False) -> bool:
         """Re-read the file; True when a new valid desired state is now in force."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from reconciler.apply import Executor, Result
 from reconciler.backends.base import Backend
+from reconciler.errors import ConfigError
 from reconciler.events import Event, Kind, Progress, ignore
 from reconciler.heartbeat import WITHDRAW_TIMEOUT, Heartbeater
 from reconciler.model import (
@@ -30,6 +31,22 @@ from reconciler.plan import plan, serving
 from state import NodeLock, Store
 
 PROTECTED = "protected"  # status key: model keys declared protect: true, until removed
+LAST_VALID = "last_valid_config"  # status key: the text of the last valid file the daemon used
+
+
+def load_or_last_valid(path: Path, state_dir: Path) -> tuple[Desired, str | None]:
+    """The file, or, while it is broken, the last valid version ``watch`` kept in the store,
+    with the file's error; raises the error when no valid version was ever kept."""
+    from reconciler import desired
+
+    try:
+        return desired.load(path), None
+    except ConfigError as exc:
+        with Store.open(state_dir) as store:
+            kept = store.get_status(LAST_VALID)
+        if not kept:
+            raise
+        return desired.parse(kept["text"], path=str(path)), str(exc).splitlines()[0]
 
 
 class StoreCache:
