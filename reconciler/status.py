@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from reconciler.model import Desired, Observed, Plan
 from reconciler.names import key
-from reconciler.render import human_bytes, render_budget, table
+from reconciler.render import human_bytes, table
 
 if TYPE_CHECKING:
     from reconciler.session import Session
@@ -140,4 +140,4 @@ def render_status(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["build_status", "model_rows", "render_budget", "render_status"]
+__all__ = ["build_status", "model_rows", "render_status"]
