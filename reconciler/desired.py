@@ -53,6 +53,7 @@ _EXPECTATIONS = {
     "keep_alive": units.KEEP_ALIVE_HINT,
     "http URL": "an http:// or https:// URL",
     "source URL": "a URL starting with hf://, https://, http:// or file://",
+    "sha256 checksum": "64 hex digits, optionally prefixed 'sha256:'",
     "model entry": "a model name or a mapping with at least 'name'",
     "model list": "a list of models, e.g. ['qwen2.5:14b']",
     "format version": "1 (the only version of this file format)",
@@ -283,10 +284,31 @@ def _model(entry: Any, path: JsonPath, check: _Check, default: BackendKind) -> M
         )
         usable = False
     if "revision" in fields and backend not in _HF_BACKENDS:
+        where = (
+            " (a llamacpp hf:// source names it in the URL: hf://org/repo@revision/file.gguf)"
+            if backend is BackendKind.LLAMACPP
+            else ""
+        )
         check.report(
             (*path, "revision"),
             f"{format_path(path)}.revision: only vllm, sglang and max models (HuggingFace "
-            f"repositories) have a revision; remove it from this {backend.value} model",
+            f"repositories) have a revision; remove it from this {backend.value} model{where}",
+            at_key=True,
+        )
+        usable = False
+    if "sha256" in fields and "source" not in fields:
+        check.report(
+            (*path, "sha256"),
+            f"{format_path(path)}.sha256: a checksum checks a downloaded source; add source: "
+            "or remove sha256",
+            at_key=True,
+        )
+        usable = False
+    if "source" in fields and backend in _HF_BACKENDS:
+        check.report(
+            (*path, "source"),
+            f"{format_path(path)}.source: {backend.value} models are HuggingFace repositories "
+            "named by name: and revision:; remove source",
             at_key=True,
         )
         usable = False
@@ -311,9 +333,15 @@ def _model(entry: Any, path: JsonPath, check: _Check, default: BackendKind) -> M
         vram=vram,
         protect=fields.get("protect", False),
         source=fields.get("source"),
+        sha256=_sha256(fields.get("sha256")),
         revision=revision,
         line=check.doc.locate(path).line,
     )
+
+
+def _sha256(value: str | None) -> str | None:
+    """The bare lower-case hex digest (the schema already checked its shape)."""
+    return None if value is None else value.lower().removeprefix("sha256:")
 
 
 def _ollama(fields: Mapping[str, Any], env: Mapping[str, str]) -> OllamaSettings:

@@ -52,6 +52,7 @@ class ModelSpec:
     vram: int | None = None
     protect: bool = False
     source: str | None = None
+    sha256: str | None = None  # expected hex digest of a downloaded source
     revision: str | None = None
     line: int = 0  # 1-based line of the entry in the file, for messages
 
@@ -171,6 +172,9 @@ class ModelFacts:
     key_length: int | None = None
     value_length: int | None = None
     capabilities: tuple[str, ...] = ()
+    file_type: int | None = None  # GGUF general.file_type (llama_ftype), when the header has it
+    run_context: int | None = None  # context the backend runs it at when the file sets none
+    parallel: int | None = None  # sequences the backend serves at once (KV cache copies)
 
 
 @dataclass(frozen=True)
@@ -303,6 +307,7 @@ class Action:
     digest: str | None = None  # for pull/update: what upstream pointed at when planned
     embedding: bool = False  # load through /api/embed, not generate
     context: int | None = None
+    source: str | None = None  # for pull/update of a file-backed model: where it comes from
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ def to_document(plan: Plan) -> dict[str, Any]:
                 "digest": a.digest,
                 "embedding": a.embedding,
                 "context": a.context,
+                "source": a.source,
             }
             for a in plan.actions
         ],
@@ -110,6 +111,7 @@ def from_document(doc: dict[str, Any], *, path: str) -> Plan:
                 digest=a["digest"],
                 embedding=a["embedding"],
                 context=a["context"],
+                source=a["source"],
             )
             for a in doc["actions"]
         ),
