@@ -135,7 +135,7 @@ class Executor:
             last_at, last_phase = now, phase
             self.progress(Event(Kind.PROGRESS, action, phase=phase, completed=done, total=total))
 
-        backend.pull(action.model, report, self.cancel)
+        backend.pull(action.model, report, self.cancel, source=action.source, digest=action.digest)
         facts = backend.verify(action.model, action.digest)
         self.store.record_installed(
             backend=action.backend.value, canonical=action.canonical, name=action.model,

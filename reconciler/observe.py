@@ -37,11 +37,17 @@ UPDATE_CHECK_TTL = 6 * 3600.0
 
 
 def make_backends(desired: Desired, *, cache: Cache | None = None) -> dict[BackendKind, Backend]:
-    """One adapter per backend the file uses (Ollama always, for inventory and pruning)."""
+    """Ollama and llama.cpp always: a backend whose last model left the file must still be
+    observed so that model can be pruned. An unused llama.cpp whose folder doesn't exist is
+    simply unreachable, which the planner only reports for backends the file uses."""
+    from reconciler.backends.llamacpp import LlamacppBackend
     from reconciler.backends.ollama import OllamaBackend
 
     stall = float(os.environ.get("INFERNET_PULL_STALL_TIMEOUT", "300"))
-    return {BackendKind.OLLAMA: OllamaBackend(desired.ollama, cache=cache, stall_timeout=stall)}
+    return {
+        BackendKind.OLLAMA: OllamaBackend(desired.ollama, cache=cache, stall_timeout=stall),
+        BackendKind.LLAMACPP: LlamacppBackend(desired.llamacpp, cache=cache, stall_timeout=stall),
+    }
 
 
 def models_dir(desired: Desired, kind: BackendKind) -> str:
@@ -124,7 +130,8 @@ def observe(
             detail_jobs.append(
                 (spec, found, pool.submit(backend.details, found.name, found.facts.digest))
             )
-            if _update_due(spec, found.facts.digest, cache, refresh_upstream):
+            damaged = found.error is not None and spec.source is not None
+            if damaged or _update_due(spec, found.facts.digest, cache, refresh_upstream):
                 upstream_jobs.append((spec, pool.submit(backend.upstream, spec)))
         enriched: dict[str, InstalledModel] = {}
         for spec, found, job in detail_jobs:

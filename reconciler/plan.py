@@ -8,14 +8,17 @@ a no-op with its reason, so ``plan -v`` can explain itself.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 from reconciler import budget
 from reconciler.model import (
     FOREVER,
     Action,
+    BackendKind,
     BackendState,
     Desired,
+    DiskBudget,
     Estimate,
     InstalledModel,
     LoadedModel,
@@ -46,7 +49,7 @@ class _Draft:
     warnings: list[str] = field(default_factory=list)
     estimates: list[Estimate] = field(default_factory=list)
     servable: list[ModelSpec] = field(default_factory=list)
-    download: int = 0
+    download: defaultdict[BackendKind, int] = field(default_factory=lambda: defaultdict(int))
 
 
 def _short(digest: str | None) -> str:
@@ -96,6 +99,13 @@ def plan(
             draft.errors.append(f"backend {kind.value} is not supported by this version yet")
         elif not state.reachable:
             draft.errors.append(state.error or f"can't reach {kind.value} at {state.url}")
+        elif state.serving_error:
+            draft.warnings.append(
+                f"{state.serving_error}; its models stay installed but are not advertised"
+            )
+    for state in observed.backends.values():
+        if state.reachable:
+            draft.warnings.extend(state.warnings)
 
     for spec in desired.models:
         state = observed.backends.get(spec.backend)
@@ -135,8 +145,9 @@ def _plan_missing(draft: _Draft, spec: ModelSpec, up: Upstream | None) -> None:
     measured = draft.owned.measured_vram.get(key(spec.backend, spec.canonical))
     est = budget.estimate(spec, up.facts, measured, draft.observed.gpu.total_bytes)
     draft.estimates.append(est)
-    draft.servable.append(spec)
-    draft.download += up.download_bytes
+    if _can_serve(draft, spec):
+        draft.servable.append(spec)
+    draft.download[spec.backend] += up.download_bytes
     draft.actions.append(
         Action(
             Op.PULL, spec.name, spec.backend, spec.canonical,
@@ -144,8 +155,10 @@ def _plan_missing(draft: _Draft, spec: ModelSpec, up: Upstream | None) -> None:
             f"{up.download_bytes} to download)",
             download_bytes=up.download_bytes, vram_bytes=est.bytes, digest=up.facts.digest,
             context=spec.context, embedding="embedding" in up.facts.capabilities,
+            source=spec.source,
         )
     )  # fmt: skip
+    _warn_context(draft, spec, up.facts)
     if spec.pinned:
         draft.actions.append(
             Action(
@@ -161,6 +174,9 @@ def _plan_installed(
 ) -> None:
     """A desired model that is installed: check it, follow updates, fix its pin."""
     facts = installed.facts
+    if installed.error is not None:
+        _plan_broken(draft, spec, installed)
+        return
     if mismatch := _quant_mismatch(spec, facts, "the installed artifact"):
         draft.errors.append(mismatch)
         return
@@ -168,13 +184,21 @@ def _plan_installed(
     measured = draft.owned.measured_vram.get(k)
     est = budget.estimate(spec, facts, measured, draft.observed.gpu.total_bytes)
     draft.estimates.append(est)
-    draft.servable.append(spec)
+    if _can_serve(draft, spec):
+        draft.servable.append(spec)
+    _warn_context(draft, spec, facts)
     embedding = "embedding" in facts.capabilities
     up = draft.observed.upstream.get(k)
-    if up is not None and not up.error and up.facts.digest not in (None, facts.digest):
+    # An installed file of unknown checksum can't be compared with upstream: no false update.
+    if (
+        up is not None
+        and not up.error
+        and facts.digest
+        and up.facts.digest not in (None, facts.digest)
+    ):
         moved = f"({_short(facts.digest)} → {_short(up.facts.digest)})"
         if draft.desired.policy.updates == "follow":
-            draft.download += up.download_bytes
+            draft.download[spec.backend] += up.download_bytes
             draft.actions.append(
                 Action(
                     Op.UPDATE, spec.name, spec.backend, spec.canonical,
@@ -212,6 +236,44 @@ def _plan_installed(
         pin = ", pinned" if spec.pinned else ""
         reason = f"installed (digest {_short(facts.digest)}){pin}"
         draft.noops.append(Noop(spec.name, spec.backend, reason))
+
+
+def _can_serve(draft: _Draft, spec: ModelSpec) -> bool:
+    """Whether the backend can serve what it has (its server answers)."""
+    state = draft.observed.backends.get(spec.backend)
+    return state is not None and state.serving_error is None
+
+
+def _plan_broken(draft: _Draft, spec: ModelSpec, installed: InstalledModel) -> None:
+    """An installed artifact that can't be used: never advertised; fetched again when its
+    own header is damaged and the file says where it comes from."""
+    unreadable = installed.facts.family is None
+    k = key(spec.backend, spec.canonical)
+    up = draft.observed.upstream.get(k)
+    if unreadable and spec.source and up is not None and not up.error:
+        draft.download[spec.backend] += up.download_bytes
+        draft.actions.append(
+            Action(
+                Op.PULL, spec.name, spec.backend, spec.canonical,
+                f"installed file is damaged ({installed.error}); downloading it again",
+                download_bytes=up.download_bytes, digest=up.facts.digest,
+                context=spec.context, source=spec.source,
+            )
+        )  # fmt: skip
+        return
+    draft.warnings.append(f"{spec.name}: {installed.error}; not advertised until it is fixed")
+    draft.noops.append(Noop(spec.name, spec.backend, f"installed but unusable: {installed.error}"))
+
+
+def _warn_context(draft: _Draft, spec: ModelSpec, facts: ModelFacts) -> None:
+    """llama.cpp children run at the router's ``-c``: a per-model context can't be applied."""
+    if spec.backend is not BackendKind.LLAMACPP or spec.context is None:
+        return
+    if facts.run_context and facts.run_context != spec.context:
+        draft.warnings.append(
+            f"{spec.name}: context {spec.context} can't be set per model on llama.cpp; the "
+            f"router runs it at {facts.run_context} (its -c). The estimate uses {spec.context}"
+        )
 
 
 def _plan_removals(draft: _Draft, desired_keys: set[str], force: frozenset[str]) -> list[Action]:
@@ -258,16 +320,30 @@ def _plan_removals(draft: _Draft, desired_keys: set[str], force: frozenset[str])
 def _finish(draft: _Draft) -> Plan:
     """Check the budget, order the actions, and freeze the plan."""
     desired, observed = draft.desired, draft.observed
-    disk = observed.disks.get(desired.default_backend) or next(iter(observed.disks.values()), None)
+    # The default backend's disk always shows; another backend's only when it downloads.
+    kinds = [desired.default_backend]
+    kinds += sorted(k for k, n in draft.download.items() if n and k != desired.default_backend)
+    disks = []
+    for kind in kinds:
+        disk = observed.disks.get(kind)
+        if disk is None and not draft.download.get(kind):
+            continue
+        disks.append(
+            DiskBudget(
+                kind, disk.path if disk else "?", disk.free_bytes if disk else None,
+                draft.download.get(kind, 0),
+            )
+        )  # fmt: skip
+        if disk and disk.error:
+            draft.warnings.append(disk.error)
+    # What the backends say their loaded models hold explains memory no process is named for.
+    loaded = sum(m.size_vram for s in observed.backends.values() if s.reachable for m in s.loaded)
     fit = budget.check(
-        draft.estimates, gpu=observed.gpu, settings=desired.budget,
-        disk_free=disk.free_bytes if disk else None, download_bytes=draft.download,
-        disk_path=disk.path if disk else "?",
+        draft.estimates, gpu=observed.gpu, settings=desired.budget, disks=disks,
+        backend_loaded=loaded,
     )  # fmt: skip
     draft.errors.extend(fit.errors)
     draft.warnings.extend(fit.warnings)
-    if disk and disk.error:
-        draft.warnings.append(disk.error)
     if observed.gpu.note and observed.gpu.source in ("cpu", "none"):
         draft.warnings.append(observed.gpu.note)
     draft.actions.sort(key=lambda a: _ORDER[a.op])

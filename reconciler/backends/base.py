@@ -47,8 +47,17 @@ class Backend(Protocol):
         """What a pull of ``spec`` would fetch: size, bytes still missing, quantization."""
         ...
 
-    def pull(self, name: str, progress: PullProgress, cancel: threading.Event) -> None:
-        """Download ``name``; raise a ``BackendError`` subclass on failure."""
+    def pull(
+        self,
+        name: str,
+        progress: PullProgress,
+        cancel: threading.Event,
+        *,
+        source: str | None = None,
+        digest: str | None = None,
+    ) -> None:
+        """Download ``name`` (from ``source`` for file-based backends; ``digest`` is what the
+        plan expects to get); raise a ``BackendError`` subclass on failure."""
         ...
 
     def verify(self, name: str, digest: str | None) -> ModelFacts:

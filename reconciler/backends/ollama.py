@@ -305,8 +305,19 @@ class OllamaBackend:
 
     # ---- change
 
-    def pull(self, name: str, progress: PullProgress, cancel: threading.Event) -> None:
-        """Stream ``/api/pull``; fail on an error line, a stall, or ``cancel``."""
+    def pull(
+        self,
+        name: str,
+        progress: PullProgress,
+        cancel: threading.Event,
+        *,
+        source: str | None = None,
+        digest: str | None = None,
+    ) -> None:
+        """Stream ``/api/pull``; fail on an error line, a stall, or ``cancel``.
+
+        ``source`` is unused (Ollama pulls from its registry); ``digest`` is checked by
+        ``verify`` afterwards."""
         completed: dict[str, int] = {}
         totals: dict[str, int] = {}
         last_sum, last_move = -1, time.monotonic()

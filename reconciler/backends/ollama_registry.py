@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from reconciler import gguf_header
+from reconciler.backends import ranged
 from reconciler.errors import BackendUnreachable, ModelNotFound, TransientBackendError
 from reconciler.names import DEFAULT_HOST, OllamaName
 
@@ -135,33 +135,6 @@ def missing_bytes(http: httpx.Client, ollama_url: str, manifest: Manifest) -> in
     return missing
 
 
-HEADER_TIMEOUT = httpx.Timeout(10.0, connect=5.0, read=3.0)
-"""A header read is an optional extra on the plan path: a stalled CDN must not hold it up."""
-
-
-def _read_prefix(http: httpx.Client, url: str, n: int) -> bytes:
-    """The first ``n`` bytes of ``url``, or fewer when the body stalls or ends early.
-
-    Stops reading at ``n`` even when the server ignores ``Range`` and sends the whole blob.
-    """
-    buf = bytearray()
-    headers = {"Range": f"bytes=0-{n - 1}"}
-    req = http.build_request("GET", url, headers=headers, timeout=HEADER_TIMEOUT)
-    resp = http.send(req, stream=True, follow_redirects=True)
-    try:
-        if resp.status_code >= 400:
-            return b""
-        for chunk in resp.iter_bytes():
-            buf += chunk
-            if len(buf) >= n:
-                break
-    except httpx.TimeoutException:
-        pass  # what came before the stall is still a prefix
-    finally:
-        resp.close()
-    return bytes(buf[:n])
-
-
 def fetch_gguf_header(
     http: httpx.Client,
     name: OllamaName,
@@ -180,13 +153,4 @@ def fetch_gguf_header(
     """
     base = registry_base(name, registry)
     url = f"{base}/v2/{name.namespace}/{name.model}/blobs/{layer.digest}"
-    n = max(1, min(first, limit, layer.size or limit))
-    while True:
-        data = _read_prefix(http, url, n)
-        header = gguf_header.parse_header(data)
-        short = len(data) < n  # the blob (or the server's answer) ended here
-        if header.complete or gguf_header.has_essentials(header.metadata) or short:
-            return header.metadata
-        if n >= limit:
-            return header.metadata
-        n = min(n * 2, limit)
+    return ranged.fetch_gguf_metadata(http, url, size=layer.size, limit=limit, first=first)

@@ -1,0 +1,210 @@
+"""llama.cpp's ``llama-server`` in router mode (``--models-dir``): its model list and loads.
+
+The router serves every ``*.gguf`` of a folder and starts one child ``llama-server`` per loaded
+model. Facts this client is built on (``shared/reference/llamacpp-router.md``):
+
+* the list is rescanned only on ``GET /models?reload=1``; a reload also unloads models whose
+  file is gone;
+* ``POST /models/load`` and ``/models/unload`` are asynchronous: ``{"success": true}`` means
+  "spawned", so the list is polled until ``loaded``, or ``failed``/``exit_code`` (a corrupt file
+  is accepted and fails about 60 ms later);
+* memory is not reported beyond the weights' bytes (``meta.size``) and child PIDs are not in
+  the API, so children are found by their ``--alias`` and ``--port`` arguments (psutil).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import psutil
+
+from reconciler.errors import BackendError, BackendUnreachable, ModelNotFound, PullFailed
+
+LOAD_TIMEOUT = 600.0
+"""A 70B model from a cold disk takes minutes; the child reports failure much sooner."""
+POLL = 0.05
+
+
+@dataclass(frozen=True)
+class RouterModel:
+    """One entry of ``GET /models``."""
+
+    id: str
+    status: str  # unloaded | loading | loaded | sleeping | downloading
+    failed: bool
+    exit_code: int | None
+    args: tuple[str, ...]
+    path: str | None  # --model
+    port: int | None  # the child's --port once loaded
+    ctx: int | None  # --ctx-size in the args, or meta.n_ctx once loaded
+    parallel: int | None  # --parallel
+    weights: int | None  # meta.size
+
+
+def _arg(args: tuple[str, ...], *flags: str) -> str | None:
+    for i, item in enumerate(args[:-1]):
+        if item in flags:
+            return args[i + 1]
+    return None
+
+
+def _int(text: str | None) -> int | None:
+    return int(text) if text is not None and text.lstrip("-").isdigit() else None
+
+
+def parse_models(raw: Mapping[str, Any]) -> list[RouterModel]:
+    """``GET /models`` → entries (the router's own HF-cache entries included)."""
+    out = []
+    for item in raw.get("data") or []:
+        status = item.get("status") or {}
+        args = tuple(str(a) for a in status.get("args") or ())
+        meta = item.get("meta") or {}
+        port = _int(_arg(args, "--port"))
+        ctx = meta.get("n_ctx") if isinstance(meta.get("n_ctx"), int) else None
+        out.append(
+            RouterModel(
+                id=str(item.get("id")), status=str(status.get("value") or "unloaded"),
+                failed=bool(status.get("failed")), exit_code=status.get("exit_code"),
+                args=args, path=_arg(args, "--model", "-m"), port=port or None,
+                ctx=ctx or _int(_arg(args, "--ctx-size", "-c")),
+                parallel=_int(_arg(args, "--parallel", "-np")),
+                weights=meta.get("size") if isinstance(meta.get("size"), int) else None,
+            )
+        )  # fmt: skip
+    return out
+
+
+class RouterClient:
+    """HTTP client of one router."""
+
+    def __init__(self, url: str, *, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        self._http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise BackendUnreachable(
+                f"llama-server router at {self.url} is not answering ({exc}); start it with "
+                "`llama-server --models-dir <backends.llamacpp.models_dir>` or fix "
+                "backends.llamacpp.url",
+                retryable=False,  # a stopped router stays stopped: retrying only delays the news
+            ) from exc
+
+    def models(self, *, reload: bool = True) -> list[RouterModel]:
+        """The router's list; ``reload`` rescans the folder first (new and deleted files)."""
+        resp = self._call("GET", "/models", params={"reload": "1"} if reload else None)
+        if resp.status_code != 200:
+            raise BackendError(
+                f"llama-server at {self.url} answered {resp.status_code} to GET /models: is it "
+                "running in router mode (--models-dir)?"
+            )
+        try:
+            return parse_models(resp.json())
+        except ValueError as exc:
+            raise BackendError(f"llama-server at {self.url}: GET /models is not JSON") from exc
+
+    def find(self, model_id: str, *, reload: bool = False) -> RouterModel | None:
+        """The entry for ``model_id``, if the router lists it."""
+        return next((m for m in self.models(reload=reload) if m.id == model_id), None)
+
+    def _message(self, resp: httpx.Response) -> str:
+        try:
+            return str(resp.json().get("error", {}).get("message") or resp.text)
+        except ValueError:
+            return resp.text
+
+    def load(self, model_id: str, file: str, *, timeout: float = LOAD_TIMEOUT) -> RouterModel:
+        """Load and wait until it is loaded; ``PullFailed`` naming the file when it can't be."""
+        resp = self._call("POST", "/models/load", json={"model": model_id})
+        if resp.status_code == 404:  # not listed yet: the router only rescans on request
+            self.models(reload=True)
+            resp = self._call("POST", "/models/load", json={"model": model_id})
+        if resp.status_code == 404:
+            raise ModelNotFound(f"llama-server at {self.url} does not list {file}")
+        if resp.status_code == 400 and "already running" in self._message(resp):
+            found = self.find(model_id)
+            if found is not None and found.status == "sleeping":
+                self._wake(model_id)
+        elif resp.status_code != 200:
+            raise BackendError(
+                f"llama-server at {self.url} refused to load {file}: {self._message(resp)}"
+            )
+        return self._wait(model_id, file, ("loaded",), timeout)
+
+    def _wake(self, model_id: str) -> None:
+        """A sleeping child frees its weights; one token of work brings them back."""
+        self._call(
+            "POST",
+            "/completion",
+            json={"model": model_id, "prompt": "", "n_predict": 1},
+            timeout=LOAD_TIMEOUT,
+        )
+
+    def unload(self, model_id: str, file: str, *, timeout: float = 60.0) -> None:
+        """Unload and wait until the child is gone (a model that isn't running is fine)."""
+        resp = self._call("POST", "/models/unload", json={"model": model_id})
+        message = self._message(resp) if resp.status_code != 200 else ""
+        if resp.status_code == 400 and ("not running" in message or "not found" in message):
+            return
+        if resp.status_code not in (200, 404):
+            raise BackendError(f"llama-server at {self.url} refused to unload {file}: {message}")
+        if resp.status_code == 200:
+            self._wait(model_id, file, ("unloaded",), timeout)
+
+    def _wait(
+        self, model_id: str, file: str, wanted: tuple[str, ...], timeout: float
+    ) -> RouterModel:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.find(model_id)
+            if found is None:
+                if "unloaded" in wanted:
+                    return RouterModel(model_id, "unloaded", False, None, (), None, None, None,
+                                       None, None)  # fmt: skip
+                raise ModelNotFound(f"llama-server at {self.url} no longer lists {file}")
+            if found.failed and "loaded" in wanted:
+                raise PullFailed(
+                    f"llama-server failed to load {file} (exit code {found.exit_code}): the "
+                    "file is damaged or too big for this node; the router's log has the reason"
+                )
+            if found.status in wanted:
+                return found
+            if time.monotonic() > deadline:
+                raise BackendError(
+                    f"llama-server did not finish with {file} within {timeout:.0f}s "
+                    f"(status {found.status})"
+                )
+            time.sleep(POLL)
+
+
+def child_process(model: RouterModel) -> psutil.Process | None:
+    """The child ``llama-server`` serving ``model`` (matched on ``--alias`` and ``--port``)."""
+    if model.port is None:
+        return None
+    want_port = str(model.port)
+    for proc in psutil.process_iter(["cmdline"]):
+        args = tuple(proc.info.get("cmdline") or ())
+        if _arg(args, "--alias", "-a") == model.id and _arg(args, "--port") == want_port:
+            return proc
+    return None
+
+
+def child_memory(model: RouterModel) -> tuple[int | None, int | None]:
+    """``(pid, resident bytes)`` of the child serving ``model``, when it can be read."""
+    proc = child_process(model)
+    if proc is None:
+        return None, None
+    try:
+        return proc.pid, int(proc.memory_info().rss)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return proc.pid, None

@@ -1,0 +1,371 @@
+"""Where a llama.cpp GGUF file comes from, what it weighs, and how it is fetched.
+
+Sources are ``hf://org/repo[@revision]/path/file.gguf``, ``https://…``/``http://…`` and
+``file://…``. Before a download, ``probe`` answers the size (HEAD / hub metadata) and the GGUF
+metadata (a ranged read of the first bytes), so the budget is checked before a byte lands.
+
+``fetch`` writes to a hidden temporary name that does not end in ``.gguf`` (the llama.cpp
+router lists every ``*.gguf`` on a reload, so it must never see half a file), resumes an
+interrupted download with an HTTP range when the server still has the same file, checks the
+SHA-256 (the file's ``sha256:`` and, for the hub, the LFS checksum) and the GGUF header, and
+only then renames it into place.
+
+For the hub, ``huggingface_hub`` does what it is best at: the URL for a revision
+(``hf_hub_url``), the metadata call with its redirects, errors and commit (``get_hf_file_metadata``)
+and the auth headers (``HF_TOKEN``). The bytes are streamed here rather than through
+``hf_hub_download``: its cache and ``local_dir`` layouts put symlinks or ``.gguf`` names inside
+the served folder and report progress through tqdm, while the rules above and the executor's
+progress callback need the one code path shared with https:// sources.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import httpx
+
+from reconciler.backends import ggufmeta, ranged
+from reconciler.errors import BackendError, ModelNotFound, PullFailed, TransientBackendError
+from reconciler.model import ModelFacts
+
+Progress = Callable[[str, int | None, int | None], None]
+CHUNK = 1 << 20
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A parsed source URL."""
+
+    url: str  # as the file writes it
+    scheme: str  # hf | https | http | file
+    repo: str | None = None  # hf: org/repo
+    revision: str | None = None  # hf: branch, tag or commit
+    path: str = ""  # hf: path in the repo; file: local path; http(s): the URL
+
+    @property
+    def filename(self) -> str:
+        """The last path component (what the file is called upstream)."""
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Remote:
+    """What a source holds right now."""
+
+    size: int | None
+    sha256: str | None  # known checksum (hub LFS), lower-case hex
+    validator: str  # changes when the upstream file changes (ETag, commit, size+mtime)
+    url: str  # what is actually fetched (hub resolve URL, the https URL, or a path)
+    headers: dict[str, str]
+    facts: ModelFacts
+
+
+def parse(url: str) -> Source:
+    """Split a source URL; ``BackendError`` naming the URL when it can't be used."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        path = unquote(parts.path)
+        if parts.netloc not in ("", "localhost") or not path.startswith("/"):
+            raise BackendError(f"source {url}: use an absolute local path, file:///path/x.gguf")
+        return Source(url, "file", path=path)
+    if scheme in ("http", "https"):
+        if not parts.netloc:
+            raise BackendError(f"source {url}: the URL has no host")
+        return Source(url, scheme, path=url)
+    if scheme == "hf":
+        # hf://org/repo[@revision]/path — HfFileSystem's form; a revision with '/' is %2F-quoted
+        rest = (parts.netloc + parts.path).strip("/")
+        bits = rest.split("/")
+        if len(bits) < 3 or bits[0] in ("datasets", "spaces"):
+            raise BackendError(
+                f"source {url}: use hf://org/repo/file.gguf or hf://org/repo@revision/file.gguf "
+                "(model repositories only)"
+            )
+        repo_name, _, revision = bits[1].partition("@")
+        path = "/".join(bits[2:])
+        if ".." in bits or not repo_name:
+            raise BackendError(f"source {url}: '..' and empty parts are not allowed")
+        return Source(
+            url, "hf", repo=f"{bits[0]}/{repo_name}", revision=unquote(revision) or None, path=path
+        )
+    raise BackendError(f"source {url}: only hf://, https://, http:// and file:// are supported")
+
+
+def _hub_endpoint() -> str:
+    # huggingface_hub reads HF_ENDPOINT once at import; read it per call so it can change.
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _hub_error(source: Source, exc: Exception) -> BackendError:
+    """One line for each way the hub says no."""
+    from huggingface_hub import errors as hf
+
+    where = f"{source.repo}@{source.revision or 'main'}"
+    if isinstance(exc, hf.GatedRepoError):
+        return BackendError(
+            f"source {source.url}: {source.repo} is gated; accept its terms on the hub and set "
+            "HF_TOKEN to a token of that account"
+        )
+    if isinstance(exc, hf.RepositoryNotFoundError):
+        return ModelNotFound(
+            f"source {source.url}: repository {source.repo} not found on {_hub_endpoint()} "
+            "(or it is private: set HF_TOKEN)"
+        )
+    if isinstance(exc, hf.RevisionNotFoundError):
+        return ModelNotFound(f"source {source.url}: revision not found in {where}")
+    if isinstance(exc, hf.EntryNotFoundError):
+        return ModelNotFound(f"source {source.url}: no file {source.path} in {where}")
+    if isinstance(exc, hf.OfflineModeIsEnabled | hf.LocalEntryNotFoundError):
+        return BackendError(f"source {source.url}: the hub is not reachable ({exc})")
+    return TransientBackendError(f"source {source.url}: the hub answered {exc}")
+
+
+def _hub_remote(source: Source, http: httpx.Client) -> tuple[int | None, str | None, str, str]:
+    from huggingface_hub import errors as hf
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    assert source.repo is not None
+    url = hf_hub_url(source.repo, source.path, revision=source.revision, endpoint=_hub_endpoint())
+    try:
+        meta = get_hf_file_metadata(url, endpoint=_hub_endpoint())
+    except (hf.HfHubHTTPError, hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError) as exc:
+        raise _hub_error(source, exc) from exc
+    except (httpx.TransportError, OSError) as exc:
+        raise TransientBackendError(f"source {source.url}: can't reach the hub ({exc})") from exc
+    etag = (meta.etag or "").strip('"').lower()
+    sha = etag if _SHA256.match(etag) else None  # LFS files: the ETag is their SHA-256
+    return meta.size, sha, f"{meta.commit_hash}:{etag}", url
+
+
+def _hub_headers() -> dict[str, str]:
+    from huggingface_hub.utils._headers import build_hf_headers
+
+    return dict(build_hf_headers())
+
+
+def _http_remote(source: Source, http: httpx.Client) -> tuple[int | None, str]:
+    try:
+        resp = http.head(source.url, follow_redirects=True)
+    except httpx.TransportError as exc:
+        raise TransientBackendError(f"source {source.url}: can't reach it ({exc})") from exc
+    if resp.status_code == 404:
+        raise ModelNotFound(f"source {source.url}: 404 Not Found; check the URL")
+    if resp.status_code >= 500:
+        raise TransientBackendError(f"source {source.url}: the server answered {resp.status_code}")
+    if resp.status_code >= 400:
+        raise BackendError(f"source {source.url}: the server answered {resp.status_code}")
+    length = resp.headers.get("content-length")
+    size = int(length) if length and length.isdigit() else None
+    validator = resp.headers.get("etag") or resp.headers.get("last-modified") or f"size:{size}"
+    return size, validator
+
+
+def probe(source: Source, http: httpx.Client, *, metadata: bool = True) -> Remote:
+    """Size, checksum and (with ``metadata``) GGUF metadata of ``source``, not downloading it."""
+    if source.scheme == "file":
+        path = Path(source.path)
+        if not path.is_file():
+            raise ModelNotFound(f"source {source.url}: no such file")
+        st = path.stat()
+        facts = ggufmeta.read_file(path) if metadata else ModelFacts(size=st.st_size)
+        return Remote(st.st_size, None, f"{st.st_size}:{st.st_mtime_ns}", str(path), {}, facts)
+    headers: dict[str, str] = {}
+    if source.scheme == "hf":
+        size, sha, validator, url = _hub_remote(source, http)
+        headers = _hub_headers()
+    else:
+        size, validator = _http_remote(source, http)
+        sha, url = None, source.url
+    meta: dict[str, Any] = {}
+    if metadata:
+        try:
+            meta = ranged.fetch_gguf_metadata(http, url, size=size, headers=headers)
+        except (httpx.HTTPError, ValueError):
+            meta = {}  # the estimate falls back to a rougher layer
+    facts = ggufmeta.facts_from_metadata(meta, size=size, digest=f"sha256:{sha}" if sha else None)
+    return Remote(size, sha, validator, url, headers, facts)
+
+
+# --------------------------------------------------------------------------- download
+
+
+def partial_path(dest: Path) -> Path:
+    """The temporary name of a download of ``dest`` (hidden, not ``*.gguf``)."""
+    return dest.with_name(f".{dest.name}.part")
+
+
+def _sidecar(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.part.json")
+
+
+def partial_bytes(dest: Path, validator: str) -> int:
+    """Bytes of an earlier download of the same upstream file that a resume can keep."""
+    part, side = partial_path(dest), _sidecar(dest)
+    try:
+        if json.loads(side.read_text()).get("validator") != validator:
+            return 0
+        return part.stat().st_size
+    except (OSError, ValueError):
+        return 0
+
+
+def discard_partial(dest: Path) -> None:
+    """Forget an unfinished download of ``dest``."""
+    for path in (partial_path(dest), _sidecar(dest)):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _hash_existing(path: Path, digest: Any) -> None:
+    with path.open("rb") as existing:
+        while block := existing.read(CHUNK):
+            digest.update(block)
+
+
+def _stream_http(
+    http: httpx.Client,
+    remote: Remote,
+    offset: int,
+    stall_timeout: float,
+) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(start, chunk)``: ``start`` is where the response begins (0 when the server
+    ignored Range), the same for every chunk."""
+    headers = dict(remote.headers)
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    timeout = httpx.Timeout(stall_timeout, connect=10.0)
+    try:
+        with http.stream(
+            "GET", remote.url, headers=headers, timeout=timeout, follow_redirects=True
+        ) as resp:
+            if resp.status_code == 404:
+                raise ModelNotFound(f"{remote.url}: 404 Not Found")
+            if resp.status_code == 416:  # we already have it all
+                return
+            if resp.status_code >= 500:
+                raise TransientBackendError(f"{remote.url}: the server answered {resp.status_code}")
+            if resp.status_code >= 400:
+                raise PullFailed(f"{remote.url}: the server answered {resp.status_code}")
+            start = offset if resp.status_code == 206 else 0
+            for chunk in resp.iter_bytes(CHUNK):
+                yield start, chunk
+    except httpx.TimeoutException as exc:
+        raise TransientBackendError(
+            f"{remote.url}: no data for {stall_timeout:.0f}s; the download resumes on retry"
+        ) from exc
+    except httpx.TransportError as exc:
+        raise TransientBackendError(
+            f"{remote.url}: connection lost ({exc}); the download resumes on retry"
+        ) from exc
+
+
+def _stream_file(path: str, offset: int) -> Iterator[tuple[int, bytes]]:
+    with open(path, "rb") as src:
+        src.seek(offset)
+        while block := src.read(CHUNK):
+            yield offset, block
+
+
+def fetch(
+    source: Source,
+    remote: Remote,
+    dest: Path,
+    *,
+    http: httpx.Client,
+    expected_sha256: str | None,
+    progress: Progress,
+    cancel: threading.Event,
+    stall_timeout: float = 300.0,
+) -> str:
+    """Download ``source`` to ``dest`` by way of a temporary name; returns the file's SHA-256.
+
+    Transport failures are ``TransientBackendError`` (the executor retries, and the retry
+    resumes); a checksum or GGUF failure discards the download.
+    """
+    part, side = partial_path(dest), _sidecar(dest)
+    offset = partial_bytes(dest, remote.validator)
+    if offset == 0:
+        discard_partial(dest)
+    side.write_text(json.dumps({"source": source.url, "validator": remote.validator}))
+    digest = hashlib.sha256()
+    if offset:
+        _hash_existing(part, digest)
+    total = remote.size
+    done = offset
+    progress("downloading", done, total)
+    chunks = (
+        _stream_file(remote.url, offset)
+        if source.scheme == "file"
+        else _stream_http(http, remote, offset, stall_timeout)
+    )
+    out = part.open("ab")
+    try:
+        first = True
+        for start, chunk in chunks:
+            if first and start != done:  # the server sent the whole file again: start over
+                out.truncate(0)
+                out.seek(0)
+                digest, done = hashlib.sha256(), 0
+            first = False
+            out.write(chunk)
+            digest.update(chunk)
+            done += len(chunk)
+            progress("downloading", done, total)
+            if cancel.is_set():
+                raise PullFailed(f"download of {dest.name} cancelled; it resumes next time")
+        out.flush()
+        os.fsync(out.fileno())
+    except OSError as exc:
+        out.close()
+        discard_partial(dest)
+        if exc.errno == errno.ENOSPC:
+            raise PullFailed(
+                f"disk full at {dest.parent} while downloading {dest.name}; the partial "
+                "download was deleted: free space or lower the models kept"
+            ) from exc
+        raise PullFailed(f"can't write {part}: {exc.strerror or exc}") from exc
+    finally:
+        out.close()
+    return _finish(dest, digest.hexdigest(), done, remote, expected=expected_sha256, source=source)
+
+
+def _finish(
+    dest: Path, got: str, size: int, remote: Remote, *, expected: str | None, source: Source
+) -> str:
+    """Checks on the complete temporary file, then the rename that makes it visible."""
+    part = partial_path(dest)
+    if remote.size is not None and size != remote.size:
+        raise TransientBackendError(
+            f"{source.url}: got {size} of {remote.size} bytes; the download resumes on retry"
+        )
+    for want, whose in ((expected, "the file's sha256"), (remote.sha256, "the hub's checksum")):
+        if want and got != want:
+            discard_partial(dest)
+            raise PullFailed(
+                f"{source.url}: checksum mismatch: downloaded sha256 {got}, {whose} is {want}; "
+                "the download was discarded"
+            )
+    try:
+        ggufmeta.read_file(part)
+    except BackendError as exc:
+        discard_partial(dest)
+        raise PullFailed(
+            f"{source.url}: the downloaded file is not a valid GGUF model ({exc}); discarded"
+        ) from exc
+    os.replace(part, dest)
+    with contextlib.suppress(FileNotFoundError):
+        _sidecar(dest).unlink()
+    return got
