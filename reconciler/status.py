@@ -59,9 +59,15 @@ def build_status(session: Session, observed: Observed, plan: Plan) -> dict[str, 
             "git_commit": plan.source.git_commit,
         },
         "backends": {
-            kind.value: {"url": s.url, "reachable": s.reachable, "error": s.error}
+            kind.value: {
+                "url": s.url,
+                "reachable": s.reachable,
+                "error": s.error,
+                "used": kind in session.desired.backends_used() or bool(s.installed),
+                "serving_error": s.serving_error,
+            }
             for kind, s in observed.backends.items()
-        },
+        },  # fmt: skip
         "models": model_rows(session.desired, observed, store),
         "advertised": list(plan.advertised),
         "drift": [{"op": a.op.value, "model": a.model, "reason": a.reason} for a in plan.actions],
@@ -96,7 +102,11 @@ def render_status(doc: dict[str, Any]) -> str:
     if doc.get("config_error"):
         lines.append(f"Config INVALID now, showing the last valid version: {doc['config_error']}")
     for name, b in doc["backends"].items():
+        if not b.get("used", True) and not b["reachable"]:
+            continue  # a backend the file doesn't use and that isn't there is not news
         state = "reachable" if b["reachable"] else f"UNREACHABLE: {b['error']}"
+        if b["reachable"] and b.get("serving_error"):
+            state = f"models readable, NOT SERVING: {b['serving_error']}"
         lines.append(f"Backend {name}: {b['url']} {state}")
     lines.append("")
     rows = [

@@ -322,3 +322,28 @@ def test_read_only_models_dir_fails_the_download_clearly(llama: Llama, node: Nod
         )
     finally:
         llama.models_dir.chmod(0o755)
+
+
+def test_hf_revision_and_gated_repo_with_token(llama: Llama, node: Node, tmp_path: Path) -> None:
+    from tests.servers.hub_harness import gate_repo
+
+    a = llama.gguf("tiny-a.gguf")
+    b = llama.gguf("tiny-b.gguf", seed=7)
+    root = tmp_path / "gated-root"
+    write_repo_file(root, "acme/pinned", "m.gguf", a.read_bytes(), revision="v1")
+    write_repo_file(root, "acme/pinned", "m.gguf", b.read_bytes())  # main moved on
+    gate_repo(root, "acme/pinned")
+    with start_hub_server(tmp_path / "gated", root, token="hf_secret") as hub:
+        node.env.update(hub.client_env(tmp_path / "hf-home-2"))
+        llama.write([{"name": "v1.gguf", "backend": "llamacpp",
+                      "source": "hf://acme/pinned@v1/m.gguf"}])  # fmt: skip
+        out = node.run("plan")
+        assert out.returncode == 1
+        assert "acme/pinned is gated" in out.stdout and "HF_TOKEN" in out.stdout
+        node.env["HF_TOKEN"] = "hf_secret"
+        node.env.pop("HF_HUB_DISABLE_IMPLICIT_TOKEN", None)
+        hub.reset()
+        out = node.run("apply", "--yes")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert (llama.models_dir / "v1.gguf").read_bytes() == a.read_bytes()
+        assert all(r["auth"] for r in hub.requests() if "/resolve/" in r["path"])
