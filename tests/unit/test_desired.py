@@ -209,8 +209,13 @@ def test_contract_full_example() -> None:
 
 @pytest.mark.parametrize(
     "path",
-    [REPO / "infernet.yaml", REPO / "examples" / "minimal.yaml", REPO / "examples" / "full.yaml"],
-    ids=["infernet.yaml", "examples/minimal", "examples/full"],
+    [
+        REPO / "infernet.yaml",
+        REPO / "examples" / "minimal.yaml",
+        REPO / "examples" / "full.yaml",
+        REPO / "examples" / "llamacpp.yaml",
+    ],
+    ids=["infernet.yaml", "examples/minimal", "examples/full", "examples/llamacpp"],
 )
 def test_shipped_examples_are_valid(path: Path) -> None:
     assert desired.load(path, env=NO_ENV).models
