@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from reconciler.backends import ggufmeta, ranged
+from reconciler.backends import ggufmeta, hub, ranged
 from reconciler.errors import BackendError, ModelNotFound, PullFailed, TransientBackendError
 from reconciler.model import ModelFacts
 
@@ -104,56 +104,21 @@ def parse(url: str) -> Source:
     raise BackendError(f"source {url}: only hf://, https://, http:// and file:// are supported")
 
 
-def _hub_endpoint() -> str:
-    # huggingface_hub reads HF_ENDPOINT once at import; read it per call so it can change.
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-def _hub_error(source: Source, exc: Exception) -> BackendError:
-    """One line for each way the hub says no."""
-    from huggingface_hub import errors as hf
-
-    where = f"{source.repo}@{source.revision or 'main'}"
-    if isinstance(exc, hf.GatedRepoError):
-        return BackendError(
-            f"source {source.url}: {source.repo} is gated; accept its terms on the hub and set "
-            "HF_TOKEN to a token of that account"
-        )
-    if isinstance(exc, hf.RepositoryNotFoundError):
-        return ModelNotFound(
-            f"source {source.url}: repository {source.repo} not found on {_hub_endpoint()} "
-            "(or it is private: set HF_TOKEN)"
-        )
-    if isinstance(exc, hf.RevisionNotFoundError):
-        return ModelNotFound(f"source {source.url}: revision not found in {where}")
-    if isinstance(exc, hf.EntryNotFoundError):
-        return ModelNotFound(f"source {source.url}: no file {source.path} in {where}")
-    if isinstance(exc, hf.OfflineModeIsEnabled | hf.LocalEntryNotFoundError):
-        return BackendError(f"source {source.url}: the hub is not reachable ({exc})")
-    return TransientBackendError(f"source {source.url}: the hub answered {exc}")
-
-
 def _hub_remote(source: Source, http: httpx.Client) -> tuple[int | None, str | None, str, str]:
-    from huggingface_hub import errors as hf
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     assert source.repo is not None
-    url = hf_hub_url(source.repo, source.path, revision=source.revision, endpoint=_hub_endpoint())
+    url = hf_hub_url(source.repo, source.path, revision=source.revision, endpoint=hub.endpoint())
     try:
-        meta = get_hf_file_metadata(url, endpoint=_hub_endpoint())
-    except (hf.HfHubHTTPError, hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError) as exc:
-        raise _hub_error(source, exc) from exc
+        meta = get_hf_file_metadata(url, endpoint=hub.endpoint())
+    except hub.http_errors() as exc:
+        what = f"source {source.url}"
+        raise hub.error(what, source.repo, source.revision, source.path, exc) from exc
     except (httpx.TransportError, OSError) as exc:
         raise TransientBackendError(f"source {source.url}: can't reach the hub ({exc})") from exc
     etag = (meta.etag or "").strip('"').lower()
     sha = etag if _SHA256.match(etag) else None  # LFS files: the ETag is their SHA-256
     return meta.size, sha, f"{meta.commit_hash}:{etag}", url
-
-
-def _hub_headers() -> dict[str, str]:
-    from huggingface_hub.utils._headers import build_hf_headers
-
-    return dict(build_hf_headers())
 
 
 def _http_remote(source: Source, http: httpx.Client) -> tuple[int | None, str]:
@@ -185,7 +150,7 @@ def probe(source: Source, http: httpx.Client, *, metadata: bool = True) -> Remot
     headers: dict[str, str] = {}
     if source.scheme == "hf":
         size, sha, validator, url = _hub_remote(source, http)
-        headers = _hub_headers()
+        headers = hub.headers()
     else:
         size, validator = _http_remote(source, http)
         sha, url = None, source.url
