@@ -145,8 +145,9 @@ class Executor:
     def _pin(self, action: Action) -> None:
         keep = action.keep_alive if action.keep_alive is not None else 0.0
         self._backend(action).load(
-            action.model, keep_alive=keep, embedding=action.embedding, context=action.context
-        )
+            action.model, keep_alive=keep, embedding=action.embedding, context=action.context,
+            advertise_as=action.advertise_as,
+        )  # fmt: skip
         self.store.set_pinned(
             backend=action.backend.value, canonical=action.canonical, pinned=keep < 0
         )

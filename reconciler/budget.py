@@ -5,26 +5,73 @@ reported so a fleet can see where estimates come from:
 
 1. ``config``   – ``vram:`` in the file (the operator knows best);
 2. ``measured`` – ``size_vram`` seen when the model was last loaded (state store);
-3. ``metadata`` – weights + KV cache at the context the model runs at + compute graph,
-                  from GGUF keys (Ollama ``show`` ``model_info`` / the registry);
+3. ``metadata`` – weights + KV cache at the context the model runs at + compute buffers,
+                  from GGUF keys (Ollama ``show`` ``model_info`` / the registry / the file);
 4. ``rough``    – parameters × bytes per parameter for the quantization, flagged as rough.
+
+The context is per sequence: the file's ``context``, else the one the backend runs the model
+at (``ModelFacts.run_context``), else Ollama's default (llama.cpp's: the trained context). A
+backend serving ``parallel`` sequences at once holds that many KV caches.
+
+llama.cpp (``backend: llamacpp``) gets its own metadata layer, calibrated against a real
+``llama-server`` by ``bench/accuracy.py`` (results in ``bench/RESULTS.md``): every model runs
+in its own router child process, so besides weights and the f16 KV cache each one pays its
+compute buffer (see ``llamacpp_compute_bytes``) and a process runtime (``LLAMACPP_RUNTIME_*``).
 
 Fit rules (contract §4.5): the pinned models together, plus ``reserve``, fit; every other model
 fits alone with all pinned ones resident. Unpinned models that can't all be resident at once are
-a warning: the backend swaps them.
+a warning: the backend swaps them. The VRAM they must fit in is the budget less what other
+processes hold (``available_vram``). Each backend's downloads plus ``disk_reserve`` must fit
+the free space where that backend stores models.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from reconciler.model import Budget, BudgetSettings, Estimate, GpuState, ModelFacts, ModelSpec
+from reconciler.gguf_header import file_type_name
+from reconciler.model import (
+    BackendKind,
+    Budget,
+    BudgetSettings,
+    DiskBudget,
+    Estimate,
+    GpuProcess,
+    GpuState,
+    ModelFacts,
+    ModelSpec,
+)
 
 GiB = 1 << 30
 MiB = 1 << 20
 GRAPH_BYTES = 512 * MiB
 """Compute graph and batch buffers: Ollama's reference puts them at 0.3–2 GiB; 512 MiB covers
 the default batch at contexts up to 8k for models up to ~14B."""
+
+LLAMACPP_UBATCH = 512
+"""llama-server's default physical batch (``-ub``): the compute buffer is sized for it."""
+LLAMACPP_FF_PER_HIDDEN = 4
+"""Feed-forward width over hidden size assumed for the compute buffer (not in the facts)."""
+LLAMACPP_RUNTIME_CPU = 21 * MiB
+"""A llama-server child's own memory on CPU besides its buffers: the static binary's resident
+text, libc/libstdc++, the HTTP server's threads and the tokenizer's tables (about 5 MiB of it
+for a 32k vocabulary; the facts carry no vocabulary size, so 32k is assumed)."""
+LLAMACPP_SLOT_CPU = 1 * MiB
+"""Each server slot's own state on CPU: its sampler's vocabulary-sized arrays and buffers."""
+LLAMACPP_TOKEN_CPU = 384
+"""Heap per context token per slot on CPU while a slot serves a full context (its prompt as
+requested, tokenized and cached): 220–990 bytes were seen, 384 on average over 256–8192."""
+LLAMACPP_RUNTIME_GPU = 680 * MiB
+"""A llama-server child's GPU memory besides its buffers: the CUDA context, the kernels the
+driver loads for it and cuBLAS's handles (every child is a process of its own, so each model
+pays it). Measured 622–689 MiB on an H200 (CUDA 13, driver 580; bench/RESULTS.md)."""
+LLAMACPP_RUNTIME_GPU_PER_WEIGHT = 0.06
+"""…plus this share of the weights: staging and scratch that grow with the tensors (the same
+run: 686 MiB beside 192 MiB of weights, 689 MiB beside 959 MiB, 622 MiB beside 9 MiB)."""
+CUDA_FLASH_HEAD_DIMS = frozenset({64, 80, 96, 112, 128, 256, 576})
+"""Head sizes llama.cpp's CUDA flash attention has kernels for; for others attention runs
+unfused and its score matrix is a compute buffer of its own."""
 
 BYTES_PER_PARAM = {
     "F32": 4.0, "F16": 2.0, "BF16": 2.0, "Q8_0": 1.07, "Q6_K": 0.82, "Q5_K_M": 0.71,
@@ -44,6 +91,22 @@ def default_context(vram_total: int | None, trained: int | None) -> int:
     return min(ctx, trained) if trained else ctx
 
 
+def quantization(facts: ModelFacts) -> str | None:
+    """The artifact's quantization: the backend's string, else the GGUF ``general.file_type``."""
+    return facts.quantization or file_type_name(facts.file_type)
+
+
+def run_context(spec: ModelSpec, facts: ModelFacts, vram_total: int | None) -> int:
+    """Tokens per sequence the model runs at (see the module docstring)."""
+    if spec.context:
+        return spec.context
+    if facts.run_context:
+        return facts.run_context
+    if spec.backend is BackendKind.LLAMACPP and facts.context_length:
+        return facts.context_length  # llama-server without -c allocates the trained context
+    return default_context(vram_total, facts.context_length)
+
+
 def kv_bytes(facts: ModelFacts, context: int) -> int | None:
     """f16 K and V for every layer at ``context`` tokens; None without the GGUF keys."""
     if not (facts.block_count and facts.head_count_kv):
@@ -58,10 +121,66 @@ def kv_bytes(facts: ModelFacts, context: int) -> int | None:
     return facts.block_count * context * facts.head_count_kv * (k_len + v_len) * 2
 
 
+def llamacpp_compute_bytes(facts: ModelFacts, context: int, parallel: int) -> int | None:
+    """llama.cpp's compute buffer, sized by ggml for its largest graph: one micro-batch.
+
+    A micro-batch is ``min(context × parallel, 512)`` tokens. Per token it keeps
+    ``3 × feed_forward + 5 × hidden`` f32 activations alive at the peak (the feed-forward
+    gate, up and product beside the residual stream and attention rows), plus the f16 attention
+    mask over one sequence's ``context`` cells. The feed-forward width is not in the facts; 4 ×
+    hidden is taken (Llama 3.x: 3.5–4; Qwen 2.5: up to 5.4, a few MiB under per GiB of model).
+    Checked against llama-server's logged "CPU compute buffer size" within 0.1 MiB.
+    """
+    if not facts.embedding_length:
+        return None
+    tokens = min(context * parallel, LLAMACPP_UBATCH)
+    hidden = facts.embedding_length
+    feed_forward = LLAMACPP_FF_PER_HIDDEN * hidden
+    return tokens * (3 * feed_forward + 5 * hidden) * 4 + context * tokens * 2
+
+
+def _unfused_attention_bytes(facts: ModelFacts, context: int, parallel: int) -> int:
+    """f32 attention scores of one micro-batch over every cell, when flash attention can't run
+    on the GPU for this head size (the sizes it has kernels for cost nothing extra)."""
+    if not (facts.embedding_length and facts.head_count):
+        return 0
+    head_dim = facts.key_length or facts.embedding_length // facts.head_count
+    if head_dim in CUDA_FLASH_HEAD_DIMS:
+        return 0
+    cells = context * parallel
+    return cells * min(cells, LLAMACPP_UBATCH) * facts.head_count * 4
+
+
+def llamacpp_parts(
+    facts: ModelFacts, context: int, parallel: int, *, accelerator: bool = True
+) -> dict[str, int] | None:
+    """The llama.cpp estimate's terms (weights, kv, compute, runtime); None without keys."""
+    weights = facts.weights_bytes or facts.size
+    kv = kv_bytes(facts, context * parallel)
+    compute = llamacpp_compute_bytes(facts, context, parallel)
+    if not weights or kv is None or compute is None:
+        return None
+    if accelerator:  # the slots' host memory is not the GPU's
+        runtime = LLAMACPP_RUNTIME_GPU + int(weights * LLAMACPP_RUNTIME_GPU_PER_WEIGHT)
+        compute += _unfused_attention_bytes(facts, context, parallel)
+    else:
+        per_slot = LLAMACPP_SLOT_CPU + context * LLAMACPP_TOKEN_CPU
+        runtime = LLAMACPP_RUNTIME_CPU + parallel * per_slot
+    return {"weights": weights, "kv": kv, "compute": compute, "runtime": runtime}
+
+
 def estimate(
-    spec: ModelSpec, facts: ModelFacts | None, measured: int | None, vram_total: int | None
+    spec: ModelSpec,
+    facts: ModelFacts | None,
+    measured: int | None,
+    vram_total: int | None,
+    *,
+    accelerator: bool = True,
 ) -> Estimate:
-    """The model's VRAM need and which layer gave it."""
+    """The model's VRAM need and which layer gave it.
+
+    ``accelerator`` is False on a CPU-only node, where a llama.cpp child has no CUDA context.
+    """
     if spec.vram is not None:
         return Estimate(spec.name, spec.vram, "config", spec.pinned)
     if measured:
@@ -69,11 +188,18 @@ def estimate(
     if facts is None:
         return Estimate(spec.name, None, "unknown", spec.pinned)
     weights = facts.weights_bytes or facts.size
-    ctx = spec.context or default_context(vram_total, facts.context_length)
-    kv = kv_bytes(facts, ctx)
-    if weights and kv is not None:
-        return Estimate(spec.name, weights + kv + GRAPH_BYTES, "metadata", spec.pinned)
-    per_param = BYTES_PER_PARAM.get((facts.quantization or "").upper())
+    ctx = run_context(spec, facts, vram_total)
+    parallel = max(1, facts.parallel or 1)
+    if spec.backend is BackendKind.LLAMACPP:
+        parts = llamacpp_parts(facts, ctx, parallel, accelerator=accelerator)
+        if parts is not None:
+            return Estimate(spec.name, sum(parts.values()), "metadata", spec.pinned)
+    else:
+        kv = kv_bytes(facts, ctx)
+        if weights and kv is not None:
+            return Estimate(spec.name, weights + kv * parallel + GRAPH_BYTES, "metadata",
+                            spec.pinned)  # fmt: skip
+    per_param = BYTES_PER_PARAM.get((quantization(facts) or "").upper())
     if facts.parameter_count and per_param:
         weights = weights or int(facts.parameter_count * per_param)
     if weights:
@@ -97,20 +223,72 @@ def _gib(n: int | None) -> str:
     return "unknown" if n is None else f"{n / GiB:.1f} GiB"
 
 
+def unexplained_bytes(gpu: GpuState, backend_loaded: int) -> int:
+    """Unattributed GPU memory that the backends' loaded models do not account for.
+
+    Memory no process could be named for may be a backend's own (a container in another PID
+    namespace): the part of what the backends report loaded that no visible backend process
+    holds explains up to that much of it.
+    """
+    hidden_backend = max(0, backend_loaded - gpu.backend_bytes)
+    return max(0, gpu.unattributed_bytes - hidden_backend)
+
+
+def available_vram(gpu: GpuState, backend_loaded: int) -> int | None:
+    """The VRAM the fit uses: the budget's base less memory other processes hold.
+
+    With NVML, the GPUs' total less foreign and unexplained memory, capped at ``budget.vram``
+    when the file sets it; without NVML nothing is known about other processes.
+    """
+    total = gpu.total_bytes
+    if total is None or not gpu.gpus:
+        return total
+    physical = sum(g.total_bytes for g in gpu.gpus)
+    left = max(0, physical - gpu.foreign_bytes - unexplained_bytes(gpu, backend_loaded))
+    return min(total, left)
+
+
+def describe_foreign(foreign: Sequence[GpuProcess], total: int) -> str:
+    """``other processes 12.0 GiB (python 12.0 GiB, pid 4242)``."""
+    shown = ", ".join(f"{p.name} {_gib(p.bytes)}, pid {p.pid}" for p in foreign[:3])
+    more = f", {len(foreign) - 3} more" if len(foreign) > 3 else ""
+    return f"other processes {_gib(total)}" + (f" ({shown}{more})" if shown else "")
+
+
+def _held(gpu: GpuState, unexplained: int) -> str:
+    """Why the available VRAM is less than the GPUs have, for refusals."""
+    parts = []
+    if gpu.foreign_bytes:
+        parts.append(describe_foreign(gpu.foreign_processes, gpu.foreign_bytes))
+    if unexplained:
+        parts.append(f"{_gib(unexplained)} used by no process infernet can identify")
+    return "; ".join(parts)
+
+
 def check(
     estimates: list[Estimate],
     *,
     gpu: GpuState,
     settings: BudgetSettings,
-    disk_free: int | None,
-    download_bytes: int,
-    disk_path: str,
+    disks: Sequence[DiskBudget] = (),
+    backend_loaded: int = 0,
 ) -> Fit:
-    """Apply the fit rules to the estimates; refusals name models and numbers in GiB."""
+    """Apply the fit rules to the estimates; refusals name models and numbers in GiB.
+
+    ``disks`` has one entry per backend with downloads (the default backend's first);
+    ``backend_loaded`` is the VRAM the backends report their loaded models use.
+    """
     errors: list[str] = []
     warnings: list[str] = []
     unfit: set[str] = set()
-    total = gpu.total_bytes
+    base = gpu.total_bytes
+    total = available_vram(gpu, backend_loaded)
+    unexplained = unexplained_bytes(gpu, backend_loaded) if gpu.gpus else 0
+    held = _held(gpu, unexplained) if total is not None and base is not None else ""
+    budget_text = f"VRAM budget {_gib(total)}"
+    if held and total is not None and base is not None and total < base:
+        physical = sum(g.total_bytes for g in gpu.gpus)
+        budget_text += f" ({_gib(physical)} of GPU memory less {held})"
     reserve = settings.reserve
     pinned = [e for e in estimates if e.pinned and e.bytes is not None]
     pinned_sum = sum(e.bytes or 0 for e in pinned)
@@ -122,18 +300,19 @@ def check(
     if total is None:
         warnings.append("VRAM budget unknown (no GPU found, no budget.vram): fit not checked")
     else:
-        if gpu.source == "config" and gpu.gpus:
+        if gpu.source == "config" and gpu.gpus and base is not None:
             real = sum(g.total_bytes for g in gpu.gpus)
-            if total > real:
+            if base > real:
                 warnings.append(
-                    f"budget.vram {_gib(total)} is more than the GPUs have ({_gib(real)})"
+                    f"budget.vram {_gib(base)} is more than the GPUs have ({_gib(real)})"
                 )
         if pinned and pinned_sum + reserve > total:
             names = ", ".join(f"{e.model} {_gib(e.bytes)}" for e in pinned)
             errors.append(
                 f"pinned models need {_gib(pinned_sum)} + reserve {_gib(reserve)} = "
-                f"{_gib(pinned_sum + reserve)}, more than the VRAM budget {_gib(total)} "
+                f"{_gib(pinned_sum + reserve)}, more than the {budget_text} "
                 f"({names}); unpin or drop one, or raise budget.vram"
+                + ("" if not held else ", or stop the other processes")
             )
             unfit.update(e.model for e in pinned)
         for e in others:
@@ -142,8 +321,8 @@ def check(
                 errors.append(
                     f"{e.model} needs {_gib(e.bytes)} ({e.source}) with the pinned models "
                     f"({_gib(pinned_sum)}) and reserve ({_gib(reserve)}) resident: "
-                    f"{_gib(need)} > VRAM budget {_gib(total)}; pick a smaller quantization "
-                    "or unpin something"
+                    f"{_gib(need)} > {budget_text}; pick a smaller quantization "
+                    "or unpin something" + ("" if not held else ", or stop the other processes")
                 )
                 unfit.add(e.model)
         everything = pinned_sum + sum(e.bytes or 0 for e in others) + reserve
@@ -152,16 +331,28 @@ def check(
                 f"the unpinned models can't all be loaded at once ({_gib(everything)} > "
                 f"{_gib(total)}); the backend will swap them"
             )
-    if disk_free is not None and download_bytes + settings.disk_reserve > disk_free:
-        errors.append(
-            f"downloads need {_gib(download_bytes)} + disk_reserve "
-            f"{_gib(settings.disk_reserve)} but only {_gib(disk_free)} is free at {disk_path}; "
-            "free space or lower budget.disk_reserve"
-        )
+    for disk in disks:
+        if disk.free_bytes is None:
+            if disk.download_bytes:
+                warnings.append(
+                    f"{disk.backend.value}: free space at {disk.path} unknown; its downloads "
+                    f"({_gib(disk.download_bytes)}) are not checked against the disk"
+                )
+            continue
+        if disk.download_bytes + settings.disk_reserve > disk.free_bytes:
+            errors.append(
+                f"{disk.backend.value} downloads need {_gib(disk.download_bytes)} + "
+                f"disk_reserve {_gib(settings.disk_reserve)} but only {_gib(disk.free_bytes)} "
+                f"is free at {disk.path}; free space there or lower budget.disk_reserve"
+            )
+    first = disks[0] if disks else None
     budget = Budget(
-        vram_total_bytes=total, vram_source=gpu.source, reserve_bytes=reserve,
+        vram_total_bytes=base, vram_source=gpu.source, reserve_bytes=reserve,
         vram_pinned_bytes=pinned_sum, largest_swap_in_bytes=largest, fits=not errors,
-        disk_free_bytes=disk_free, disk_reserve_bytes=settings.disk_reserve,
-        download_bytes=download_bytes, estimates=tuple(estimates),
+        disk_free_bytes=first.free_bytes if first else None,
+        disk_reserve_bytes=settings.disk_reserve,
+        download_bytes=sum(d.download_bytes for d in disks), estimates=tuple(estimates),
+        vram_available_bytes=total, foreign_bytes=gpu.foreign_bytes,
+        unattributed_bytes=unexplained, foreign_processes=gpu.foreign_processes, disks=tuple(disks),
     )  # fmt: skip
     return Fit(budget, tuple(errors), tuple(warnings), frozenset(unfit))

@@ -24,6 +24,7 @@ from reconciler import _gitcommit, _schemacheck, _yamldoc, names, units
 from reconciler._yamldoc import JsonPath, format_path
 from reconciler.errors import ConfigError, Problem, ValidationError
 from reconciler.model import (
+    ENGINE_COMMANDS,
     BackendKind,
     BudgetSettings,
     ConfigSource,
@@ -203,7 +204,7 @@ def _build(raw: dict[str, Any], check: _Check, env: Mapping[str, str]) -> Desire
         default_backend=default_backend,
         ollama=_ollama(backends.get("ollama", {}), env),
         llamacpp=LlamacppSettings(**backends.get("llamacpp", {})),
-        hf=HfSettings(**backends.get("hf", {})),
+        hf=_hf(backends.get("hf", {})),
         budget=_budget(raw, check),
         control_plane=_control_plane(raw, check),
         policy=policy,
@@ -337,6 +338,12 @@ def _model(entry: Any, path: JsonPath, check: _Check, default: BackendKind) -> M
         revision=revision,
         line=check.doc.locate(path).line,
     )
+
+
+def _hf(fields: Mapping[str, Any]) -> HfSettings:
+    """``backends.hf``; command templates the file doesn't set keep their defaults."""
+    commands = {**ENGINE_COMMANDS, **fields.get("commands", {})}
+    return HfSettings(**{**fields, "commands": commands})
 
 
 def _sha256(value: str | None) -> str | None:

@@ -6,6 +6,10 @@ disk; a ranged read of a multi-GB registry blob gives us only the first few MiB.
 materialises every value, tokenizer vocabularies included. This parser is pure (bytes in,
 dict out), reads only GGUF v2/v3 little-endian metadata, keeps the keys it is asked for, and
 walks over everything else (large arrays of tokens and merges) without building it.
+
+``file_type_name`` turns ``general.file_type`` (llama.cpp's ``llama_ftype``) into the
+quantization name Ollama and the file use (``Q4_K_M``), for headers without a quantization
+string; the table is a copy of ``gguf.LlamaFileType`` so the plan path needn't import numpy.
 """
 
 from __future__ import annotations
@@ -39,6 +43,26 @@ WANTED_ARCH = frozenset(
     }
 )
 ESSENTIAL_ARCH = ("block_count", "embedding_length", "attention.head_count")
+
+
+# llama_ftype → name, as gguf.LlamaFileType spells it less its MOSTLY_/ALL_ prefix (the same
+# strings Ollama's details print). Retired values (4-6 Q4_1_SOME_F16/Q4_2/Q4_3, 33-35 the
+# Q4_0_N_M repacks) and 1024 GUESSED have no name.
+FILE_TYPES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
+    38: "MXFP4_MOE", 39: "NVFP4", 40: "Q1_0",
+}  # fmt: skip
+
+
+def file_type_name(file_type: int | None) -> str | None:
+    """The quantization ``general.file_type`` stands for; None when unknown or absent."""
+    if file_type is None:
+        return None
+    return FILE_TYPES.get(int(file_type))
 
 
 class NotGGUF(ValueError):

@@ -81,10 +81,32 @@ class LlamacppSettings:
 
 @dataclass(frozen=True)
 class HfSettings:
-    """``backends.hf``."""
+    """``backends.hf``: the hub cache and the engines serving it (one per model)."""
 
     cache_dir: str = "~/.cache/huggingface/hub"
-    url: str = "http://127.0.0.1:8000"
+    url: str = "http://127.0.0.1:8000"  # engines listen from this port upward
+    gpu_memory_utilization: float = 0.9  # what each engine claims of the total VRAM
+    commands: Mapping[str, str] = field(default_factory=lambda: dict(ENGINE_COMMANDS))
+
+
+ENGINE_COMMANDS: Mapping[str, str] = {
+    "vllm": (
+        "vllm serve {path} --served-model-name {advertise_as} --host 127.0.0.1 --port {port} "
+        "--gpu-memory-utilization {fraction}"
+    ),
+    "sglang": (
+        "python3 -m sglang.launch_server --model-path {path} --served-model-name {advertise_as} "
+        "--host 127.0.0.1 --port {port} --mem-fraction-static {fraction}"
+    ),
+    "max": (
+        "max serve --model-path {path} --served-model-name {advertise_as} --port {port} "
+        "--device-memory-utilization {fraction}"
+    ),
+}
+"""Default engine command templates (the engines' documented flags); placeholders {path} (the
+snapshot folder), {advertise_as}, {port}, {fraction} (gpu_memory_utilization), {host} and
+{python}. vLLM and SGLang listen on all interfaces unless told: the defaults keep them on
+loopback, like every other backend here."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +207,7 @@ class InstalledModel:
     name: str  # as the backend reports it
     canonical: str
     facts: ModelFacts
+    error: str | None = None  # the artifact is there but unusable (a damaged GGUF, say)
 
 
 @dataclass(frozen=True)
@@ -200,6 +223,8 @@ class LoadedModel:
     expires_at: str | None  # ISO-8601 as the backend sent it
     pinned: bool  # expires_at so far ahead that it is keep_alive forever
     context_length: int | None = None
+    pid: int | None = None  # the process holding it, where the backend lets us find it
+    foreign: bool = False  # served by an engine infernet did not start: observed, never touched
 
 
 @dataclass(frozen=True)
@@ -213,6 +238,8 @@ class BackendState:
     version: str | None = None
     installed: tuple[InstalledModel, ...] = ()
     loaded: tuple[LoadedModel, ...] = ()
+    serving_error: str | None = None  # the inventory is readable but nothing can be served
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -228,6 +255,15 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class GpuProcess:
+    """A process holding GPU memory that is not an inference backend (NVML's process lists)."""
+
+    pid: int
+    name: str
+    bytes: int
+
+
+@dataclass(frozen=True)
 class GpuInfo:
     """One GPU (or MIG instance) as NVML reports it."""
 
@@ -236,17 +272,29 @@ class GpuInfo:
     total_bytes: int
     free_bytes: int
     used_bytes: int
+    foreign_bytes: int = 0  # held by processes that are not inference backends
+    unattributed_bytes: int = 0  # used, but by no process we could identify
 
 
 @dataclass(frozen=True)
 class GpuState:
-    """The node's accelerator memory; ``source`` says how the total was found."""
+    """The node's accelerator memory; ``source`` says how the total was found.
+
+    The process figures are sums over ``gpus`` and stay 0 without NVML: ``backend_bytes`` is
+    held by known inference backends, ``foreign_bytes`` by other processes we can see (the
+    biggest of them in ``foreign_processes``), ``unattributed_bytes`` by processes outside our PID
+    namespace, with no per-process figure, or not listed at all.
+    """
 
     source: str  # "nvml" | "config" | "cpu" | "none"
     total_bytes: int | None
     free_bytes: int | None
     gpus: tuple[GpuInfo, ...] = ()
     note: str | None = None
+    backend_bytes: int = 0
+    foreign_bytes: int = 0
+    unattributed_bytes: int = 0
+    foreign_processes: tuple[GpuProcess, ...] = ()  # biggest first
 
 
 @dataclass(frozen=True)
@@ -308,6 +356,7 @@ class Action:
     embedding: bool = False  # load through /api/embed, not generate
     context: int | None = None
     source: str | None = None  # for pull/update of a file-backed model: where it comes from
+    advertise_as: str | None = None  # for pins of engine-served models: the name to serve as
 
 
 @dataclass(frozen=True)
@@ -325,13 +374,29 @@ class Estimate:
 
     model: str
     bytes: int | None
-    source: str  # "config" | "measured" | "metadata" | "rough" | "unknown"
+    source: str  # "config" | "measured" | "metadata" | "rough" | "claim" | "unknown"
     pinned: bool
 
 
 @dataclass(frozen=True)
+class DiskBudget:
+    """One backend's downloads against the free space where it stores models."""
+
+    backend: BackendKind
+    path: str
+    free_bytes: int | None
+    download_bytes: int
+
+
+@dataclass(frozen=True)
 class Budget:
-    """The VRAM and disk arithmetic behind a plan."""
+    """The VRAM and disk arithmetic behind a plan.
+
+    ``vram_total_bytes`` is the budget's base (NVML total, ``budget.vram`` or a share of RAM);
+    ``vram_available_bytes`` is what the fit used: the base less memory other processes hold.
+    ``disk_free_bytes`` is the default backend's disk, ``download_bytes`` all downloads;
+    ``disks`` has each backend's own figures.
+    """
 
     vram_total_bytes: int | None
     vram_source: str
@@ -343,6 +408,11 @@ class Budget:
     disk_reserve_bytes: int
     download_bytes: int
     estimates: tuple[Estimate, ...] = ()
+    vram_available_bytes: int | None = None
+    foreign_bytes: int = 0
+    unattributed_bytes: int = 0  # unattributed memory the backends' loaded models don't explain
+    foreign_processes: tuple[GpuProcess, ...] = ()
+    disks: tuple[DiskBudget, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,18 +37,91 @@ UPDATE_CHECK_TTL = 6 * 3600.0
 """How long an upstream digest is trusted before ``policy.updates`` asks the registry again."""
 
 
-def make_backends(desired: Desired, *, cache: Cache | None = None) -> dict[BackendKind, Backend]:
-    """Ollama and llama.cpp always: a backend whose last model left the file must still be
-    observed so that model can be pruned. An unused llama.cpp whose folder doesn't exist is
-    simply unreachable, which the planner only reports for backends the file uses."""
+HF_KINDS = (BackendKind.VLLM, BackendKind.SGLANG, BackendKind.MAX)
+"""Engines over the one shared HuggingFace hub cache."""
+
+
+def make_backends(
+    desired: Desired, *, cache: Cache | None = None, state_dir: Path | None = None
+) -> dict[BackendKind, Backend]:
+    """Every backend, used or not: a backend whose last model left the file must still be
+    observed so that model can be pruned. An unused backend that isn't there (no llama.cpp
+    folder, no hub cache) is simply unreachable or empty, which the planner only reports for
+    backends the file uses. ``state_dir`` holds the engine records of the HF engines."""
+    from reconciler.backends.hf import HfBackend
     from reconciler.backends.llamacpp import LlamacppBackend
     from reconciler.backends.ollama import OllamaBackend
+    from reconciler.engines import Engines
 
     stall = float(os.environ.get("INFERNET_PULL_STALL_TIMEOUT", "300"))
-    return {
+    backends: dict[BackendKind, Backend] = {
         BackendKind.OLLAMA: OllamaBackend(desired.ollama, cache=cache, stall_timeout=stall),
         BackendKind.LLAMACPP: LlamacppBackend(desired.llamacpp, cache=cache, stall_timeout=stall),
     }
+    if state_dir is not None:
+        engines = Engines(state_dir / "engines", base_port=_port(desired.hf.url))
+        for kind in HF_KINDS:
+            backends[kind] = HfBackend(kind, desired.hf, engines=engines, cache=cache)
+    return backends
+
+
+def _port(url: str) -> int:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def share_hf_cache(
+    states: dict[BackendKind, BackendState],
+    desired: Desired,
+    owners: Mapping[str, BackendKind],
+) -> None:
+    """Give each cached revision to one engine kind: the one the file names, else the one that
+    installed it (``owners``: canonical → kind, from the state store), else vLLM. A revision
+    the file pins by commit is shown under the file's name for it."""
+    wanted = {m.canonical: m for m in desired.models if m.backend in HF_KINDS}
+    by_commit = {m.revision: m for m in wanted.values() if m.revision and len(m.revision) == 40}
+    claimed: dict[str, list[InstalledModel]] = {kind.value: [] for kind in HF_KINDS}
+    seen_commits: set[str] = set()
+    pool = next((s.installed for k, s in states.items() if k in HF_KINDS and s.reachable), ())
+    for cached in pool:
+        spec = wanted.get(cached.canonical) or by_commit.get(cached.facts.digest or "")
+        model = cached
+        if spec is not None:
+            model = dataclasses.replace(cached, canonical=spec.canonical, name=spec.canonical)
+            seen_commits.add(cached.facts.digest or "")
+        kind = spec.backend if spec else owners.get(model.canonical, BackendKind.VLLM)
+        claimed[kind.value].append(model)
+    served_as = {m.advertise_as: m for m in wanted.values()} | {m.name: m for m in wanted.values()}
+    for kind in HF_KINDS:
+        state = states.get(kind)
+        if state is None or not state.reachable:
+            continue
+        # Another ref of a revision the file wants is the same files: never a removal.
+        mine = tuple(
+            m for m in claimed[kind.value]
+            if m.canonical in wanted or (m.facts.digest or "") not in seen_commits
+        )  # fmt: skip
+        loaded = []
+        for run in state.loaded:
+            if not run.foreign:
+                loaded.append(run)
+                continue
+            # Every kind sees an engine it didn't start at the same URL: keep it once, under
+            # the entry it serves (by served name), and call it by that entry's name.
+            spec = served_as.get(run.name)
+            if spec is not None and spec.backend is kind:
+                loaded.append(dataclasses.replace(run, canonical=spec.canonical))
+            elif spec is None:
+                # Serving a model that left the file: name it after the cached revision of
+                # that repo, so the planner sees it is in use and leaves it alone.
+                held = next((m for m in mine if m.canonical.partition("@")[0] == run.name), None)
+                if held is not None:
+                    loaded.append(dataclasses.replace(run, canonical=held.canonical))
+                elif kind is BackendKind.VLLM:
+                    loaded.append(run)
+        states[kind] = dataclasses.replace(state, installed=mine, loaded=tuple(loaded))
 
 
 def models_dir(desired: Desired, kind: BackendKind) -> str:
@@ -110,12 +184,15 @@ def observe(
     *,
     cache: Cache | None = None,
     refresh_upstream: bool = False,
+    owners: Mapping[str, BackendKind] | None = None,
 ) -> Observed:
-    """Everything the planner needs, gathered with parallel requests."""
+    """Everything the planner needs, gathered with parallel requests (``owners``: which kind
+    installed each HuggingFace revision, from the state store)."""
     with ThreadPoolExecutor(max_workers=8) as pool:
         states = dict(
             zip(backends, pool.map(lambda b: b.inventory(), backends.values()), strict=True)
         )
+        share_hf_cache(states, desired, owners or {})
         detail_jobs = []
         upstream_jobs = []
         for spec in desired.models:

@@ -69,12 +69,13 @@ def _find_loaded(state: BackendState, model: InstalledModel) -> LoadedModel | No
 
 
 def _quant_mismatch(spec: ModelSpec, facts: ModelFacts, where: str) -> str | None:
-    if not spec.quantization or not facts.quantization:
+    actual = budget.quantization(facts)  # the backend's string, else the GGUF file type
+    if not spec.quantization or not actual:
         return None
-    if spec.quantization.upper() == facts.quantization.upper():
+    if spec.quantization.upper() == actual.upper():
         return None
     return (
-        f"{spec.name}: {where} is {facts.quantization}, but the file asserts quantization "
+        f"{spec.name}: {where} is {actual}, but the file asserts quantization "
         f"{spec.quantization}; pick the tag built with {spec.quantization} or change the assertion"
     )
 
@@ -143,23 +144,25 @@ def _plan_missing(draft: _Draft, spec: ModelSpec, up: Upstream | None) -> None:
         draft.errors.append(mismatch)
         return
     measured = draft.owned.measured_vram.get(key(spec.backend, spec.canonical))
-    est = budget.estimate(spec, up.facts, measured, draft.observed.gpu.total_bytes)
+    est = _estimate(draft, spec, up.facts, measured)
     draft.estimates.append(est)
     if _can_serve(draft, spec):
         draft.servable.append(spec)
     draft.download[spec.backend] += up.download_bytes
     draft.actions.append(
         Action(
-            Op.PULL, spec.name, spec.backend, spec.canonical,
+            Op.PULL, _ref(spec), spec.backend, spec.canonical,
             f"in served_models, not installed ({up.total_bytes} bytes, "
             f"{up.download_bytes} to download)",
             download_bytes=up.download_bytes, vram_bytes=est.bytes, digest=up.facts.digest,
             context=spec.context, embedding="embedding" in up.facts.capabilities,
-            source=spec.source,
+            source=_source(spec),
         )
     )  # fmt: skip
     _warn_context(draft, spec, up.facts)
-    if spec.pinned:
+    if spec.backend in ENGINE_KINDS:
+        draft.actions.append(_engine_start(spec, est.bytes, "start its engine once pulled"))
+    elif spec.pinned:
         draft.actions.append(
             Action(
                 Op.PIN, spec.name, spec.backend, spec.canonical,
@@ -182,7 +185,7 @@ def _plan_installed(
         return
     k = key(spec.backend, spec.canonical)
     measured = draft.owned.measured_vram.get(k)
-    est = budget.estimate(spec, facts, measured, draft.observed.gpu.total_bytes)
+    est = _estimate(draft, spec, facts, measured)
     draft.estimates.append(est)
     if _can_serve(draft, spec):
         draft.servable.append(spec)
@@ -214,7 +217,13 @@ def _plan_installed(
             )
     loaded = _find_loaded(state, installed)
     ours = draft.owned.models.get(k)
-    if spec.pinned and not (loaded and loaded.pinned):
+    if spec.backend in ENGINE_KINDS:
+        if loaded is None:
+            draft.actions.append(_engine_start(spec, est.bytes, "installed, no engine serves it"))
+        else:
+            who = "an engine infernet did not start" if loaded.foreign else "its engine"
+            draft.noops.append(Noop(spec.name, spec.backend, f"installed, served by {who}"))
+    elif spec.pinned and not (loaded and loaded.pinned):
         why = "not loaded" if loaded is None else "loaded but not pinned"
         draft.actions.append(
             Action(
@@ -238,10 +247,46 @@ def _plan_installed(
         draft.noops.append(Noop(spec.name, spec.backend, reason))
 
 
+ENGINE_KINDS = frozenset({BackendKind.VLLM, BackendKind.SGLANG, BackendKind.MAX})
+"""Backends that serve a model only while an engine process runs for it."""
+
+
+def _ref(spec: ModelSpec) -> str:
+    """What actions name: the file's name, or ``org/repo@revision`` for HF repositories."""
+    return spec.canonical if spec.backend in ENGINE_KINDS else spec.name
+
+
+def _source(spec: ModelSpec) -> str | None:
+    if spec.backend in ENGINE_KINDS:
+        return f"hf://{spec.canonical}"
+    return spec.source
+
+
+def _estimate(draft: _Draft, spec: ModelSpec, facts: ModelFacts, measured: int | None) -> Estimate:
+    """The budget's estimate; an engine (vLLM, SGLang, MAX) counts what it claims instead."""
+    gpu = draft.observed.gpu
+    if spec.backend in ENGINE_KINDS and spec.vram is None:
+        claim = gpu.total_bytes and int(gpu.total_bytes * draft.desired.hf.gpu_memory_utilization)
+        # An engine pre-allocates its share whatever the model needs, and holds it while it
+        # runs: it is resident like a pinned model.
+        return Estimate(spec.name, claim or None, "claim", pinned=True)
+    if spec.backend in ENGINE_KINDS:
+        return Estimate(spec.name, spec.vram, "config", pinned=True)
+    return budget.estimate(spec, facts, measured, gpu.total_bytes, accelerator=bool(gpu.gpus))
+
+
 def _can_serve(draft: _Draft, spec: ModelSpec) -> bool:
     """Whether the backend can serve what it has (its server answers)."""
     state = draft.observed.backends.get(spec.backend)
     return state is not None and state.serving_error is None
+
+
+def _engine_start(spec: ModelSpec, vram: int | None, why: str) -> Action:
+    """A pin, for engine-served models: start the engine (it holds its claim while it runs)."""
+    return Action(
+        Op.PIN, _ref(spec), spec.backend, spec.canonical, why, vram_bytes=vram,
+        keep_alive=FOREVER, context=spec.context, advertise_as=spec.advertise_as,
+    )  # fmt: skip
 
 
 def _plan_broken(draft: _Draft, spec: ModelSpec, installed: InstalledModel) -> None:
@@ -308,7 +353,15 @@ def _plan_removals(draft: _Draft, desired_keys: set[str], force: frozenset[str])
             else:
                 why = "installed by infernet" if mine else "policy.prune: all"
                 reason = f"not in served_models ({why})"
-            if _find_loaded(state, model):
+            running = _find_loaded(state, model)
+            if running is not None and running.foreign:
+                draft.warnings.append(
+                    f"{model.name} left the file but an engine infernet did not start serves "
+                    "it; not removed (stop that engine first)"
+                )
+                draft.noops.append(Noop(model.name, kind, "served by a foreign engine; kept"))
+                continue
+            if running is not None:
                 reason += "; loaded: unloaded first"
             embedding = "embedding" in model.facts.capabilities
             out.append(
@@ -358,7 +411,11 @@ def _finish(draft: _Draft) -> Plan:
 def serving(the_plan: Plan, desired: Desired) -> tuple[str, ...]:
     """What may be advertised right now: the plan's advertised names minus models whose pull
     is still pending (a model is advertised only once installed and verified)."""
-    pending = {(a.backend, a.canonical) for a in the_plan.actions if a.op is Op.PULL}
+    pending = {
+        (a.backend, a.canonical)
+        for a in the_plan.actions
+        if a.op is Op.PULL or (a.op is Op.PIN and a.backend in ENGINE_KINDS)
+    }
     return tuple(
         spec.advertise_as
         for spec in desired.models

@@ -20,7 +20,9 @@ from reconciler.model import (
     BackendKind,
     Budget,
     ConfigSource,
+    DiskBudget,
     Estimate,
+    GpuProcess,
     Noop,
     Op,
     Plan,
@@ -28,6 +30,7 @@ from reconciler.model import (
 
 FORMAT_VERSION = 1
 SCHEMA_FILE = "plan.schema.json"
+_BUDGET_LISTS = ("estimates", "foreign_processes", "disks")  # rebuilt as tuples of dataclasses
 
 
 def to_document(plan: Plan) -> dict[str, Any]:
@@ -55,6 +58,7 @@ def to_document(plan: Plan) -> dict[str, Any]:
                 "embedding": a.embedding,
                 "context": a.context,
                 "source": a.source,
+                "advertise_as": a.advertise_as,
             }
             for a in plan.actions
         ],
@@ -74,6 +78,21 @@ def to_document(plan: Plan) -> dict[str, Any]:
             "estimates": [
                 {"model": e.model, "bytes": e.bytes, "source": e.source, "pinned": e.pinned}
                 for e in budget.estimates
+            ],
+            "vram_available_bytes": budget.vram_available_bytes,
+            "foreign_bytes": budget.foreign_bytes,
+            "unattributed_bytes": budget.unattributed_bytes,
+            "foreign_processes": [
+                {"pid": p.pid, "name": p.name, "bytes": p.bytes} for p in budget.foreign_processes
+            ],
+            "disks": [
+                {
+                    "backend": d.backend.value,
+                    "path": d.path,
+                    "free_bytes": d.free_bytes,
+                    "download_bytes": d.download_bytes,
+                }
+                for d in budget.disks
             ],
         },
         "advertised": list(plan.advertised),
@@ -112,13 +131,21 @@ def from_document(doc: dict[str, Any], *, path: str) -> Plan:
                 embedding=a["embedding"],
                 context=a["context"],
                 source=a["source"],
+                advertise_as=a["advertise_as"],
             )
             for a in doc["actions"]
         ),
         noops=tuple(Noop(n["model"], BackendKind(n["backend"]), n["reason"]) for n in doc["noops"]),
         budget=Budget(
-            **{k: v for k, v in budget.items() if k != "estimates"},
+            **{k: v for k, v in budget.items() if k not in _BUDGET_LISTS},
             estimates=tuple(Estimate(**e) for e in budget["estimates"]),
+            foreign_processes=tuple(GpuProcess(**p) for p in budget["foreign_processes"]),
+            disks=tuple(
+                DiskBudget(
+                    BackendKind(d["backend"]), d["path"], d["free_bytes"], d["download_bytes"]
+                )
+                for d in budget["disks"]
+            ),
         ),
         advertised=tuple(doc["advertised"]),
         errors=tuple(doc["errors"]),

@@ -84,23 +84,52 @@ def render_plan(plan: Plan, *, verbose: bool = False) -> str:
 
 
 def render_budget(plan: Plan) -> list[str]:
-    """Two lines: VRAM (pinned, largest swap-in, reserve, total) and disk."""
+    """VRAM (pinned, largest swap-in, reserve against what is available), what other processes
+    hold when they hold something, and disk (per backend when more than one downloads)."""
     b = plan.budget
     lines = []
     if b.vram_total_bytes is None:
         lines.append("VRAM: budget unknown")
     else:
+        available = b.vram_total_bytes if b.vram_available_bytes is None else b.vram_available_bytes
         used = b.vram_pinned_bytes + b.largest_swap_in_bytes + b.reserve_bytes
-        share = used / b.vram_total_bytes if b.vram_total_bytes else 1.0
+        share = used / available if available else 1.0
         filled = min(20, round(share * 20))
         bar = "#" * filled + "." * (20 - filled)
         verdict = "fits" if b.fits else "DOES NOT FIT"
+        of = f"{human_bytes(b.vram_total_bytes)} ({b.vram_source})"
+        if available < b.vram_total_bytes:
+            of = f"{human_bytes(available)} available ({human_bytes(b.vram_total_bytes)} "
+            of += f"{b.vram_source}, less memory held outside the backends)"
         lines.append(
-            f"VRAM [{bar}] {share:.0%} of {human_bytes(b.vram_total_bytes)} ({b.vram_source}): "
+            f"VRAM [{bar}] {share:.0%} of {of}: "
             f"pinned {human_bytes(b.vram_pinned_bytes)} + largest swap-in "
             f"{human_bytes(b.largest_swap_in_bytes)} + reserve {human_bytes(b.reserve_bytes)}"
             f" — {verdict}"
         )
+        held = []
+        if b.foreign_bytes:
+            shown = ", ".join(
+                f"{p.name} {human_bytes(p.bytes)}, pid {p.pid}" for p in b.foreign_processes[:3]
+            )
+            more = len(b.foreign_processes) - 3
+            shown += f", {more} more" if more > 0 else ""
+            held.append(
+                f"other processes {human_bytes(b.foreign_bytes)}" + (f" ({shown})" if shown else "")
+            )
+        if b.unattributed_bytes:
+            held.append(f"{human_bytes(b.unattributed_bytes)} used by no identifiable process")
+        if held:
+            lines.append(f"VRAM held outside the backends: {'; '.join(held)}")
+    if len(b.disks) > 1:
+        parts = [
+            f"{d.backend.value} {human_bytes(d.download_bytes)} to download, "
+            f"{human_bytes(d.free_bytes) if d.free_bytes is not None else 'unknown'} free at "
+            f"{d.path}"
+            for d in b.disks
+        ]
+        lines.append(f"Disk: {'; '.join(parts)} (reserve {human_bytes(b.disk_reserve_bytes)} each)")
+        return lines
     free = human_bytes(b.disk_free_bytes) if b.disk_free_bytes is not None else "unknown"
     lines.append(
         f"Disk: {human_bytes(b.download_bytes)} to download, {free} free "

@@ -116,7 +116,7 @@ class Session:
     def open(cls, desired: Desired, state_dir: Path) -> Session:
         """Open the store (rebuilt when corrupt), the backends, and the control plane."""
         store = Store.open(state_dir)
-        backends = make_backends(desired, cache=StoreCache(store))
+        backends = make_backends(desired, cache=StoreCache(store), state_dir=store.state_dir)
         return cls(desired, store, backends, _heartbeater(desired, store))
 
     def with_desired(self, fresh: Desired) -> Session:
@@ -130,7 +130,9 @@ class Session:
         ):
             for backend in backends.values():
                 backend.close()
-            backends = make_backends(fresh, cache=StoreCache(self.store))
+            backends = make_backends(
+                fresh, cache=StoreCache(self.store), state_dir=self.store.state_dir
+            )
         if fresh.control_plane != self.desired.control_plane:
             if beats is not None:
                 beats.close()
@@ -159,10 +161,12 @@ class Session:
         force_remove: frozenset[str] = frozenset(),
     ) -> tuple[Observed, Plan]:
         """Observe the node and plan against the file (``force_remove``: removals by name)."""
-        observed = observe(
-            self.desired, self.backends, cache=StoreCache(self.store), refresh_upstream=refresh
-        )
         owned = read_owned(self.store)
+        owners = {m.canonical: m.backend for m in owned.models.values()}
+        observed = observe(
+            self.desired, self.backends, cache=StoreCache(self.store), refresh_upstream=refresh,
+            owners=owners,
+        )  # fmt: skip
         allow = allow_destroy or bool(force_remove)
         result = plan(self.desired, observed, owned, allow_destroy=allow, force_remove=force_remove)
         if self.store.rebuilt:

@@ -67,7 +67,7 @@ def build_status(session: Session, observed: Observed, plan: Plan) -> dict[str, 
                 "serving_error": s.serving_error,
             }
             for kind, s in observed.backends.items()
-        },  # fmt: skip
+        },
         "models": model_rows(session.desired, observed, store),
         "advertised": list(plan.advertised),
         "drift": [{"op": a.op.value, "model": a.model, "reason": a.reason} for a in plan.actions],

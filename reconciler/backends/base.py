@@ -64,8 +64,17 @@ class Backend(Protocol):
         """Check ``name`` is installed (with ``digest`` when given) and return its facts."""
         ...
 
-    def load(self, name: str, *, keep_alive: float, embedding: bool, context: int | None) -> None:
-        """Load ``name`` with ``keep_alive`` seconds (negative: forever, 0: unload)."""
+    def load(
+        self,
+        name: str,
+        *,
+        keep_alive: float,
+        embedding: bool,
+        context: int | None,
+        advertise_as: str | None = None,
+    ) -> None:
+        """Load ``name`` with ``keep_alive`` seconds (negative: forever, 0: unload);
+        ``advertise_as`` is the name an engine-served model is served under."""
         ...
 
     def remove(self, name: str, *, embedding: bool) -> None:

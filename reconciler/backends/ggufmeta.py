@@ -12,20 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.errors import BackendError
+from reconciler.gguf_header import file_type_name
 from reconciler.model import ModelFacts
-
-
-def quantization(file_type: int | None) -> str | None:
-    """``general.file_type`` (llama_ftype) as Ollama and model cards name it: ``Q4_K_M``."""
-    if file_type is None:
-        return None
-    import gguf
-
-    try:
-        name = gguf.LlamaFileType(file_type).name
-    except ValueError:
-        return None
-    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
 def facts_from_metadata(
@@ -50,7 +38,7 @@ def facts_from_metadata(
     count = parameter_count or meta.get("general.parameter_count")
     return ModelFacts(
         digest=digest, size=size, weights_bytes=weights_bytes or size,
-        quantization=quantization(file_type), parameter_count=count if count else None,
+        quantization=file_type_name(file_type), parameter_count=count if count else None,
         family=arch or None, format="gguf", context_length=num("context_length"),
         block_count=num("block_count"), head_count=num("attention.head_count"),
         head_count_kv=num("attention.head_count_kv"), embedding_length=num("embedding_length"),

@@ -42,11 +42,23 @@ def error(
         return ModelNotFound(f"{what}: no file {path} in {where}")
     if isinstance(exc, hf.OfflineModeIsEnabled | hf.LocalEntryNotFoundError):
         return BackendError(f"{what}: the hub is not reachable ({exc})")
+    if not isinstance(exc, hf.HfHubHTTPError):  # a transport error: refused, reset, timeout
+        return TransientBackendError(f"{what}: can't reach the hub at {endpoint()} ({exc})")
     return TransientBackendError(f"{what}: the hub answered {exc}")
 
 
 def http_errors() -> tuple[type[Exception], ...]:
-    """The exception types ``error`` understands (for ``except`` clauses)."""
+    """The exception types ``error`` understands (for ``except`` clauses): the hub's own, and
+    the transport errors of the HTTP client ``huggingface_hub`` uses (``httpx2`` since 2.0,
+    a fork of httpx whose classes are not httpx's)."""
     from huggingface_hub import errors as hf
 
-    return (hf.HfHubHTTPError, hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError)
+    types: list[type[Exception]] = [
+        hf.HfHubHTTPError, hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError,
+    ]  # fmt: skip
+    try:
+        import httpx2  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return tuple(types)
+    types.append(httpx2.HTTPError)
+    return tuple(types)

@@ -303,7 +303,15 @@ class LlamacppBackend:
             raise PullFailed(f"{name}: installed file has {facts.digest}, expected {digest}")
         return facts
 
-    def load(self, name: str, *, keep_alive: float, embedding: bool, context: int | None) -> None:
+    def load(
+        self,
+        name: str,
+        *,
+        keep_alive: float,
+        embedding: bool,
+        context: int | None,
+        advertise_as: str | None = None,
+    ) -> None:
         """Pin (load and wait) or, for any other keep_alive, unload: see the module docstring."""
         if keep_alive < 0:
             if not (self.models_dir / name).is_file():

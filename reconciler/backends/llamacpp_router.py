@@ -64,14 +64,17 @@ def parse_models(raw: Mapping[str, Any]) -> list[RouterModel]:
         args = tuple(str(a) for a in status.get("args") or ())
         meta = item.get("meta") or {}
         port = _int(_arg(args, "--port"))
-        ctx = meta.get("n_ctx") if isinstance(meta.get("n_ctx"), int) else None
+        parallel = _int(_arg(args, "--parallel", "-np"))
+        ctx = meta.get("n_ctx") if isinstance(meta.get("n_ctx"), int) else None  # per slot
+        if ctx is None and (total := _int(_arg(args, "--ctx-size", "-c"))):
+            ctx = total // parallel if parallel else total  # -c is the total over the slots
         out.append(
             RouterModel(
                 id=str(item.get("id")), status=str(status.get("value") or "unloaded"),
                 failed=bool(status.get("failed")), exit_code=status.get("exit_code"),
                 args=args, path=_arg(args, "--model", "-m"), port=port or None,
-                ctx=ctx or _int(_arg(args, "--ctx-size", "-c")),
-                parallel=_int(_arg(args, "--parallel", "-np")),
+                ctx=ctx or None,
+                parallel=parallel,
                 weights=meta.get("size") if isinstance(meta.get("size"), int) else None,
             )
         )  # fmt: skip

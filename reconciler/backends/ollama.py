@@ -387,7 +387,15 @@ class OllamaBackend:
                 return model.facts
         raise PullFailed(f"'{name}' is not listed by Ollama after its pull", model=name)
 
-    def load(self, name: str, *, keep_alive: float, embedding: bool, context: int | None) -> None:
+    def load(
+        self,
+        name: str,
+        *,
+        keep_alive: float,
+        embedding: bool,
+        context: int | None,
+        advertise_as: str | None = None,
+    ) -> None:
         """Preload (or unload, with 0) through generate, or embed for embedding models."""
         options = {"num_ctx": context} if context else None
         try:

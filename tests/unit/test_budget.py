@@ -75,8 +75,7 @@ def test_rough_layer_from_parameters_and_quantization() -> None:
 def test_no_information_is_unknown_and_warned() -> None:
     est = budget.estimate(_spec(), ModelFacts(), None, 24 * GiB)
     assert est == Estimate("m:1b", None, "unknown", False)
-    fit = budget.check([est], gpu=GpuState("nvml", 24 * GiB, None), settings=BudgetSettings(),
-                       disk_free=None, download_bytes=0, disk_path="/m")  # fmt: skip
+    fit = budget.check([est], gpu=GpuState("nvml", 24 * GiB, None), settings=BudgetSettings())
     assert fit.budget.fits
     assert any("no size information anywhere" in w for w in fit.warnings)
 
@@ -87,8 +86,7 @@ def test_pinned_plus_each_swap_in() -> None:
     swap_bad = Estimate("b", 14 * GiB, "config", False)
     fit = budget.check(
         [pinned, swap_ok, swap_bad], gpu=GpuState("nvml", 24 * GiB, None),
-        settings=BudgetSettings(reserve=1 * GiB), disk_free=None, download_bytes=0,
-        disk_path="/m",
+        settings=BudgetSettings(reserve=1 * GiB),
     )  # fmt: skip
     assert fit.unfit == frozenset({"b"})
     assert fit.budget.vram_pinned_bytes == 10 * GiB
@@ -98,8 +96,7 @@ def test_pinned_plus_each_swap_in() -> None:
 
 def test_budget_bigger_than_the_gpus_is_a_warning() -> None:
     gpu = GpuState("config", 80 * GiB, None, (GpuInfo(0, "RTX 4090", 24 * GiB, 20 * GiB, 4 * GiB),))
-    fit = budget.check([], gpu=gpu, settings=BudgetSettings(), disk_free=None, download_bytes=0,
-                       disk_path="/m")  # fmt: skip
+    fit = budget.check([], gpu=gpu, settings=BudgetSettings())
     assert any("more than the GPUs have (24.0 GiB)" in w for w in fit.warnings)
 
 

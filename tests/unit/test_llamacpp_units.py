@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.backends import ggufmeta, sources
+from reconciler.backends import sources
 from reconciler.backends.llamacpp_router import parse_models
 from reconciler.errors import BackendError, PullFailed
+from reconciler.gguf_header import file_type_name
 from reconciler.model import ModelFacts
 
 
@@ -74,12 +75,12 @@ def test_router_model_list_parses_loaded_failed_and_args() -> None:
     ("file_type", "name"), [(0, "F32"), (1, "F16"), (15, "Q4_K_M"), (7, "Q8_0"), (32, "BF16")]
 )
 def test_file_type_names_the_quantization(file_type: int, name: str) -> None:
-    assert ggufmeta.quantization(file_type) == name
+    assert file_type_name(file_type) == name
 
 
 def test_unknown_file_type_is_not_a_guess() -> None:
-    assert ggufmeta.quantization(9999) is None
-    assert ggufmeta.quantization(None) is None
+    assert file_type_name(9999) is None
+    assert file_type_name(None) is None
 
 
 def _file_source(tmp_path: Path, data: bytes) -> tuple[sources.Source, sources.Remote]:

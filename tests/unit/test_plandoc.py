@@ -88,7 +88,7 @@ def test_document_has_the_contract_shape() -> None:
         "canonical": "registry.ollama.ai/library/qwen2.5:14b",
         "reason": "in served_models, not installed", "download_bytes": 8_988_124_069,
         "vram_bytes": 10_200_547_328, "keep_alive": None, "digest": "sha256:" + "12" * 32,
-        "embedding": False, "context": 8192, "source": None,
+        "embedding": False, "context": 8192, "source": None, "advertise_as": None,
     }  # fmt: skip
     assert doc["budget"]["fits"] is True
     assert doc["errors"] == ["a plan error"]
