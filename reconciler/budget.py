@@ -177,36 +177,44 @@ def estimate(
     *,
     accelerator: bool = True,
 ) -> Estimate:
-    """The model's VRAM need and which layer gave it.
+    """The model's VRAM need and which layer gave it, with what the model's metadata says
+    (``estimated_bytes``) and what was measured beside it, so a fleet can see estimates drift.
 
     ``accelerator`` is False on a CPU-only node, where a llama.cpp child has no CUDA context.
     """
+    source, computed = _computed(spec, facts, vram_total, accelerator=accelerator)
     if spec.vram is not None:
-        return Estimate(spec.name, spec.vram, "config", spec.pinned)
+        return Estimate(spec.name, spec.vram, "config", spec.pinned, computed, measured)
     if measured:
-        return Estimate(spec.name, measured, "measured", spec.pinned)
+        return Estimate(spec.name, measured, "measured", spec.pinned, computed, measured)
+    return Estimate(spec.name, computed, source, spec.pinned, computed, None)
+
+
+def _computed(
+    spec: ModelSpec, facts: ModelFacts | None, vram_total: int | None, *, accelerator: bool
+) -> tuple[str, int | None]:
+    """The metadata or rough layer: ``(source, bytes)``."""
     if facts is None:
-        return Estimate(spec.name, None, "unknown", spec.pinned)
+        return "unknown", None
     weights = facts.weights_bytes or facts.size
     ctx = run_context(spec, facts, vram_total)
     parallel = max(1, facts.parallel or 1)
     if spec.backend is BackendKind.LLAMACPP:
         parts = llamacpp_parts(facts, ctx, parallel, accelerator=accelerator)
         if parts is not None:
-            return Estimate(spec.name, sum(parts.values()), "metadata", spec.pinned)
+            return "metadata", sum(parts.values())
     else:
         kv = kv_bytes(facts, ctx)
         if weights and kv is not None:
-            return Estimate(spec.name, weights + kv * parallel + GRAPH_BYTES, "metadata",
-                            spec.pinned)  # fmt: skip
+            return "metadata", weights + kv * parallel + GRAPH_BYTES
     per_param = BYTES_PER_PARAM.get((quantization(facts) or "").upper())
     if facts.parameter_count and per_param:
         weights = weights or int(facts.parameter_count * per_param)
     if weights:
         # Without the GGUF keys the KV cache is unknown; a quarter of the weights covers
         # 4k–8k contexts for dense models of every size we have seen.
-        return Estimate(spec.name, int(weights * 1.25) + GRAPH_BYTES, "rough", spec.pinned)
-    return Estimate(spec.name, None, "unknown", spec.pinned)
+        return "rough", int(weights * 1.25) + GRAPH_BYTES
+    return "unknown", None
 
 
 @dataclass(frozen=True)

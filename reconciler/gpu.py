@@ -101,6 +101,7 @@ class Accounting:
     foreign: dict[int, int] = field(default_factory=dict)
     unattributed: dict[int, int] = field(default_factory=dict)
     foreign_processes: tuple[GpuProcess, ...] = ()  # biggest first, summed over GPUs
+    backend_by_pid: dict[int, int] = field(default_factory=dict)  # summed over GPUs
 
 
 def _basename(word: str) -> str:
@@ -152,6 +153,7 @@ def classify(
             known += nbytes
             if backend_of(proc.name, proc.cmdline):
                 backend += nbytes
+                out.backend_by_pid[pid] = out.backend_by_pid.get(pid, 0) + nbytes
             else:
                 foreign += nbytes
                 foreign_by_pid[pid] = foreign_by_pid.get(pid, 0) + nbytes
@@ -253,6 +255,7 @@ class _Reading:
     gpus: tuple[GpuInfo, ...]
     backend: int
     foreign: tuple[GpuProcess, ...]
+    by_pid: Mapping[int, int] = field(default_factory=dict)
 
 
 def _devices(nvml: Any) -> _Reading:
@@ -274,7 +277,8 @@ def _devices(nvml: Any) -> _Reading:
         GpuInfo(i, name, total, free, used_bytes, acc.foreign[i], acc.unattributed[i])
         for i, (name, total, free, used_bytes) in enumerate(memories)
     )
-    return _Reading(gpus, sum(acc.backend.values()), acc.foreign_processes[:FOREIGN_SHOWN])
+    foreign = acc.foreign_processes[:FOREIGN_SHOWN]
+    return _Reading(gpus, sum(acc.backend.values()), foreign, acc.backend_by_pid)
 
 
 def _ram_bytes() -> int | None:
@@ -314,4 +318,5 @@ def _state(source: str, total: int, free: int | None, note: str | None, r: _Read
         source, total, free, r.gpus, note, backend_bytes=r.backend,
         foreign_bytes=sum(g.foreign_bytes for g in r.gpus),
         unattributed_bytes=sum(g.unattributed_bytes for g in r.gpus), foreign_processes=r.foreign,
+        backend_processes=dict(r.by_pid),
     )  # fmt: skip

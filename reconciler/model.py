@@ -295,6 +295,7 @@ class GpuState:
     foreign_bytes: int = 0
     unattributed_bytes: int = 0
     foreign_processes: tuple[GpuProcess, ...] = ()  # biggest first
+    backend_processes: Mapping[int, int] = field(default_factory=dict)  # pid → bytes
 
 
 @dataclass(frozen=True)
@@ -376,6 +377,8 @@ class Estimate:
     bytes: int | None
     source: str  # "config" | "measured" | "metadata" | "rough" | "claim" | "unknown"
     pinned: bool
+    estimated_bytes: int | None = None  # what the metadata (or rough rule) alone says
+    measured_bytes: int | None = None  # what the model held when last seen loaded
 
 
 @dataclass(frozen=True)

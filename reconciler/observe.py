@@ -26,6 +26,7 @@ from reconciler.model import (
     Desired,
     DiskState,
     InstalledModel,
+    LoadedModel,
     ModelFacts,
     ModelSpec,
     Observed,
@@ -230,13 +231,34 @@ def observe(
         k: u for k, u in upstream.items()
         if u.error is None or not _installed(states, k)
     }  # fmt: skip
+    gpu = read_gpus(desired.budget.vram)
+    for kind, state in states.items():
+        if any(m.pid for m in state.loaded) and gpu.backend_processes:
+            loaded = tuple(_on_gpu(m, gpu.backend_processes) for m in state.loaded)
+            states[kind] = dataclasses.replace(state, loaded=loaded)
     return Observed(
         backends=states,
         upstream=upstream,
-        gpu=read_gpus(desired.budget.vram),
+        gpu=gpu,
         disks={kind: read_disk(models_dir(desired, kind)) for kind in backends},
         fingerprint=fingerprint(states, upstream),
     )
+
+
+def _on_gpu(model: LoadedModel, by_pid: Mapping[int, int]) -> LoadedModel:
+    """A loaded model's VRAM from NVML, where its backend told us the process: that process
+    and its children (an engine's shell, its workers), in place of the resident memory."""
+    if model.pid is None:
+        return model
+    import psutil
+
+    try:
+        root = psutil.Process(model.pid)
+        pids = [model.pid, *(child.pid for child in root.children(recursive=True))]
+    except psutil.Error:
+        return model
+    held = sum(by_pid.get(pid, 0) for pid in pids)
+    return dataclasses.replace(model, size_vram=held) if held else model
 
 
 def _installed(states: dict[BackendKind, BackendState], k: str) -> bool:

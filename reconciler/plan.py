@@ -311,7 +311,19 @@ def _plan_broken(draft: _Draft, spec: ModelSpec, installed: InstalledModel) -> N
 
 
 def _warn_context(draft: _Draft, spec: ModelSpec, facts: ModelFacts) -> None:
-    """llama.cpp children run at the router's ``-c``: a per-model context can't be applied."""
+    """llama.cpp children run at the router's ``-c``: a per-model context can't be applied;
+    nor can a finite keep_alive there, nor any keep_alive for an engine."""
+    keep = spec.keep_alive
+    if spec.backend is BackendKind.LLAMACPP and keep is not None and keep > 0:
+        draft.warnings.append(
+            f"{spec.name}: keep_alive {keep:g}s can't be set per model on llama.cpp (the "
+            "router's --sleep-idle-seconds applies to all); only forever and 0 are applied"
+        )
+    if spec.backend in ENGINE_KINDS and keep is not None:
+        draft.warnings.append(
+            f"{spec.name}: keep_alive has no effect on {spec.backend.value}: its engine serves "
+            "it, holding its memory, for as long as it is in the file"
+        )
     if spec.backend is not BackendKind.LLAMACPP or spec.context is None:
         return
     if facts.run_context and facts.run_context != spec.context:

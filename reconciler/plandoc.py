@@ -76,7 +76,14 @@ def to_document(plan: Plan) -> dict[str, Any]:
             "disk_reserve_bytes": budget.disk_reserve_bytes,
             "download_bytes": budget.download_bytes,
             "estimates": [
-                {"model": e.model, "bytes": e.bytes, "source": e.source, "pinned": e.pinned}
+                {
+                    "model": e.model,
+                    "bytes": e.bytes,
+                    "source": e.source,
+                    "pinned": e.pinned,
+                    "estimated_bytes": e.estimated_bytes,
+                    "measured_bytes": e.measured_bytes,
+                }
                 for e in budget.estimates
             ],
             "vram_available_bytes": budget.vram_available_bytes,

@@ -212,7 +212,13 @@ class Session:
             "errors": list(the_plan.errors) + ([self.config_error] if self.config_error else []),
             "last_apply_at": last.at if last else None,
             "estimates": [
-                {"model": e.model, "bytes": e.bytes, "source": e.source}
+                {
+                    "model": e.model,
+                    "bytes": e.bytes,
+                    "source": e.source,
+                    "estimated_bytes": e.estimated_bytes,
+                    "measured_bytes": e.measured_bytes,
+                }
                 for e in the_plan.budget.estimates
             ],
         }

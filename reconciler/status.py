@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from reconciler.model import Desired, Observed, Plan
 from reconciler.names import key
+from reconciler.plan import serving
 from reconciler.render import human_bytes, table
 
 if TYPE_CHECKING:
@@ -48,6 +49,24 @@ def model_rows(desired: Desired, observed: Observed, store: Store) -> list[dict[
     return rows
 
 
+def engine_rows(session: Session) -> list[dict[str, Any]]:
+    """The vLLM/SGLang/MAX engines infernet started: state, port, restarts, and the end of the
+    log of one that is not running (why it died)."""
+    from reconciler.backends.hf import HfBackend
+
+    engines = next((b.engines for b in session.backends.values() if isinstance(b, HfBackend)), None)
+    if engines is None:
+        return []
+    rows = []
+    for e in engines.list():
+        rows.append({
+            "model": e.key, "state": e.state, "pid": e.pid, "port": e.port,
+            "exit_code": e.exit_code, "restarts": e.restarts, "log": e.log_path,
+            "log_tail": engines.log_tail(e.key, 12) if e.state in ("exited", "stopped") else None,
+        })  # fmt: skip
+    return rows
+
+
 def build_status(session: Session, observed: Observed, plan: Plan) -> dict[str, Any]:
     """The ``status --json`` document."""
     store = session.store
@@ -69,7 +88,8 @@ def build_status(session: Session, observed: Observed, plan: Plan) -> dict[str, 
             for kind, s in observed.backends.items()
         },
         "models": model_rows(session.desired, observed, store),
-        "advertised": list(plan.advertised),
+        "engines": engine_rows(session),
+        "advertised": list(serving(plan, session.desired)),  # what a heartbeat lists now
         "drift": [{"op": a.op.value, "model": a.model, "reason": a.reason} for a in plan.actions],
         "errors": list(plan.errors),
         "warnings": list(plan.warnings),
@@ -116,6 +136,12 @@ def render_status(doc: dict[str, Any]) -> str:
     ]  # fmt: skip
     lines.append(table(rows, ["MODEL", "BACKEND", "SIZE", "STATUS", "DESIRED"]))
     lines.append("")
+    for e in doc.get("engines") or []:
+        code = f", exit code {e['exit_code']}" if e["exit_code"] is not None else ""
+        lines.append(f"Engine {e['model']}: {e['state']} on port {e['port']} (PID {e['pid']}, "
+                     f"{e['restarts']} restarts{code}); log {e['log']}")  # fmt: skip
+        if e.get("log_tail"):
+            lines.extend(f"    {line}" for line in e["log_tail"].splitlines()[-12:])
     lines.append(f"Advertised: {', '.join(doc['advertised']) or '(nothing)'}")
     if doc["drift"]:
         lines.append("Drift: " + "; ".join(f"{d['op']} {d['model']}" for d in doc["drift"]))

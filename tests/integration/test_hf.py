@@ -213,6 +213,11 @@ def test_engine_exiting_at_start_fails_with_its_log(hf: Hf, node: Node) -> None:
     assert "Traceback" not in out.stderr
     assert "exit" in text and ".log" in text
     assert hf.snapshots(), "the download stays; only serving failed"
+    status = json.loads(node.run("status", "--json").stdout)
+    (engine,) = status["engines"]
+    assert engine["state"] == "exited" and engine["exit_code"] == 3
+    assert engine["log_tail"], "status keeps the engine's last words"
+    assert status["advertised"] == []
 
 
 def test_port_in_use_moves_the_engine_to_the_next_port(hf: Hf, node: Node) -> None:
@@ -240,18 +245,25 @@ def test_missing_revision_and_repo_are_plan_errors(hf: Hf, node: Node) -> None:
     assert "repository acme/nothing not found" in out.stdout
 
 
-def test_cut_download_is_never_counted_installed(hf: Hf, node: Node) -> None:
-    publish_repo(hf.hub.root, rows=4096)
-    hf.hub.fault("*/model.safetensors", "cut", after_bytes=100_000, times=1000)
+def test_cut_download_is_never_counted_installed_and_resumes(hf: Hf, node: Node) -> None:
+    # 12 MiB of weights: huggingface_hub keeps whole 10 MiB chunks of a cut download
+    publish_repo(hf.hub.root, rows=98_304)
+    # cut before any whole chunk: every try restarts and fails; nothing counts as installed
+    hf.hub.fault("*/model.safetensors", "cut", after_bytes=1 << 20, times=1000)
     hf.write([{"name": REPO, "backend": "vllm"}])
     out = node.run("apply", "--yes")
     assert out.returncode == 1
     plan = _plan(node)
     assert ("pull", f"{REPO}@main") in [(a["op"], a["model"]) for a in plan["actions"]]
     assert plan["advertised"] == [REPO]  # once pulled; nothing is served now
-    hf.hub.clear_faults()
+    hf.hub.reset()
+    # cut after the first 10 MiB chunk: the next try asks for the rest only
+    hf.hub.fault("*/model.safetensors", "cut", after_bytes=11 << 20, times=1000)
     assert node.run("apply", "--yes").returncode == 0
     assert "model.safetensors" in hf.snapshots()
+    gets = [r for r in hf.hub.requests()
+            if r["method"] == "GET" and r["path"].endswith("model.safetensors")]  # fmt: skip
+    assert any((r["range"] or "").startswith("bytes=10485760-") for r in gets), gets
 
 
 def test_foreign_engine_is_observed_never_touched(hf: Hf, node: Node, tmp_path: Path) -> None:
@@ -297,7 +309,7 @@ def test_foreign_engine_is_observed_never_touched(hf: Hf, node: Node, tmp_path: 
 def test_engine_claim_counts_against_the_budget(hf: Hf, node: Node) -> None:
     publish_repo(hf.hub.root)
     hf.write([{"name": OLLAMA_SMALL, "keep_alive": -1, "vram": "4GiB"},
-              {"name": REPO, "backend": "vllm"}])  # fmt: skip
+              {"name": REPO, "backend": "vllm", "keep_alive": "5m"}])  # fmt: skip
     doc = yaml.safe_load(node.config.read_text())
     doc["backends"]["hf"]["gpu_memory_utilization"] = 0.9  # 21.6 GiB of the 24 GiB budget
     node.config.write_text(yaml.safe_dump(doc))
@@ -306,8 +318,50 @@ def test_engine_claim_counts_against_the_budget(hf: Hf, node: Node) -> None:
     assert estimates[REPO]["source"] == "claim"
     assert estimates[REPO]["bytes"] == int(24 * 2**30 * 0.9)
     assert estimates[REPO]["pinned"] is True
+    assert any(f"{REPO}: keep_alive has no effect on vllm" in w for w in plan["warnings"])
     assert plan["budget"]["fits"] is False
     assert any("pinned models need 25.6 GiB" in e and REPO in e for e in plan["errors"])
     assert hf.snapshots() == [], "a refused plan downloads nothing"
     out = node.run("apply", "--yes")
     assert out.returncode == 1 and hf.engines() == []
+
+
+@pytest.mark.timeout(90)
+def test_watch_restarts_an_engine_that_dies(hf: Hf, node: Node) -> None:
+    import subprocess
+    import time
+
+    from tests.integration.conftest import INFERNET
+
+    publish_repo(hf.hub.root)
+    hf.write([{"name": REPO, "backend": "vllm"}])
+    log = (node.tmp / "watch.log").open("w")
+    watch = subprocess.Popen(
+        [INFERNET, "watch", "-c", str(node.config), "--state-dir", str(node.state),
+         "--tick", "1"],
+        stdout=subprocess.DEVNULL, stderr=log, env=node.env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        def engines_up(n: int) -> list[psutil.Process]:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                found = hf.engines()
+                if len(found) == n and hf.served() == [REPO]:
+                    return found
+                time.sleep(0.1)
+            raise AssertionError(
+                f"no engine serving {REPO}: {(node.tmp / 'watch.log').read_text()}"
+            )
+
+        (first,) = engines_up(1)
+        first.kill()
+        first.wait(10)
+        (second,) = engines_up(1)
+        assert second.pid != first.pid
+    finally:
+        watch.terminate()
+        watch.wait(20)
+        log.close()
+    # the daemon stopped; the engine it started keeps serving (KillMode=process semantics)
+    assert hf.served() == [REPO]

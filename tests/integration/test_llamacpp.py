@@ -148,6 +148,9 @@ def test_mixed_file_plans_applies_pins_and_heartbeats(
     assert again["actions"] == [] and again["errors"] == [], again
     estimates = {e["model"]: e for e in again["budget"]["estimates"]}
     assert estimates["tiny-a.gguf"]["source"] == "measured"  # the child's memory, recorded
+    # ...and the metadata estimate beside it, so a fleet can see where estimates drift
+    assert estimates["tiny-a.gguf"]["measured_bytes"] == estimates["tiny-a.gguf"]["bytes"]
+    assert estimates["tiny-a.gguf"]["estimated_bytes"] > 0
     assert estimates["tiny-b.gguf"]["source"] == "metadata"
 
     model_list = node.run("model", "list", "--json")
@@ -226,10 +229,11 @@ def test_damaged_gguf_is_not_advertised_and_named(llama: Llama, node: Node) -> N
     good = llama.gguf("tiny-a.gguf")
     (llama.models_dir / "tiny-a.gguf").write_bytes(good.read_bytes())
     corrupt_gguf(llama.models_dir / "broken.gguf")
-    llama.write([{"name": "tiny-a.gguf", "backend": "llamacpp"},
+    llama.write([{"name": "tiny-a.gguf", "backend": "llamacpp", "keep_alive": "10m"},
                  {"name": "broken.gguf", "backend": "llamacpp", "keep_alive": -1}])  # fmt: skip
     plan = _plan(node)
     assert plan["advertised"] == ["tiny-a.gguf"]
+    assert any("keep_alive 600s can't be set per model on llama.cpp" in w for w in plan["warnings"])
     assert any("broken.gguf" in w and "not advertised" in w for w in plan["warnings"])
     assert str(llama.models_dir / "broken.gguf") in " ".join(plan["warnings"])
 

@@ -35,10 +35,13 @@ def _spec(**kw: object) -> ModelSpec:
 
 def test_config_beats_measured_beats_metadata() -> None:
     assert budget.estimate(_spec(vram=7 * GiB), LLAMA8B, 5 * GiB, 24 * GiB).source == "config"
+    computed = budget.estimate(_spec(), LLAMA8B, None, 24 * GiB)
+    assert computed.source == "metadata" and computed.measured_bytes is None
+    assert computed.estimated_bytes == computed.bytes
+    # measured wins, and the plan still says what the metadata alone would have given
     assert budget.estimate(_spec(), LLAMA8B, 5 * GiB, 24 * GiB) == Estimate(
-        "m:1b", 5 * GiB, "measured", False
+        "m:1b", 5 * GiB, "measured", False, computed.bytes, 5 * GiB
     )
-    assert budget.estimate(_spec(), LLAMA8B, None, 24 * GiB).source == "metadata"
 
 
 def test_kv_cache_is_128k_per_token_for_llama31_8b() -> None:

@@ -134,8 +134,8 @@ def test_file_type_fills_in_a_missing_quantization() -> None:
     assert budget.quantization(ModelFacts(quantization="Q8_0", file_type=15)) == "Q8_0"
     spec = ModelSpec("m", BackendKind.LLAMACPP, "m.gguf", "m")
     est = budget.estimate(spec, ModelFacts(parameter_count=8_000_000_000, file_type=15), None, None)
-    assert est == Estimate("m", int(8_000_000_000 * 0.61 * 1.25) + budget.GRAPH_BYTES, "rough",
-                           False)  # fmt: skip
+    rough = int(8_000_000_000 * 0.61 * 1.25) + budget.GRAPH_BYTES
+    assert est == Estimate("m", rough, "rough", False, rough, None)
 
 
 # --------------------------------------------------------------------------- llama.cpp

@@ -1,0 +1,45 @@
+"""A loaded model's VRAM comes from NVML's per-process figure when its backend names the process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from reconciler.gpu import GpuUse, ProcessSeen, classify
+from reconciler.model import BackendKind, LoadedModel
+from reconciler.observe import _on_gpu
+
+GiB = 1 << 30
+
+
+def test_backend_memory_is_kept_per_process() -> None:
+    seen = {
+        10: ProcessSeen(10, "llama-server", ("llama-server", "--alias", "a"), True),
+        11: ProcessSeen(11, "python", ("python", "train.py"), True),
+    }
+    uses = [GpuUse(0, 10, 3 * GiB), GpuUse(1, 10, 1 * GiB), GpuUse(0, 11, 5 * GiB)]
+    acc = classify(uses, seen, {0: 8 * GiB, 1: 1 * GiB})
+    assert acc.backend_by_pid == {10: 4 * GiB}  # summed over both GPUs; the trainer is foreign
+
+
+def _loaded(pid: int | None, rss: int) -> LoadedModel:
+    return LoadedModel(BackendKind.LLAMACPP, "a.gguf", "a.gguf", None, rss, rss, None, True,
+                       pid=pid)  # fmt: skip
+
+
+def test_loaded_model_takes_its_process_trees_gpu_memory() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        # the recorded PID is a parent (an engine's shell); the GPU memory is its child's
+        got = _on_gpu(_loaded(os.getpid(), 123), {child.pid: 2 * GiB})
+        assert got.size_vram == 2 * GiB
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_without_a_gpu_figure_the_resident_memory_stays() -> None:
+    assert _on_gpu(_loaded(os.getpid(), 123), {}).size_vram == 123
+    assert _on_gpu(_loaded(None, 123), {1: GiB}).size_vram == 123
+    assert _on_gpu(_loaded(2**22 + 12345, 123), {1: GiB}).size_vram == 123  # gone
