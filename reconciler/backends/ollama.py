@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from reconciler import gguf_header
+from reconciler.backends import ggufmeta
 from reconciler.backends import ollama_registry as registry
 from reconciler.backends.base import Cache, PullProgress
 from reconciler.errors import (
@@ -118,26 +119,15 @@ def parse_ps(raw: Mapping[str, Any]) -> list[LoadedModel]:
 
 
 def parse_show(raw: Mapping[str, Any], *, digest: str | None, size: int | None) -> ModelFacts:
-    """``/api/show`` → facts for the VRAM estimate (GGUF keys of ``model_info``)."""
+    """``/api/show`` → facts for the VRAM estimate (the GGUF keys of ``model_info``, read as
+    for any GGUF file), with ``details`` and ``capabilities`` on top."""
     info: Mapping[str, Any] = raw.get("model_info") or raw.get("modelinfo") or {}
-    arch = str(info.get("general.architecture") or "")
-
-    def num(key: str) -> int | None:
-        value = info.get(f"{arch}.{key}")
-        if isinstance(value, list):  # per-layer arrays (e.g. head_count_kv on some archs)
-            value = max(value) if value else None
-        return int(value) if isinstance(value, int | float) else None
-
     base = parse_details(raw.get("details"))
     if isinstance(info.get("general.parameter_count"), int):
         base["parameter_count"] = int(info["general.parameter_count"])
-    return ModelFacts(
-        digest=digest, size=size, weights_bytes=size, context_length=num("context_length"),
-        block_count=num("block_count"), head_count=num("attention.head_count"),
-        head_count_kv=num("attention.head_count_kv"), embedding_length=num("embedding_length"),
-        key_length=num("attention.key_length"), value_length=num("attention.value_length"),
-        capabilities=tuple(str(c) for c in raw.get("capabilities") or ()), **base,
-    )  # fmt: skip
+    facts = ggufmeta.facts_from_metadata(info, size=size, digest=digest)
+    capabilities = tuple(str(c) for c in raw.get("capabilities") or ())
+    return dataclasses.replace(facts, capabilities=capabilities, **base)
 
 
 def parse_config_blob(config: Mapping[str, Any], manifest: registry.Manifest) -> ModelFacts:
