@@ -385,9 +385,11 @@ def _plan_removals(draft: _Draft, desired_keys: set[str], force: frozenset[str])
 def _finish(draft: _Draft) -> Plan:
     """Check the budget, order the actions, and freeze the plan."""
     desired, observed = draft.desired, draft.observed
-    # The default backend's disk always shows; another backend's only when it downloads.
-    kinds = [desired.default_backend]
-    kinds += sorted(k for k, n in draft.download.items() if n and k != desired.default_backend)
+    # The disks of the backends the file uses, and of any that downloads; a node whose file is
+    # empty still shows its default backend's.
+    used = desired.backends_used() | {k for k, n in draft.download.items() if n}
+    first = [desired.default_backend] if desired.default_backend in used or not used else []
+    kinds = first + sorted(used - {desired.default_backend})
     disks = []
     for kind in kinds:
         disk = observed.disks.get(kind)

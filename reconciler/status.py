@@ -122,8 +122,8 @@ def render_status(doc: dict[str, Any]) -> str:
     if doc.get("config_error"):
         lines.append(f"Config INVALID now, showing the last valid version: {doc['config_error']}")
     for name, b in doc["backends"].items():
-        if not b.get("used", True) and not b["reachable"]:
-            continue  # a backend the file doesn't use and that isn't there is not news
+        if not b.get("used", True):
+            continue  # a backend the file doesn't use and that holds nothing is not news
         state = "reachable" if b["reachable"] else f"UNREACHABLE: {b['error']}"
         if b["reachable"] and b.get("serving_error"):
             state = f"models readable, NOT SERVING: {b['serving_error']}"
