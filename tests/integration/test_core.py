@@ -199,10 +199,14 @@ def test_two_applies_at_once(node: Node) -> None:
 
 
 def test_killed_apply_is_rolled_forward(node: Node) -> None:
-    node.throttle(20_000)
+    server = node.throttle(20_000)
     node.write_config([QWEN])
     first = node.popen("apply", "--yes")
-    time.sleep(1.5)
+    deadline = time.monotonic() + 30  # a loaded machine may take a while to get there
+    while not any(r["path"] == "/api/pull" for r in server.requests()):
+        assert time.monotonic() < deadline, "the apply never started its pull"
+        time.sleep(0.05)
+    time.sleep(0.3)  # the pull is journalled before it is sent; now it is in flight
     first.kill()
     first.communicate(timeout=10)
     assert QWEN not in node.installed()

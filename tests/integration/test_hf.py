@@ -347,8 +347,9 @@ def test_watch_restarts_an_engine_that_dies(hf: Hf, node: Node) -> None:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 found = hf.engines()
-                if len(found) == n and hf.served() == [REPO]:
-                    return found
+                with contextlib.suppress(httpx.HTTPError):  # up, not listening yet
+                    if len(found) == n and hf.served() == [REPO]:
+                        return found
                 time.sleep(0.1)
             raise AssertionError(
                 f"no engine serving {REPO}: {(node.tmp / 'watch.log').read_text()}"
