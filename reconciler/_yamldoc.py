@@ -107,8 +107,12 @@ def read(text: str) -> Document:
     except yaml.MarkedYAMLError:
         doc.findings.extend(_syntax_findings(_python_error(text), text))
         return doc
-    except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
-        doc.findings.append(Finding(Mark(1, 1), f"invalid YAML: {exc}"))
+    except yaml.reader.ReaderError as exc:  # a control character the reader refuses
+        doc.findings.append(_reader_finding(exc, text))
+        return doc
+    except yaml.YAMLError as exc:
+        # str() of a YAML error spans lines; a finding is one line.
+        doc.findings.append(Finding(Mark(1, 1), "invalid YAML: " + " ".join(str(exc).split())))
         return doc
     finally:
         loader.dispose()
@@ -116,6 +120,19 @@ def read(text: str) -> Document:
         return doc
     _Builder(doc).build(root)
     return doc
+
+
+def _reader_finding(exc: yaml.reader.ReaderError, text: str) -> Finding:
+    """Where the refused character is, in one line (PyYAML's own message takes two)."""
+    at = max(0, min(exc.position, len(text)))
+    line = text.count("\n", 0, at) + 1
+    column = at - (text.rfind("\n", 0, at) + 1) + 1
+    char = exc.character
+    shown = f"#x{char:04x}" if isinstance(char, int) else repr(char)
+    return Finding(
+        Mark(line, column),
+        f"invalid YAML: character {shown} is not allowed in YAML ({exc.reason}); remove it",
+    )
 
 
 def _python_error(text: str) -> yaml.MarkedYAMLError:

@@ -16,6 +16,7 @@ callback, so the file stays the single truth and ``git diff`` shows what the das
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -137,7 +138,7 @@ class CommandRunner:
 
     def _handle(self, command: RemoteCommand) -> None:
         if not self.store.record_command(
-            command_id=command.id, verb=command.command, payload=command.args
+            command_id=command.id, verb=command.command, payload=_storable(command.args)
         ):
             # Known id: it ran (or was cut off) already. Its answer, if owed, is in the outbox.
             log.warning("command %s was delivered again; not running it twice", command.id)
@@ -338,6 +339,13 @@ class CommandRunner:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _storable(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` as the ledger can keep them: NaN and Infinity (which Python's JSON parser
+    accepts from the control plane) become strings; the checks still see the original."""
+    stored: dict[str, Any] = json.loads(json.dumps(args, default=str), parse_constant=str)
+    return stored
 
 
 def _is(spec: ModelSpec, name: str) -> bool:

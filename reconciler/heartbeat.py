@@ -101,12 +101,15 @@ class Heartbeater:
             if failure is None:
                 return None
             retryable = isinstance(failure, InfernetError) and failure.retryable
-            if not retryable or time.monotonic() + delay > deadline:
+            # The whole timeout is waited out (the last sleep is shortened to fit): giving up
+            # a whole backoff step early would delete before the documented time.
+            remaining = deadline - time.monotonic()
+            if not retryable or remaining <= 0:
                 error = _describe(self.settings.url, failure)
                 record = {"at": _now(), "confirmed": False, "error": error}
                 self.store.put_status("last_withdrawal", record)
                 return f"withdrawal not confirmed by the control plane ({error}); deleting anyway"
-            self.sleep(delay)
+            self.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
 
     def offline(self) -> str | None:

@@ -21,6 +21,7 @@ from reconciler.model import (
     BackendKind,
     Desired,
     Observed,
+    Op,
     Owned,
     OwnedModel,
     Plan,
@@ -87,6 +88,27 @@ def read_owned(store: Store) -> Owned:
     measured = {key(b, c): v for (b, c), v in store.measured_vram().items()}
     protected = store.get_status(PROTECTED) or []
     return Owned(models=models, measured_vram=measured, protected=frozenset(protected))
+
+
+def _adopt_interrupted_pulls(store: Store, observed: Observed, owned: Owned) -> bool:
+    """Record as ours a model whose pull was cut off (a crash, a kill) but which the backend
+    finished on its own (Ollama goes on after the client dies): otherwise it would count as
+    unmanaged, and dropping it from the file would never remove it. True when one was."""
+    adopted = False
+    for entry in store.unfinished_actions():
+        if entry.op not in (Op.PULL.value, Op.UPDATE.value):
+            continue
+        if entry.backend not in BackendKind._value2member_map_:
+            continue
+        state = observed.backends.get(BackendKind(entry.backend))
+        if state is None or key(entry.backend, entry.canonical) in owned.models:
+            continue
+        for model in state.installed:
+            if model.canonical == entry.canonical:
+                store.record_installed(backend=entry.backend, canonical=entry.canonical,
+                                       name=entry.model, digest=model.facts.digest)  # fmt: skip
+                adopted = True
+    return adopted
 
 
 def remember_protected(store: Store, desired: Desired, observed: Observed) -> None:
@@ -167,6 +189,8 @@ class Session:
             self.desired, self.backends, cache=StoreCache(self.store), refresh_upstream=refresh,
             owners=owners,
         )  # fmt: skip
+        if _adopt_interrupted_pulls(self.store, observed, owned):
+            owned = read_owned(self.store)
         allow = allow_destroy or bool(force_remove)
         result = plan(self.desired, observed, owned, allow_destroy=allow, force_remove=force_remove)
         if self.store.rebuilt:

@@ -66,9 +66,15 @@ def parse_duration(value: int | float | str) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected {DURATION_HINT}, got {value!r}")
     if isinstance(value, int | float):
-        if value < 0 or not math.isfinite(value):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past float range
+            raise ValueError(
+                f"expected {DURATION_HINT}, got a {len(str(value))}-digit number"
+            ) from None
+        if seconds < 0 or not math.isfinite(seconds):
             raise ValueError(f"expected {DURATION_HINT}, got {value}")
-        return float(value)
+        return seconds
     text = value.strip() if isinstance(value, str) else ""
     if _NUMBER.match(text):
         return float(text)
@@ -89,9 +95,17 @@ def parse_keep_alive(value: int | float | str) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected {KEEP_ALIVE_HINT}, got {value!r}")
     if isinstance(value, int | float):
-        if math.isnan(value):
+        if value < 0:
+            return FOREVER
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past float range
+            raise ValueError(
+                f"expected {KEEP_ALIVE_HINT}, got a {len(str(value))}-digit number"
+            ) from None
+        if math.isnan(seconds):
             raise ValueError(f"expected {KEEP_ALIVE_HINT}, got {value}")
-        return FOREVER if value < 0 else float(value)
+        return seconds
     if not isinstance(value, str):
         raise ValueError(f"expected {KEEP_ALIVE_HINT}, got {value!r}")
     text = value.strip()
@@ -110,7 +124,10 @@ def parse_keep_alive(value: int | float | str) -> float:
 def format_bytes(n: int) -> str:
     """Binary units with one decimal, as Ollama prints them: ``8.4 GiB``, ``512 B``."""
     sign = "-" if n < 0 else ""
-    size = float(abs(n))
+    try:
+        size = float(abs(n))
+    except OverflowError:  # past float range: only a mistyped file gets here
+        return f"{sign}{len(str(abs(n)))}-digit number of bytes"
     for unit in _BINARY_UNITS:
         # Decide on the rounded value so 1023.97 MiB prints as "1.0 GiB", not "1024.0 MiB".
         if unit == "B" and size < 1024:

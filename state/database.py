@@ -97,7 +97,8 @@ def _configure(conn: sqlite3.Connection) -> None:
     verdict = conn.execute("PRAGMA quick_check").fetchone()
     if verdict is None or verdict[0] != "ok":
         detail = verdict[0] if verdict else "no answer"
-        raise sqlite3.DatabaseError(f"integrity check failed: {detail}")
+        # Our own verdict, not an sqlite3 error: it has no sqlite_errorcode to classify.
+        raise _Damaged(" ".join(f"integrity check failed: {detail}".split())[:200])
     # WAL lets `infernet status` read while the daemon writes, and survives a crash mid-write.
     conn.execute("PRAGMA journal_mode = WAL")
     # FULL, not NORMAL: the journal must still say an action began after a power cut.

@@ -1,0 +1,70 @@
+"""Campaign 1: the Ollama backend is SIGKILLed (and restarted) in the middle of a throttled pull.
+
+Each trial moves the node to a random set of models, kills the backend while the apply is
+pulling, restarts it on the same ports and models folder, and checks that no desired model
+that was installed disappeared, nothing is advertised that is not installed, and that the next
+apply converges (installed == desired; every model here is infernet's, so a dropped one must
+be gone).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from tests.faults.conftest import (
+    Ledger,
+    budget,
+    installed,
+    run_cli,
+    status,
+    trials,
+    write_config,
+)
+from tests.integration.conftest import Node
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+
+MODELS = ["smollm2:135m", "qwen2.5:0.5b", "llama3.2:1b", "all-minilm:latest"]
+COUNT = trials(20)
+
+
+@pytest.mark.timeout(budget(60, 8, COUNT))
+def test_backend_killed_mid_pull(fnode: Node) -> None:
+    rng = random.Random(9001)
+    server = fnode.throttle(250_000)  # 60-200 KB models: pulls take a fraction of a second
+    ledger = Ledger("backend killed mid-pull")
+    desired: set[str] = set()
+    for _ in range(COUNT):
+        ledger.trials += 1
+        before = installed(fnode)
+        target = set(rng.sample(MODELS, rng.randint(1, 3)))
+        if not target - before:  # make sure there is something to pull
+            target.add(rng.choice(sorted(set(MODELS) - before)))
+        kept = target & before
+        write_config(fnode, sorted(target))
+        server.reset_requests()
+        proc = fnode.popen("apply", "--yes")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(r["path"] == "/api/pull" for r in server.requests()):
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
+        server.restart(kill=True)
+        ledger.fault("backend SIGKILL + restart")
+        _out, err = proc.communicate(timeout=60)
+        ledger.check("Traceback" not in err, f"traceback from the faulted apply: {err}")
+        ledger.check(proc.returncode in (0, 1), f"faulted apply exited {proc.returncode}: {err}")
+        have = installed(fnode)
+        ledger.check(kept <= have, f"kept models lost: {sorted(kept - have)}")
+        extra = set(status(fnode)["advertised"]) - have
+        ledger.check(not extra, f"advertised after the fault, not installed: {sorted(extra)}")
+
+        out = run_cli(fnode, "apply", "--yes")
+        ledger.check(out.returncode == 0, f"the next apply failed: {out.stdout}{out.stderr}")
+        desired = target
+        ledger.converged_invariants(fnode, desired)
+    ledger.assert_clean()

@@ -1,0 +1,143 @@
+"""Regression tests for the invariant violations the fault campaigns found (docs/reliability.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler import desired, heartbeat
+from reconciler.errors import BackendUnreachable, ValidationError
+from reconciler.heartbeat import Heartbeater
+from reconciler.model import ControlPlaneSettings
+from state import Store
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.mark.parametrize("char", ["\x1f", "\x00", "\x7f", "\ufffe"])
+def test_a_control_character_is_one_line_naming_the_file(tmp_path: Path, char: str) -> None:
+    """Found by the fuzz campaign: PyYAML's reader error spans two lines."""
+    path = tmp_path / "infernet.yaml"
+    path.write_text(f"served_models: []\npolicy: {{prune: {char}all}}\n")
+    with pytest.raises(ValidationError) as caught:
+        desired.load(path)
+    [problem] = caught.value.problems
+    assert "\n" not in str(problem)
+    assert str(problem).startswith(f"{path}:2:")
+    assert "not allowed" in str(problem)
+
+
+@pytest.mark.parametrize("timeout", [4.0, 20.0, 0.7])
+def test_withdrawal_waits_out_the_whole_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timeout: float
+) -> None:
+    """Found by the control-plane outage campaign: the retry loop gave up a whole backoff step
+    early (3.5 s of 4 s, 17.5 s of 20 s), deleting before the documented timeout."""
+    now = [1000.0]
+    monkeypatch.setattr(heartbeat.time, "monotonic", lambda: now[0])
+    sent: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        assert seconds > 0
+        now[0] += seconds
+
+    def down(*_: Any) -> Exception:
+        sent.append(now[0])
+        return BackendUnreachable("control plane unreachable")
+
+    with Store.open(tmp_path / "state") as store:
+        beater = Heartbeater(ControlPlaneSettings(url="https://cp.example"), store,
+                             withdraw_timeout=timeout, sleep=sleep)  # fmt: skip
+        monkeypatch.setattr(beater, "_send", down)
+        note = beater.withdraw((), None, {})  # type: ignore[arg-type]
+    assert note is not None and "not confirmed" in note
+    assert now[0] - 1000.0 >= timeout, f"gave up after {now[0] - 1000.0}s of {timeout}s"
+    assert now[0] - 1000.0 < timeout + 0.01
+    assert len(sent) >= 2
+
+
+def test_huge_numbers_are_validation_errors(tmp_path: Path) -> None:
+    """Found by the fuzz campaign: an int past float range raised OverflowError."""
+    huge = "1" + "0" * 400
+    path = tmp_path / "infernet.yaml"
+    for text in (
+        f"served_models: []\nbudget: {{vram: 24GiB, reserve: {huge}}}\n",
+        f"served_models: []\ncontrol_plane: {{url: 'https://cp.x', heartbeat_interval: {huge}}}\n",
+        f"served_models: [{{name: qwen2.5:0.5b, keep_alive: {huge}}}]\n",
+    ):
+        path.write_text(text)
+        with pytest.raises(ValidationError) as caught:
+            desired.load(path)
+        assert all("\n" not in str(p) for p in caught.value.problems)
+
+
+def test_integrity_failure_moves_the_database_aside(tmp_path: Path) -> None:
+    """Found by the state campaign: a failed quick_check raised an sqlite3 error without an
+    error code, and the CLI crashed with an AttributeError instead of rebuilding."""
+    import sqlite3
+
+    state = tmp_path / "state"
+    with Store.open(state) as store:
+        store.put_status("x", list(range(2000)))
+    db = state / "state.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE filler (v TEXT)")
+    conn.executemany("INSERT INTO filler VALUES (?)", [("x" * 500,)] * 200)
+    conn.commit()
+    conn.close()
+    data = bytearray(db.read_bytes())
+    page = 4096
+    data[3 * page + 8 : 3 * page + 40] = bytes(range(32))  # damage a b-tree page's cells
+    db.write_bytes(bytes(data))
+    with Store.open(state) as store:  # never an exception: rebuilt or still usable
+        store.put_status("y", 1)
+
+
+def test_a_non_finite_argument_is_answered_once(tmp_path: Path) -> None:
+    """Found by the fuzz campaign: ``{"model": Infinity}`` (valid for Python's JSON parser) made
+    the ledger raise, and the command was never answered."""
+    from reconciler.commands import CommandRunner
+    from reconciler.controlplane import RemoteCommand
+    from tests.faults.test_fuzz import _Client
+
+    config = tmp_path / "infernet.yaml"
+    config.write_text("served_models: [smollm2:135m]\n")
+    client = _Client()
+    client.queue = [RemoteCommand("c1", "model_install", {"model": float("inf")}),
+                    RemoteCommand("c2", "model_remove", {"model": float("nan")})]  # fmt: skip
+    with Store.open(tmp_path / "state") as store:
+        runner = CommandRunner(client=client, store=store, config_path=config,  # type: ignore[arg-type]
+                               reconcile=lambda *_: None, progress_interval=0.0)  # type: ignore[arg-type,return-value]  # fmt: skip
+        runner.run_pending()
+        assert store.unreported_commands() == []
+    assert client.answers == {"c1": 1, "c2": 1}
+    assert all(status == "failed" for status, _ in client.last.values())
+
+
+@pytest.mark.integration
+def test_a_pull_finished_after_a_crash_is_owned_and_pruned(fnode: Any) -> None:
+    """Found by the watch-kill campaign: ``infernet watch`` killed mid-pull while Ollama went on
+    and finished the download; the restart saw the model installed but not owned, so dropping
+    it from the file later never removed it. The interrupted pull now adopts the model."""
+    import ollama
+
+    from tests.faults.conftest import installed, write_config
+
+    small, qwen = "smollm2:135m", "qwen2.5:0.5b"
+    write_config(fnode, [small])
+    assert fnode.run("apply", "--yes").returncode == 0
+    with Store.open(fnode.state) as store:  # the crashed apply: its pull journaled, unfinished
+        run = store.begin_run(config_sha256="0" * 64, plan={"actions": [qwen]})
+        canonical = "registry.ollama.ai/library/qwen2.5:0.5b"
+        store.begin_action(run_id=run, op="pull", backend="ollama", canonical=canonical, model=qwen)
+    with ollama.Client(host=fnode.url) as client:
+        client.pull(qwen)  # the backend finished it after infernet died
+    write_config(fnode, [small, qwen])
+    out = fnode.run("apply", "--yes")
+    assert out.returncode == 0, out.stderr
+    write_config(fnode, [small])  # dropped from the file: managed, so it goes
+    out = fnode.run("apply", "--yes")
+    assert out.returncode == 0, out.stderr
+    assert installed(fnode) == {small}
