@@ -113,7 +113,9 @@ class Daemon:
         self.metrics = metrics or Metrics.disabled()
         self.once = once
         self.tick_seconds = tick
-        self.wake: queue.Queue[str] = queue.Queue()
+        # SimpleQueue: its put() is safe inside a signal handler, which Python runs on the main
+        # thread, possibly while that thread holds a Queue's lock in get() (a deadlock).
+        self.wake: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.cancel = threading.Event()
         self.backoff = Backoff()
@@ -188,10 +190,10 @@ class Daemon:
 
     def _install_signals(self) -> None:
         def stop(signum: int, _frame: object) -> None:
-            log.info("signal %s: stopping", signal.Signals(signum).name)
+            # No logging here: a handler interrupting a log call would wait on its lock.
             self.stopping.set()
             self.cancel.set()
-            self.wake.put("stop")
+            self.wake.put(f"stop:{signal.Signals(signum).name}")
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
@@ -223,6 +225,9 @@ class Daemon:
         self._observer.start()
 
     def _shutdown(self) -> None:
+        for reason in _drain(self.wake):
+            if reason.startswith("stop:"):
+                log.info("signal %s: stopping", reason.removeprefix("stop:"))
         if self._observer is not None:
             self._observer.stop()
         session = self.session
@@ -429,3 +434,13 @@ class Daemon:
 
 
 __all__ = ["DAEMON_STATUS", "Backoff", "Daemon"]
+
+
+def _drain(wake: queue.SimpleQueue[str]) -> list[str]:
+    """What is left in the wake-up queue, without waiting."""
+    out = []
+    while True:
+        try:
+            out.append(wake.get_nowait())
+        except queue.Empty:
+            return out

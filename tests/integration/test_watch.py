@@ -342,3 +342,16 @@ def test_once_reconciles_and_exits(node: Node) -> None:
     assert out.returncode == 0, out.stderr
     assert SMALL in node.installed()
     assert "stopped" in out.stderr
+
+
+def test_a_storm_of_sighups_never_deadlocks_the_daemon(node: Node, watch: Any) -> None:
+    # A signal handler runs on the main thread, which sits in the wake-up queue's get(); a
+    # put() needing that queue's lock used to hang the daemon for good (seen after 717 HUPs).
+    node.write_config([SMALL])
+    w = watch()
+    wait_for("the first reconcile", lambda: SMALL in node.installed())
+    for _ in range(3000):
+        w.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.0005)
+    assert w.stop(signal.SIGTERM, timeout=30) == 0
+    assert "signal SIGTERM: stopping" in w.text()
