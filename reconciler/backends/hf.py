@@ -185,12 +185,17 @@ class HfBackend:
                         installed.append(InstalledModel(self.kind, name, name, facts))
         return BackendState(
             self.kind, self.url, reachable=True, installed=tuple(installed),
-            loaded=tuple(self._serving()),
+            loaded=tuple(self._serving(bool(installed))),
         )  # fmt: skip
 
-    def _serving(self) -> list[LoadedModel]:
+    def _serving(self, have_models: bool) -> list[LoadedModel]:
         """Engines of this kind that answer with their model, ours and foreign ones (named by
-        the model they serve; ``reconciler.observe`` matches those to the file's entries)."""
+        the model they serve; ``reconciler.observe`` matches those to the file's entries).
+        A node with nothing in the hub cache and no engine records asks no port: the plan of
+        an Ollama-only node stays as fast as it was."""
+        records = self.engines.list()
+        if not have_models and not records:
+            return []
         out: list[LoadedModel] = [
             LoadedModel(
                 backend=self.kind, name=served, canonical=served, digest=None, size=0,
@@ -199,7 +204,7 @@ class HfBackend:
             for served in self.engines.foreign(self.url)
         ]  # fmt: skip
         prefix = f"{self.kind.value}:"
-        for status in self.engines.list():
+        for status in records:
             if not status.key.startswith(prefix) or status.state != "ready":
                 continue
             name = status.key.removeprefix(prefix)
