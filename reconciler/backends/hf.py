@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import struct
 import threading
@@ -134,11 +135,17 @@ class HfBackend:
         self.cache_dir = Path(settings.cache_dir).expanduser()
         self.cache = cache
         self.engines = engines
-        self._http = httpx.Client(timeout=httpx.Timeout(30.0, connect=10.0))
+
+    @functools.cached_property
+    def _http(self) -> httpx.Client:
+        # Made on first use: each client builds an SSL context (~15 ms), and a node that
+        # serves no HF model never needs one.
+        return httpx.Client(timeout=httpx.Timeout(30.0, connect=10.0))
 
     def close(self) -> None:
         """Release connections."""
-        self._http.close()
+        if "_http" in self.__dict__:  # only if it was ever made
+            self._http.close()
 
     # ---- reading
 

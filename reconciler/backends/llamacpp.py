@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 from pathlib import Path
@@ -80,12 +81,18 @@ class LlamacppBackend:
         self.cache = cache
         self.stall_timeout = stall_timeout
         self.router = RouterClient(self.url)
-        self._http = httpx.Client(timeout=httpx.Timeout(30.0, connect=10.0))
+
+    @functools.cached_property
+    def _http(self) -> httpx.Client:
+        # Made on first use: each client builds an SSL context (~15 ms), and most plans of
+        # a node need no download.
+        return httpx.Client(timeout=httpx.Timeout(30.0, connect=10.0))
 
     def close(self) -> None:
         """Release connections."""
         self.router.close()
-        self._http.close()
+        if "_http" in self.__dict__:  # only if it was ever made
+            self._http.close()
 
     # ---- reading
 

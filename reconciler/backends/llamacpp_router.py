@@ -14,6 +14,7 @@ model. Facts this client is built on (``shared/reference/llamacpp-router.md``):
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -86,11 +87,17 @@ class RouterClient:
 
     def __init__(self, url: str, *, timeout: float = 10.0) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        self._timeout = timeout
+
+    @functools.cached_property
+    def _http(self) -> httpx.Client:
+        # Made on first use (an SSL context costs ~15 ms; a node without GGUF files never asks).
+        return httpx.Client(base_url=self.url, timeout=self._timeout)
 
     def close(self) -> None:
         """Release the connection pool."""
-        self._http.close()
+        if "_http" in self.__dict__:  # only if it was ever made
+            self._http.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
