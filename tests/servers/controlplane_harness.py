@@ -17,17 +17,16 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from tests.servers.ready import ServerStartError, read_ready_line
+from tests.servers.ready import Closing, ServerStartError, read_ready_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class ControlPlaneServer:
+class ControlPlaneServer(Closing):
     """A running stand-in; every method but ``close`` is a call to its test routes."""
 
     def __init__(self, tmp_dir: Path, *, certfile: Path | None = None) -> None:
@@ -82,17 +81,6 @@ class ControlPlaneServer:
                     proc.stdout.close()
         finally:
             self._http.close()
-
-    def __enter__(self) -> ControlPlaneServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # test controls -----------------------------------------------------------------------------
 

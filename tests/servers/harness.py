@@ -16,12 +16,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from tests.servers.ready import ServerStartError, read_ready_line
+from tests.servers.ready import Closing, ServerStartError, read_ready_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -112,7 +111,7 @@ DEFAULT_CATALOGUE: dict[str, Any] = {
 }
 
 
-class OllamaServer:
+class OllamaServer(Closing):
     """A running test server; see the module docstring."""
 
     def __init__(
@@ -223,17 +222,6 @@ class OllamaServer:
     def close(self) -> None:
         self.stop()
         self._http.close()
-
-    def __enter__(self) -> OllamaServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def pid(self) -> int | None:

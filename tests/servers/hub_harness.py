@@ -18,12 +18,11 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from tests.servers.ready import ServerStartError, read_ready_line
+from tests.servers.ready import Closing, ServerStartError, read_ready_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +47,7 @@ def gate_repo(root: Path, repo_id: str, mode: str = "auto") -> None:
     (folder / ".gated").write_text(mode)
 
 
-class HubServer:
+class HubServer(Closing):
     """A running local Hub; every method but the lifecycle ones calls its test routes."""
 
     def __init__(
@@ -132,17 +131,6 @@ class HubServer:
             self.stop()
         finally:
             self._http.close()
-
-    def __enter__(self) -> HubServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def pid(self) -> int | None:

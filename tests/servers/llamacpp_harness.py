@@ -30,13 +30,13 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 import psutil
 
 from tests.servers import llamabuild
+from tests.servers.ready import Closing
 
 HEALTH_DEADLINE_S = 20.0
 STOP_TIMEOUT_S = 5.0
@@ -116,7 +116,7 @@ def _reap(procs: Sequence[psutil.Process], timeout: float) -> None:
             time.sleep(0.01)
 
 
-class Router:
+class Router(Closing):
     """A llama-server router process; see the module docstring."""
 
     def __init__(
@@ -279,17 +279,6 @@ class Router:
             self.stop()
         finally:
             self._http.close()
-
-    def __enter__(self) -> Router:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # API helpers -------------------------------------------------------------------------------
 

@@ -7,8 +7,28 @@ import select
 import subprocess
 import time
 from collections.abc import Callable
+from types import TracebackType
+from typing import Self
 
 READY_TIMEOUT_S = 10.0
+
+
+class Closing:
+    """``with harness:`` stops the server (and its client) on the way out, error or not."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 class ServerStartError(RuntimeError):
