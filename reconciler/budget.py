@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from reconciler.gguf_header import file_type_name
 from reconciler.model import (
+    ENGINE_KINDS,
     BackendKind,
     Budget,
     BudgetSettings,
@@ -176,12 +177,21 @@ def estimate(
     vram_total: int | None,
     *,
     accelerator: bool = True,
+    engine_share: float = 0.9,
 ) -> Estimate:
     """The model's VRAM need and which layer gave it, with what the model's metadata says
     (``estimated_bytes``) and what was measured beside it, so a fleet can see estimates drift.
 
     ``accelerator`` is False on a CPU-only node, where a llama.cpp child has no CUDA context.
+    An engine (vLLM, SGLang, MAX) pre-allocates ``engine_share`` of the total VRAM whatever
+    the model needs, and holds it while it runs: it counts that claim, resident like a pinned
+    model (``vram:`` in the file still wins).
     """
+    if spec.backend in ENGINE_KINDS:
+        if spec.vram is not None:
+            return Estimate(spec.name, spec.vram, "config", True)
+        claim = int(vram_total * engine_share) if vram_total else None
+        return Estimate(spec.name, claim, "claim", True)
     source, computed = _computed(spec, facts, vram_total, accelerator=accelerator)
     if spec.vram is not None:
         return Estimate(spec.name, spec.vram, "config", spec.pinned, computed, measured)

@@ -13,11 +13,10 @@ import unicodedata
 from typing import Any
 
 from reconciler import names
-from reconciler.model import BackendKind, Desired
+from reconciler.model import ENGINE_KINDS, BackendKind, Desired
 
 MAX_NAME = 200  # the control plane's limit for a served_models string
 NO_HF = "HuggingFace models need the vllm backend, which this node doesn't run yet"
-_HF_BACKENDS = frozenset({BackendKind.VLLM, BackendKind.SGLANG, BackendKind.MAX})
 
 Entry = str | dict[str, Any]
 """A ``served_models`` entry as ``configedit.add_model`` takes it."""
@@ -74,7 +73,7 @@ def install_target(
         return problem
     assert isinstance(model, str) and isinstance(hf, str)
     backend = current.default_backend
-    if backend not in _HF_BACKENDS:
+    if backend not in ENGINE_KINDS:
         return NO_HF
     reason = names.is_valid(backend, hf)
     if reason is not None:

@@ -25,6 +25,7 @@ from reconciler._yamldoc import JsonPath, format_path
 from reconciler.errors import ConfigError, Problem, ValidationError
 from reconciler.model import (
     ENGINE_COMMANDS,
+    ENGINE_KINDS,
     BackendKind,
     BudgetSettings,
     ConfigSource,
@@ -42,7 +43,6 @@ SEARCH_PATH = (Path("infernet.yaml"), Path("/etc/infernet/infernet.yaml"))
 SCHEMA_FILE = "infernet.schema.json"
 MAX_ADVERTISED = 50  # the control plane rejects a heartbeat with more served_models
 
-_HF_BACKENDS = frozenset({BackendKind.VLLM, BackendKind.SGLANG, BackendKind.MAX})
 _OLLAMA_PORT = 11434
 _EMPTY = "file is empty: expected at least 'served_models: [...]'"
 
@@ -284,7 +284,7 @@ def _model(entry: Any, path: JsonPath, check: _Check, default: BackendKind) -> M
             at_key=True,
         )
         usable = False
-    if "revision" in fields and backend not in _HF_BACKENDS:
+    if "revision" in fields and backend not in ENGINE_KINDS:
         where = (
             " (a llamacpp hf:// source names it in the URL: hf://org/repo@revision/file.gguf)"
             if backend is BackendKind.LLAMACPP
@@ -305,7 +305,7 @@ def _model(entry: Any, path: JsonPath, check: _Check, default: BackendKind) -> M
             at_key=True,
         )
         usable = False
-    if "source" in fields and backend in _HF_BACKENDS:
+    if "source" in fields and backend in ENGINE_KINDS:
         check.report(
             (*path, "source"),
             f"{format_path(path)}.source: {backend.value} models are HuggingFace repositories "

@@ -25,6 +25,10 @@ class BackendKind(StrEnum):
     MAX = "max"
 
 
+ENGINE_KINDS = frozenset({BackendKind.VLLM, BackendKind.SGLANG, BackendKind.MAX})
+"""HuggingFace repositories in the hub cache, each served by an engine process of its own."""
+
+
 class Op(StrEnum):
     """The closed vocabulary of plan actions (contract §3)."""
 

@@ -21,6 +21,7 @@ from reconciler.backends.base import Backend, Cache
 from reconciler.errors import BackendError
 from reconciler.gpu import read_gpus
 from reconciler.model import (
+    ENGINE_KINDS,
     BackendKind,
     BackendState,
     Desired,
@@ -36,10 +37,6 @@ from reconciler.names import key
 
 UPDATE_CHECK_TTL = 6 * 3600.0
 """How long an upstream digest is trusted before ``policy.updates`` asks the registry again."""
-
-
-HF_KINDS = (BackendKind.VLLM, BackendKind.SGLANG, BackendKind.MAX)
-"""Engines over the one shared HuggingFace hub cache."""
 
 
 def make_backends(
@@ -61,7 +58,7 @@ def make_backends(
     }
     if state_dir is not None:
         engines = Engines(state_dir / "engines", base_port=_port(desired.hf.url))
-        for kind in HF_KINDS:
+        for kind in sorted(ENGINE_KINDS):
             backends[kind] = HfBackend(kind, desired.hf, engines=engines, cache=cache)
     return backends
 
@@ -81,11 +78,11 @@ def share_hf_cache(
     """Give each cached revision to one engine kind: the one the file names, else the one that
     installed it (``owners``: canonical → kind, from the state store), else vLLM. A revision
     the file pins by commit is shown under the file's name for it."""
-    wanted = {m.canonical: m for m in desired.models if m.backend in HF_KINDS}
+    wanted = {m.canonical: m for m in desired.models if m.backend in ENGINE_KINDS}
     by_commit = {m.revision: m for m in wanted.values() if m.revision and len(m.revision) == 40}
-    claimed: dict[str, list[InstalledModel]] = {kind.value: [] for kind in HF_KINDS}
+    claimed: dict[str, list[InstalledModel]] = {kind.value: [] for kind in sorted(ENGINE_KINDS)}
     seen_commits: set[str] = set()
-    pool = next((s.installed for k, s in states.items() if k in HF_KINDS and s.reachable), ())
+    pool = next((s.installed for k, s in states.items() if k in ENGINE_KINDS and s.reachable), ())
     for cached in pool:
         spec = wanted.get(cached.canonical) or by_commit.get(cached.facts.digest or "")
         model = cached
@@ -95,7 +92,7 @@ def share_hf_cache(
         kind = spec.backend if spec else owners.get(model.canonical, BackendKind.VLLM)
         claimed[kind.value].append(model)
     served_as = {m.advertise_as: m for m in wanted.values()} | {m.name: m for m in wanted.values()}
-    for kind in HF_KINDS:
+    for kind in sorted(ENGINE_KINDS):
         state = states.get(kind)
         if state is None or not state.reachable:
             continue

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from reconciler import budget
 from reconciler.model import (
+    ENGINE_KINDS,
     FOREVER,
     Action,
     BackendKind,
@@ -247,10 +248,6 @@ def _plan_installed(
         draft.noops.append(Noop(spec.name, spec.backend, reason))
 
 
-ENGINE_KINDS = frozenset({BackendKind.VLLM, BackendKind.SGLANG, BackendKind.MAX})
-"""Backends that serve a model only while an engine process runs for it."""
-
-
 def _ref(spec: ModelSpec) -> str:
     """What actions name: the file's name, or ``org/repo@revision`` for HF repositories."""
     return spec.canonical if spec.backend in ENGINE_KINDS else spec.name
@@ -263,16 +260,11 @@ def _source(spec: ModelSpec) -> str | None:
 
 
 def _estimate(draft: _Draft, spec: ModelSpec, facts: ModelFacts, measured: int | None) -> Estimate:
-    """The budget's estimate; an engine (vLLM, SGLang, MAX) counts what it claims instead."""
     gpu = draft.observed.gpu
-    if spec.backend in ENGINE_KINDS and spec.vram is None:
-        claim = gpu.total_bytes and int(gpu.total_bytes * draft.desired.hf.gpu_memory_utilization)
-        # An engine pre-allocates its share whatever the model needs, and holds it while it
-        # runs: it is resident like a pinned model.
-        return Estimate(spec.name, claim or None, "claim", pinned=True)
-    if spec.backend in ENGINE_KINDS:
-        return Estimate(spec.name, spec.vram, "config", pinned=True)
-    return budget.estimate(spec, facts, measured, gpu.total_bytes, accelerator=bool(gpu.gpus))
+    return budget.estimate(
+        spec, facts, measured, gpu.total_bytes, accelerator=bool(gpu.gpus),
+        engine_share=draft.desired.hf.gpu_memory_utilization,
+    )  # fmt: skip
 
 
 def _can_serve(draft: _Draft, spec: ModelSpec) -> bool:
