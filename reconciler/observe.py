@@ -46,7 +46,7 @@ def make_backends(
     observed so that model can be pruned. An unused backend that isn't there (no llama.cpp
     folder, no hub cache) is simply unreachable or empty, which the planner only reports for
     backends the file uses. ``state_dir`` holds the engine records of the HF engines."""
-    from reconciler.backends.hf import HfBackend
+    from reconciler.backends.hf import CacheScanner, HfBackend
     from reconciler.backends.llamacpp import LlamacppBackend
     from reconciler.backends.ollama import OllamaBackend
     from reconciler.engines import Engines
@@ -58,8 +58,11 @@ def make_backends(
     }
     if state_dir is not None:
         engines = Engines(state_dir / "engines", base_port=_port(desired.hf.url))
+        scanner = CacheScanner(Path(desired.hf.cache_dir).expanduser())
         for kind in sorted(ENGINE_KINDS):
-            backends[kind] = HfBackend(kind, desired.hf, engines=engines, cache=cache)
+            backends[kind] = HfBackend(
+                kind, desired.hf, engines=engines, cache=cache, scanner=scanner
+            )
     return backends
 
 

@@ -28,6 +28,7 @@ import functools
 import json
 import struct
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,44 @@ def _local_parameter_count(snapshot: Path) -> dict[str, int]:
     return counts
 
 
+class CacheScanner:
+    """``scan_cache_dir`` of one hub cache, remembered for ``ttl`` seconds: the three engine
+    kinds' inventories and the per-model details of one observation share a walk of the
+    tree. Downloads and removals call ``forget``, so what they changed is read again."""
+
+    def __init__(self, cache_dir: Path, ttl: float = 2.0) -> None:
+        self.cache_dir = cache_dir
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._at = -ttl
+        self._info: Any = None
+
+    def scan(self) -> Any:
+        """The cache's ``HFCacheInfo``, or None when there is no cache."""
+        with self._lock:
+            if time.monotonic() - self._at < self.ttl:
+                return self._info
+            self._info = self._walk()
+            self._at = time.monotonic()
+            return self._info
+
+    def forget(self) -> None:
+        """The next ``scan`` walks the cache again."""
+        with self._lock:
+            self._at = -self.ttl
+
+    def _walk(self) -> Any:
+        if not self.cache_dir.is_dir():
+            return None
+        from huggingface_hub import scan_cache_dir
+        from huggingface_hub.errors import CacheNotFound
+
+        try:
+            return scan_cache_dir(self.cache_dir)
+        except CacheNotFound:
+            return None
+
+
 class HfBackend:
     """One engine kind (vllm, sglang or max) over the shared hub cache."""
 
@@ -128,6 +167,7 @@ class HfBackend:
         *,
         engines: Engines,
         cache: Cache | None = None,
+        scanner: CacheScanner | None = None,
     ) -> None:
         self.kind = kind
         self.url = settings.url.rstrip("/")
@@ -135,6 +175,8 @@ class HfBackend:
         self.cache_dir = Path(settings.cache_dir).expanduser()
         self.cache = cache
         self.engines = engines
+        # The three kinds share one scanner, so one observation walks the cache once.
+        self.scanner = scanner or CacheScanner(self.cache_dir)
 
     @functools.cached_property
     def _http(self) -> httpx.Client:
@@ -153,15 +195,7 @@ class HfBackend:
         return self.cache is not None and bool(self.cache.get("hf.pending", f"{repo}@{revision}"))
 
     def _scan(self) -> Any:
-        if not self.cache_dir.is_dir():
-            return None
-        from huggingface_hub import scan_cache_dir
-        from huggingface_hub.errors import CacheNotFound
-
-        try:
-            return scan_cache_dir(self.cache_dir)
-        except CacheNotFound:
-            return None
+        return self.scanner.scan()
 
     def inventory(self) -> BackendState:
         """Every complete cached revision, and the engines of this kind that serve."""
@@ -339,6 +373,7 @@ class HfBackend:
             ) from error
         if digest and Path(result["path"]).name != digest:
             raise PullFailed(f"{name}: got revision {Path(result['path']).name}, planned {digest}")
+        self.scanner.forget()
         if self.cache is not None:
             self.cache.put("hf.pending", marker, False)
         done = _blob_bytes(repo_dir)
@@ -402,6 +437,8 @@ class HfBackend:
                 info.delete_revisions(*commits).execute()
             except OSError as exc:
                 raise BackendError(f"can't delete {name} from {self.cache_dir}: {exc}") from exc
+            finally:
+                self.scanner.forget()
 
 
 def _blob_bytes(repo_dir: Path) -> int:

@@ -43,3 +43,18 @@ def test_without_a_gpu_figure_the_resident_memory_stays() -> None:
     assert _on_gpu(_loaded(os.getpid(), 123), {}).size_vram == 123
     assert _on_gpu(_loaded(None, 123), {1: GiB}).size_vram == 123
     assert _on_gpu(_loaded(2**22 + 12345, 123), {1: GiB}).size_vram == 123  # gone
+
+
+def test_hub_cache_is_walked_once_per_observation_and_again_after_a_change(
+    tmp_path: os.PathLike[str],
+) -> None:
+    from pathlib import Path
+
+    from reconciler.backends.hf import CacheScanner
+
+    scanner = CacheScanner(Path(tmp_path), ttl=60)
+    first = scanner.scan()
+    assert scanner.scan() is first  # the three engine kinds share one walk
+    scanner.forget()  # a download or removal changed the cache
+    assert scanner.scan() is not first
+    assert CacheScanner(Path(tmp_path) / "absent").scan() is None
