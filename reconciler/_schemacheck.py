@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reconciler._yamldoc import JsonPath, format_path
+from reconciler.redact import redact
 
 if TYPE_CHECKING:
     from jsonschema.exceptions import ValidationError as SchemaError
@@ -101,7 +102,8 @@ def describe(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return repr(value)
+    # A URL is shown without credentials or query: this text reaches status and heartbeats.
+    return redact(repr(value)) if isinstance(value, str) else repr(value)
 
 
 def _translate(error: SchemaError, expectations: Mapping[str, str]) -> Iterator[SchemaFinding]:

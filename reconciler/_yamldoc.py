@@ -28,6 +28,13 @@ _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 _NULL_TAG = "tag:yaml.org,2002:null"
 _TABS = "tabs are not allowed in YAML indentation; use spaces"
 _MAX_NODES = 100_000  # alias "billion laughs" guard: a real infernet.yaml has a few hundred
+# Composing, building and schema-checking each recurse once per level: 2000 '[' overflow
+# Python's stack. A real infernet.yaml nests 5 levels; stop long before any recursion limit.
+MAX_DEPTH = 32
+_TOO_DEEP = (
+    f"lists and mappings nested more than {MAX_DEPTH} levels deep here; infernet.yaml needs "
+    "only a few levels: look for unclosed brackets or runaway indentation or aliases"
+)
 # The parser's grammar terms, in the words of someone editing the file.
 _PLAIN_WORDS = {
     "simple key": "key",
@@ -101,6 +108,10 @@ def format_path(path: JsonPath) -> str:
 def read(text: str) -> Document:
     """Parse ``text`` into a ``Document``; YAML errors become findings, never exceptions."""
     doc = Document()
+    deep = _too_deep(text)
+    if deep is not None:
+        doc.findings.append(deep)
+        return doc
     loader = Loader(text)
     try:
         root = loader.get_single_node()
@@ -120,6 +131,52 @@ def read(text: str) -> Document:
         return doc
     _Builder(doc).build(root)
     return doc
+
+
+def _too_deep(text: str) -> Finding | None:
+    """Where the text first nests deeper than ``MAX_DEPTH``, or None.
+
+    Found from the parser's events, which come from a loop, not a recursion: composing the
+    node tree (both parsers recurse per level) happens only once the depth is known to be
+    bounded. libyaml gives up at its own limit (1000) while reading ahead, so that error is
+    this finding too. After any other syntax error the pure-Python parser looks again: the
+    caller composes with it to word the error, and it sees exactly these events.
+    """
+    try:
+        return _deeper_than_max(Loader, text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        if "nesting depth" in (exc.problem or "") and mark is not None:
+            return Finding(Mark(mark.line + 1, mark.column + 1), _TOO_DEEP)
+    except yaml.YAMLError:
+        pass
+    if Loader is yaml.SafeLoader:
+        return None
+    try:
+        return _deeper_than_max(yaml.SafeLoader, text)
+    except yaml.YAMLError:
+        return None
+
+
+def _deeper_than_max(
+    loader_class: type[yaml.SafeLoader] | type[yaml.CSafeLoader], text: str
+) -> Finding | None:
+    loader = loader_class(text)
+    depth = 0
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    at = event.start_mark
+                    where = Mark(at.line + 1, at.column + 1) if at is not None else Mark(1, 1)
+                    return Finding(where, _TOO_DEEP)
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    finally:
+        loader.dispose()
+    return None
 
 
 def _reader_finding(exc: yaml.reader.ReaderError, text: str) -> Finding:
@@ -208,6 +265,7 @@ class _Builder:
         self.constructor = yaml.constructor.SafeConstructor()
         self.active: set[int] = set()  # ids of nodes on the current path, to stop alias cycles
         self.count = 0
+        self.too_deep = False
 
     def build(self, root: Node) -> None:
         self.doc.value = self.node(root, ())
@@ -218,6 +276,12 @@ class _Builder:
         if self.count > _MAX_NODES:
             if self.count == _MAX_NODES + 1:
                 self.found(node, "the file expands to too many values (aliases?); simplify it")
+            return None
+        if len(path) > MAX_DEPTH:
+            # Aliases of aliases nest deeper than the text does; the text itself was checked.
+            if not self.too_deep:
+                self.too_deep = True
+                self.found(node, _TOO_DEEP)
             return None
         if id(node) in self.active:
             self.found(node, "an alias refers to the mapping or list that contains it")

@@ -27,7 +27,7 @@ from functools import partial
 from reconciler.backends.base import Backend
 from reconciler.errors import BackendError, InfernetError
 from reconciler.events import Event, Kind, Progress, ignore
-from reconciler.model import Action, BackendKind, Observed, Op, Plan
+from reconciler.model import ENGINE_KINDS, Action, BackendKind, Observed, Op, Plan
 from reconciler.names import key
 from state import Store
 
@@ -84,6 +84,12 @@ class Executor:
     def _backend(self, action: Action) -> Backend:
         return self.backends[action.backend]
 
+    @staticmethod
+    def _target(action: Action) -> str:
+        """What the backend acts on: an HF repository at its revision (``org/repo@rev``, the
+        canonical form; actions carry the name as the file writes it), else the name."""
+        return action.canonical if action.backend in ENGINE_KINDS else action.model
+
     def _with_retries(self, action: Action, work: Callable[[], None]) -> Outcome:
         """Run ``work`` with the one retry policy of the project."""
         attempt = 0
@@ -135,8 +141,9 @@ class Executor:
             last_at, last_phase = now, phase
             self.progress(Event(Kind.PROGRESS, action, phase=phase, completed=done, total=total))
 
-        backend.pull(action.model, report, self.cancel, source=action.source, digest=action.digest)
-        facts = backend.verify(action.model, action.digest)
+        target = self._target(action)
+        backend.pull(target, report, self.cancel, source=action.source, digest=action.digest)
+        facts = backend.verify(target, action.digest)
         self.store.record_installed(
             backend=action.backend.value, canonical=action.canonical, name=action.model,
             digest=facts.digest,
@@ -145,15 +152,15 @@ class Executor:
     def _pin(self, action: Action) -> None:
         keep = action.keep_alive if action.keep_alive is not None else 0.0
         self._backend(action).load(
-            action.model, keep_alive=keep, embedding=action.embedding, context=action.context,
-            advertise_as=action.advertise_as,
+            self._target(action), keep_alive=keep, embedding=action.embedding,
+            context=action.context, advertise_as=action.advertise_as,
         )  # fmt: skip
         self.store.set_pinned(
             backend=action.backend.value, canonical=action.canonical, pinned=keep < 0
         )
 
     def _remove(self, action: Action) -> None:
-        self._backend(action).remove(action.model, embedding=action.embedding)
+        self._backend(action).remove(self._target(action), embedding=action.embedding)
         self.store.record_removed(backend=action.backend.value, canonical=action.canonical)
 
     # ---- the run

@@ -19,6 +19,7 @@ from reconciler.errors import ConfigError, InfernetError, PlanError, ValidationE
 if TYPE_CHECKING:
     from reconciler.model import BackendKind, Desired, Plan
     from reconciler.session import Session
+    from state import NodeLock
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log lines on stderr as text or JSON lines")  # fmt: skip
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     p.add_argument("--metrics-addr", metavar="HOST:PORT",
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics")  # fmt: skip
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (:PORT alone = "
+                        "127.0.0.1; 0.0.0.0:PORT for every interface)")  # fmt: skip
     p.add_argument("--tick", type=float, metavar="SECONDS",
                    help="drift check / heartbeat / command poll period (default: "
                    "control_plane.heartbeat_interval, else 30)")  # fmt: skip
@@ -135,6 +137,15 @@ def _session(args: argparse.Namespace, the_desired: Desired) -> Session:
     from reconciler.session import Session
 
     return Session.open(the_desired, _state_dir(args))
+
+
+def _lock(args: argparse.Namespace, purpose: str) -> NodeLock:
+    """The node lock, held. Writers take it before they read the file: one that waited for
+    another writer then reads (and edits, plans, applies) what that writer left, never a
+    version from before it."""
+    from reconciler.session import node_lock
+
+    return node_lock(_state_dir(args), purpose)
 
 
 def _err(message: str) -> None:
@@ -209,7 +220,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _saved_plan(args: argparse.Namespace) -> tuple[Desired, Plan]:
     """A plan saved by ``plan --out`` and the file it was made from (which must not have moved)."""
     from reconciler import desired
-    from reconciler.plandoc import read_document
+    from reconciler.plandoc import read_document, with_sources
 
     saved = read_document(Path(args.plan_file))
     the_desired = desired.load(Path(saved.source.path))
@@ -218,7 +229,7 @@ def _saved_plan(args: argparse.Namespace) -> tuple[Desired, Plan]:
             f"saved plan {args.plan_file} was made from another version of "
             f"{saved.source.path}; run infernet plan --out again"
         )
-    return the_desired, saved
+    return the_desired, with_sources(saved, the_desired)  # the document's sources are redacted
 
 
 def run_apply(
@@ -229,47 +240,46 @@ def run_apply(
     force_remove: frozenset[str] = frozenset(),
     confirm: bool = True,
 ) -> int:
-    """Lock, observe, plan (or check the saved plan), confirm, execute, report."""
+    """Observe, plan (or check the saved plan), confirm, execute, report; the caller holds
+    the node lock (``_lock``), taken before it read the file."""
     from reconciler import render
     from reconciler.session import summary
 
     json_lines = getattr(args, "json", False)
-    with session.lock("apply"):
-        observed, plan = session.observe_and_plan(
-            allow_destroy=getattr(args, "allow_destroy", False),
-            refresh=getattr(args, "refresh", False),
-            force_remove=force_remove,
-        )
-        if saved is not None:
-            if saved.fingerprint != plan.fingerprint:
-                raise PlanError(
-                    f"the node changed since the plan in {args.plan_file} was made "
-                    "(installed, loaded or upstream models differ); run infernet plan --out again"
-                )
-            plan = saved
-        if not json_lines:
-            print(render.render_plan(plan), flush=True)
-        if plan.errors:
-            if json_lines:
-                _emit_plan(plan, args)
-            raise PlanError(plan.errors[0] + (f" (and {len(plan.errors) - 1} more)"
-                                              if len(plan.errors) > 1 else ""))  # fmt: skip
-        if not plan.actions:
-            printer = render.ProgressPrinter(json_lines=json_lines, verbose=False)
-            session.heartbeat(plan, observed, converged=True, progress=printer)
-            if json_lines:
-                render.print_json({"event": "converged", "outcome": "converged", "changes": 0})
-            return EXIT_OK
-        if confirm and not args.yes and not _confirm("Apply these changes?"):
-            print("Apply cancelled.", file=sys.stderr)
-            return EXIT_ERROR
-        printer = render.ProgressPrinter(
-            json_lines=json_lines, verbose=getattr(args, "verbose", False)
-        )
-        try:
-            result = session.apply(plan, observed, progress=printer)
-        finally:
-            printer.close()
+    observed, plan = session.observe_and_plan(
+        allow_destroy=getattr(args, "allow_destroy", False),
+        refresh=getattr(args, "refresh", False),
+        force_remove=force_remove,
+        record=True,
+    )
+    if saved is not None:
+        if saved.fingerprint != plan.fingerprint:
+            raise PlanError(
+                f"the node changed since the plan in {args.plan_file} was made "
+                "(installed, loaded or upstream models differ); run infernet plan --out again"
+            )
+        plan = saved
+    if not json_lines:
+        print(render.render_plan(plan), flush=True)
+    if plan.errors:
+        if json_lines:
+            _emit_plan(plan, args)
+        raise PlanError(plan.errors[0] + (f" (and {len(plan.errors) - 1} more)"
+                                          if len(plan.errors) > 1 else ""))  # fmt: skip
+    if not plan.actions:
+        printer = render.ProgressPrinter(json_lines=json_lines, verbose=False)
+        session.heartbeat(plan, observed, converged=True, progress=printer)
+        if json_lines:
+            render.print_json({"event": "converged", "outcome": "converged", "changes": 0})
+        return EXIT_OK
+    if confirm and not args.yes and not _confirm("Apply these changes?"):
+        print("Apply cancelled.", file=sys.stderr)
+        return EXIT_ERROR
+    printer = render.ProgressPrinter(json_lines=json_lines, verbose=getattr(args, "verbose", False))
+    try:
+        result = session.apply(plan, observed, progress=printer)
+    finally:
+        printer.close()
     if json_lines:
         render.print_json({"event": "result", **summary(result)})
     failed = result.failed
@@ -290,13 +300,14 @@ def run_apply(
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """apply: converge the node, from the file or a saved plan."""
-    saved = None
-    if args.plan_file:
-        the_desired, saved = _saved_plan(args)
-    else:
-        the_desired = _load(args)
-    with _session(args, the_desired) as session:
-        return run_apply(session, args, saved=saved)
+    with _lock(args, "apply"):
+        saved = None
+        if args.plan_file:
+            the_desired, saved = _saved_plan(args)
+        else:
+            the_desired = _load(args)
+        with _session(args, the_desired) as session:
+            return run_apply(session, args, saved=saved)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -338,20 +349,15 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def _backend_for(current: Desired, name: str, given: str | None) -> BackendKind:
-    """``--backend``, else the backend of the file's entry with that name, else what the name
+    """``--backend``, else the backend of the file's entry NAME refers to, else what the name
     looks like (a ``*.gguf`` file is llama.cpp's), else the file's default."""
-    from reconciler import names
-    from reconciler.errors import InvalidModelName
+    from reconciler.configedit import refers_to
     from reconciler.model import BackendKind
 
     if given:
         return BackendKind(given)
     for spec in current.models:
-        try:
-            same = names.canonical(spec.backend, name, spec.revision) == spec.canonical
-        except InvalidModelName:
-            same = False
-        if same or spec.advertise_as == name:
+        if refers_to(spec, name):
             return spec.backend
     if name.endswith(".gguf"):
         return BackendKind.LLAMACPP
@@ -359,36 +365,82 @@ def _backend_for(current: Desired, name: str, given: str | None) -> BackendKind:
 
 
 def _model_edit(args: argparse.Namespace) -> int:
-    from reconciler import configedit, desired, names
-    from reconciler.model import FOREVER
+    """model install | remove: lock, read, edit, apply; a failed install leaves the file as
+    it was, byte for byte."""
+    from reconciler import desired
 
     path = desired.locate(args.config)
-    current = desired.load(path)
+    with _lock(args, f"model {args.model_command}"):
+        current = desired.load(path)
+        if args.model_command == "install":
+            return _install(args, path, current)
+        return _remove(args, path, current)
+
+
+def _install(args: argparse.Namespace, path: Path, current: Desired) -> int:
+    from reconciler import configedit, desired
+    from reconciler.model import FOREVER
+
     backend = _backend_for(current, args.name, args.backend)
-    canonical = names.canonical(backend, args.name)
-    if args.model_command == "install":
-        entry: str | dict[str, Any] = args.name
-        if args.pin or backend is not current.default_backend:
-            entry = {"name": args.name}
-            if backend is not current.default_backend:
-                entry["backend"] = backend.value
-            if args.pin:
-                entry["keep_alive"] = "forever"
-        added = configedit.add_model(path, entry)
-        if not added and args.pin:
-            configedit.set_keep_alive(path, args.name, FOREVER)
-        the_desired = desired.load(path)
-        with _session(args, the_desired) as session:
-            return run_apply(session, args, confirm=False)
-    spec = next((m for m in current.models if m.canonical == canonical), None)
-    if spec is not None and spec.protect:
-        raise PlanError(f"{args.name} is protect: true in {path}; set protect: false there first")
-    configedit.remove_model(path, args.name, backend)
-    the_desired = desired.load(path)
-    with _session(args, the_desired) as session:
-        return run_apply(
-            session, args, force_remove=frozenset({names.key(backend, canonical)}), confirm=False
+    entry: str | dict[str, Any] = args.name
+    if args.pin or backend is not current.default_backend:
+        entry = {"name": args.name}
+        if backend is not current.default_backend:
+            entry["backend"] = backend.value
+        if args.pin:
+            entry["keep_alive"] = "forever"
+    before = path.read_bytes()
+    added = configedit.add_model(path, entry)
+    if not added and args.pin:
+        configedit.set_keep_alive(path, args.name, FOREVER, backend=backend)
+    after = path.read_bytes()
+    code = EXIT_ERROR
+    try:
+        with _session(args, desired.load(path)) as session:
+            code = run_apply(session, args, confirm=False)
+    finally:
+        if code != EXIT_OK and after != before:
+            _restore(path, before, after, args.name)
+    return code
+
+
+def _restore(path: Path, before: bytes, after: bytes, name: str) -> None:
+    """Put the file back as it was before a failed install, unless someone changed it since
+    (their edit wins; say so)."""
+    from reconciler._files import write_atomically
+
+    try:
+        if path.read_bytes() == after:
+            write_atomically(path, before)
+            print(f"Restored {path} as it was before the install of {name}.", file=sys.stderr)
+            return
+    except OSError as exc:
+        _err(f"could not restore {path} after the failed install of {name}: {exc}")
+        return
+    _err(f"{path} was changed by someone else during the install of {name}; left as it is "
+         f"(take {name} out of it if it is still listed)")  # fmt: skip
+
+
+def _remove(args: argparse.Namespace, path: Path, current: Desired) -> int:
+    from reconciler import configedit, desired, names
+    from reconciler.model import BackendKind
+
+    only = BackendKind(args.backend) if args.backend else None
+    matched = [m for m in current.models if configedit.refers_to(m, args.name, only)]
+    if not matched:
+        raise PlanError(
+            f"{args.name} is not in {path}; nothing removed (infernet model list shows the "
+            "file's models and what is installed)"
         )
+    guarded = next((m for m in matched if m.protect), None)
+    if guarded is not None:
+        raise PlanError(
+            f"{guarded.name} is protect: true in {path}; set protect: false there first"
+        )
+    configedit.remove_model(path, args.name, only)
+    keys = frozenset(names.key(m.backend, m.canonical) for m in matched)
+    with _session(args, desired.load(path)) as session:
+        return run_apply(session, args, force_remove=keys, confirm=False)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -440,33 +492,74 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``infernet`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
-    except ValidationError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return EXIT_ERROR
-    except (ConfigError, InfernetError) as exc:
-        _err(str(exc))
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        _err("interrupted; the next apply resumes where this one stopped")
-        return 130
-    except Exception:
-        return _crash(args)
+        try:
+            code = COMMANDS[args.command](args)
+            # Met here, inside the handlers, rather than by Python's own flush at exit.
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            raise
+        except ValidationError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            return EXIT_ERROR
+        except (ConfigError, InfernetError) as exc:
+            _err(str(exc))
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            _err("interrupted; the next apply resumes where this one stopped")
+            return 130
+        except Exception:
+            return _crash(args)
+    except BrokenPipeError:
+        return _reader_gone(args)
+
+
+EXIT_PIPE = 128 + 13  # what a shell reports for a tool that SIGPIPE ended
+
+
+def _reader_gone(args: argparse.Namespace) -> int:
+    """Our output's reader went away (``infernet plan | head -1``): stop quietly, as ``cat``
+    or ``grep`` do, with the status SIGPIPE gives them, so ``set -o pipefail`` sees the same
+    as for any tool; 0 would tell ``--detailed-exitcode`` "no changes", 1 an error."""
+    import contextlib
+
+    streams = [s for s in (sys.stdout, sys.stderr) if _closed(s)]
+    if not streams:
+        return _crash(args)  # a broken pipe of something else (a socket): a bug
+    # Python flushes its streams once more at exit; what is left would only fail again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in streams:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, stream.fileno())
+    return EXIT_PIPE
+
+
+def _closed(stream: Any) -> bool:
+    """``stream`` is a pipe (or socket) whose reader has gone."""
+    import select
+
+    try:
+        stream.flush()
+        fd = stream.fileno()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
 
 
 def _crash(args: argparse.Namespace) -> int:
     """A bug: keep the traceback, say where it is, ask for a report."""
-    import tempfile
     import traceback
 
+    from state.location import crash_report
+
     text = traceback.format_exc()
-    target = Path(tempfile.gettempdir()) / f"infernet-crash-{os.getpid()}.txt"
-    try:
-        target.write_text(text)
-        where = f"; details in {target}"
-    except OSError:
-        where = ""
+    target = crash_report(_state_dir(args), text)
+    where = f"; details in {target}" if target is not None else ""
     sys.stderr.write(text)
     _err(f"internal error in '{args.command}'{where}; please report it with that file")
     return EXIT_ERROR

@@ -4,15 +4,21 @@ The dashboard sends free text (trimmed, 1–256 characters, nothing more is chec
 the name ends up in a file we edit, in backend API paths and in the heartbeat. So on top of
 each backend's grammar (``names.is_valid``) every name must be a string of at most 200
 characters (the heartbeat's limit) with no whitespace, control or invisible characters, and
-nothing that reads as a file path (``/x``, ``~/x``, ``..``, backslashes).
+nothing that reads as a file path (``/x``, ``~/x``, ``..``, backslashes). An Ollama name to
+install names no URL scheme and no registry host but the configured one (or one the file
+already pulls from): the node fetches that host's manifest, so a dashboard must not be able
+to point it at any URL it can reach (``registry_problem``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import unicodedata
 from typing import Any
+from urllib.parse import urlsplit
 
 from reconciler import names
+from reconciler.errors import InfernetError
 from reconciler.model import ENGINE_KINDS, BackendKind, Desired
 
 MAX_NAME = 200  # the control plane's limit for a served_models string
@@ -54,6 +60,40 @@ def model_problem(value: object, backend: BackendKind) -> str | None:
     return problem
 
 
+def registry_problem(model: str, current: Desired) -> str | None:
+    """Why a remote install of the Ollama name ``model`` is refused for where it points, or None.
+
+    An Ollama name may carry a registry host (``host/namespace/model:tag``) and a scheme, and
+    the node fetches that host's manifest to plan the pull: a dashboard could make it request
+    any URL it can reach (SSRF). So a remote name has no scheme, and its host is the
+    configured registry (``backends.ollama.registry``, which the default host stands for) or
+    a host infernet.yaml already pulls Ollama models from.
+    """
+    shown = " ".join(model.split())[:80]
+    if "://" in model:
+        return (
+            f"args.model '{shown}' is a URL; remote commands name a model as its registry "
+            "lists it (model:tag or namespace/model:tag)"
+        )
+    try:
+        host = names.parse_ollama(model).host.lower()
+    except InfernetError as exc:
+        return str(exc)
+    registry = urlsplit(current.ollama.registry)
+    allowed = {names.DEFAULT_HOST, registry.netloc.rpartition("@")[2].lower()}
+    for spec in current.models:
+        if spec.backend is BackendKind.OLLAMA:
+            with contextlib.suppress(InfernetError):
+                allowed.add(names.parse_ollama(spec.name).host.lower())
+    if host in allowed:
+        return None
+    return (
+        f"args.model '{shown}' is on the registry host '{host[:80]}'; remote commands pull only "
+        "from the configured registry (backends.ollama.registry) or hosts infernet.yaml "
+        "already pulls from: add the model to infernet.yaml on the node instead"
+    )
+
+
 def install_target(
     args: dict[str, Any], current: Desired
 ) -> tuple[str, BackendKind, Entry, str] | str:
@@ -64,6 +104,9 @@ def install_target(
         hf = model[3:]  # Infernet's own spelling of "the HF repo, served under this name"
     if hf is None:
         problem = model_problem(model, current.default_backend)
+        if problem is None and current.default_backend is BackendKind.OLLAMA:
+            assert isinstance(model, str)
+            problem = registry_problem(model, current)
         if problem is not None:
             return problem
         assert isinstance(model, str)

@@ -10,29 +10,36 @@ before a restart is answered as failed, not re-run: we can't know how far it got
 
 Every refusal (policy, unknown verb, bad name, invalid file, protected model) is answered with
 ``failed`` and a one-line reason before anything reaches a backend. Accepted commands edit
-``infernet.yaml`` (comments kept, via ``configedit``) and reconcile through the daemon's
-callback, so the file stays the single truth and ``git diff`` shows what the dashboard did.
+``infernet.yaml`` (comments kept, via ``configedit``, under the node lock) and reconcile through
+the daemon's callback, so the file stays the single truth and ``git diff`` shows what the
+dashboard did. So a removal is exactly a hand edit dropping the entry: the prune policy decides
+whether weights are deleted, nothing is forced. An install that fails, is cancelled or is cut
+off by a crash is answered ``failed`` and taken back out of the file (its bytes from before the
+edit are kept in the store first), so the answer and the node always agree.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from reconciler import configedit, desired, names
+from reconciler._files import write_atomically
 from reconciler.commandargs import NO_HF, install_target, model_problem, name_problem
 from reconciler.commandprogress import CommandProgress
 from reconciler.controlplane import ControlPlane, ControlPlaneError, RemoteCommand
-from reconciler.errors import ConfigError, InfernetError, ValidationError
+from reconciler.errors import ConfigError, InfernetError, LockError, ValidationError
 from reconciler.events import Progress
-from reconciler.model import BackendKind, Desired, ModelSpec, Op
-from state import CommandRecord, Store
+from reconciler.model import BackendKind, Desired, Op
+from state import CommandRecord, NodeLock, Store
 
 log = logging.getLogger("infernet.commands")
 
@@ -44,6 +51,15 @@ CANCELLED = "cancelled from the dashboard"
 # after they leave the file). It is reconciler.session.PROTECTED; the layering contract keeps
 # commands and session independent, so a test checks the two stay equal.
 PROTECTED = "protected"
+# State-store status key: per command id, what undoes the file edit of an install still in
+# flight (the file's bytes before it, a digest of them after it), so an install cut off by a
+# crash is taken back out of the file by the next daemon instead of being pulled anyway.
+UNDO = "command_undo"
+BUSY = (
+    "the node is busy: an apply or model command run on the node holds its lock; "
+    "issue the command again in a while"
+)
+LOCK_WAIT = 5.0  # seconds a command waits for the node lock to edit the file
 _ERROR_MAX = 500  # characters of an error we send; the server keeps 2000, a line is enough
 
 
@@ -92,6 +108,18 @@ class CommandRunner:
         self.progress_interval = progress_interval
         self._active: set[str] = set()  # ids being run now: not "interrupted", just busy
 
+    @property
+    def busy(self) -> frozenset[str]:
+        """Ids of the commands being run now (the daemon's reconcile must not settle them)."""
+        return frozenset(self._active)
+
+    def _file_lock(self) -> NodeLock:
+        """The node lock, for reading and editing the file: never while a writer run from
+        the shell (``apply``, ``model install``) has read it and not yet applied it."""
+        held = NodeLock(self.store.state_dir, purpose="remote command")
+        held.acquire(timeout=LOCK_WAIT)
+        return held
+
     # ---- the tick
 
     def run_pending(self, *, limit: int = 5) -> list[str]:
@@ -113,18 +141,16 @@ class CommandRunner:
 
     def deliver_pending(self) -> int:
         """Send ``complete`` for every finished, unreported command; fail interrupted ones."""
+        try:
+            with self._file_lock():
+                settle_interrupted(self.store, self.config_path, busy=self._active)
+        except LockError:
+            pass  # a writer holds the node: cut-off commands are settled on a later tick
         delivered = 0
         for record in self.store.unreported_commands():
-            if record.command_id in self._active:
+            if record.command_id in self._active or record.state in ("received", "running"):
                 continue
             answer = _recorded(record)
-            if record.state in ("received", "running"):
-                # It was cut off by a crash or kill: it may have half-happened, so running it
-                # again could do it twice. The owner decides whether to issue it again.
-                log.warning("command %s (%s) was interrupted; answering failed",
-                            record.command_id, record.verb)  # fmt: skip
-                answer = _failed(INTERRUPTED)
-                self.store.set_command_state(record.command_id, state="failed", error=answer.error)
             try:
                 self._send(record.command_id, answer)
             except ControlPlaneError as exc:
@@ -151,6 +177,7 @@ class CommandRunner:
             except Exception as exc:  # a bug: still answer, or the owner waits 24 h for nothing
                 log.exception("command %s (%s) crashed", command.id, command.command)
                 answer = _failed(f"internal error in infernet: {type(exc).__name__}: {exc}")
+            answer = self._settle_edit(command.id, answer)
             self.store.set_command_state(
                 command.id, state=answer.status, result=answer.result, error=answer.error
             )
@@ -182,6 +209,20 @@ class CommandRunner:
             log.info("command %s is %s on the control plane; our %s answer was a no-op",
                      command_id, now, answer.status)  # fmt: skip
 
+    def _settle_edit(self, command_id: str, answer: _Answer) -> _Answer:
+        """One truth: a failed install's edit is taken back out of the file (byte for byte
+        when nobody touched the file since); a completed one's undo record is dropped."""
+        if answer.status != "failed":
+            _drop_undo(self.store, command_id)
+            return answer
+        try:
+            with self._file_lock():
+                note = undo_edit(self.store, self.config_path, command_id)
+        except LockError:
+            # Left for settle_interrupted, which every reconcile and tick runs.
+            return answer
+        return _failed((answer.error or "") + note) if note else answer
+
     def _execute(self, command: RemoteCommand) -> _Answer:
         if command.command not in (INSTALL, REMOVE):
             verb = _line(command.command)[:64] or "(empty)"
@@ -207,8 +248,10 @@ class CommandRunner:
                                    clock=self.clock, interval=self.progress_interval)  # fmt: skip
         try:
             if command.command == INSTALL:
-                return self._install(command.args, current, progress, cancel)
+                return self._install(command.id, command.args, current, progress, cancel)
             return self._remove(command.args, current, progress, cancel)
+        except LockError:
+            return _failed(BUSY)  # the holder's PID and command line stay on the node
         except InfernetError as exc:
             return _failed(str(exc))
 
@@ -216,6 +259,7 @@ class CommandRunner:
 
     def _install(
         self,
+        command_id: str,
         args: dict[str, Any],
         current: Desired,
         progress: CommandProgress,
@@ -232,36 +276,32 @@ class CommandRunner:
         progress.stage("config", "editing infernet.yaml", 1)
         if cancel.is_set():
             return _failed(CANCELLED)
-        added = False
         if existing is None:
-            added = configedit.add_model(self.config_path, entry)
+
+            def keep_undo(before: bytes, after: bytes) -> None:
+                # In the store before the file changes: a crash from here on is undone.
+                _keep_undo(self.store, command_id, before, after, name=_entry_name(entry),
+                           backend=backend)  # fmt: skip
+
+            with self._file_lock():
+                configedit.add_model(self.config_path, entry, before_write=keep_undo)
         else:
             backend, advertised = existing.backend, existing.advertise_as
         outcome, crash = self._reconcile(progress, cancel, frozenset())
         ok = outcome is not None and outcome.converged and advertised in outcome.advertised
-        if cancel.is_set() or not ok:
-            # A cancelled or failed install must not stay in the file: the node would keep
-            # pulling (or failing to plan) a model nobody wants, with no command to show for
-            # it. The next tick prunes whatever was already downloaded (infernet owns it).
-            note = self._revert(entry, backend) if added else ""
-            if cancel.is_set():
-                return _failed(CANCELLED + note)
-            why = crash or _why_not(outcome, progress, f"{advertised} is not advertised")
-            return _failed(why + note)
+        if cancel.is_set():
+            # A cancelled or failed install must not stay in the file (``_settle_edit`` takes
+            # it out): the node would keep pulling (or failing to plan) a model nobody wants.
+            # The next tick prunes whatever was already downloaded (infernet owns it).
+            return _failed(CANCELLED)
+        if not ok:
+            return _failed(crash or _why_not(outcome, progress, f"{advertised} is not advertised"))
         assert outcome is not None
         result: dict[str, Any] = {"model": model, "backend": backend.value,
                                   "advertised": list(outcome.advertised)}  # fmt: skip
         if existing is not None:
             result["note"] = f"{existing.name} was already in infernet.yaml"
         return _Answer("completed", result)
-
-    def _revert(self, entry: str | dict[str, Any], backend: BackendKind) -> str:
-        try:
-            configedit.remove_model(self.config_path, _entry_name(entry), backend)
-        except InfernetError as exc:
-            log.error("could not take %s back out of infernet.yaml: %s", _entry_name(entry), exc)
-            return f"; infernet.yaml still lists {_entry_name(entry)} (could not revert: {exc})"
-        return ""
 
     # ---- model_remove
 
@@ -272,12 +312,15 @@ class CommandRunner:
         progress: CommandProgress,
         cancel: threading.Event,
     ) -> _Answer:
+        """Exactly what dropping the entry from the file by hand does: the entry leaves the
+        file, and the prune policy decides whether weights are deleted (a model infernet did
+        not install stays under ``prune: managed``; nothing goes under ``prune: none``)."""
         name = args.get("model")
         problem = name_problem(name)
         if problem is not None:
             return _failed(problem)
         assert isinstance(name, str)
-        matched = [m for m in current.models if _is(m, name)]
+        matched = [m for m in current.models if configedit.refers_to(m, name)]
         if matched:
             keys = {names.key(m.backend, m.canonical) for m in matched}
         else:
@@ -288,22 +331,25 @@ class CommandRunner:
                               names.canonical(current.default_backend, name))}  # fmt: skip
         guarded = [m.name for m in matched if m.protect]
         # A model that left the file stays protected until it is gone (the session keeps
-        # those keys); the planner lets a forced removal through, so the guard is here.
+        # those keys); the planner keeps it too, but the answer should say why.
         remembered = keys & set(self.store.get_status(PROTECTED) or [])
         if guarded or remembered:
             where = "is protect: true in infernet.yaml" if guarded else "was declared protect: true"
             return _failed(
                 f"{guarded[0] if guarded else name} {where}; remote commands never remove "
-                "protected models (on the node: infernet model remove)"
+                "protected models"
             )
+        owned = {names.key(r.backend, r.canonical) for r in self.store.owned()}
         progress.stage("config", "editing infernet.yaml", 1)
         if cancel.is_set():
             return _failed(CANCELLED)
         if matched:
-            configedit.remove_model(self.config_path, name, None)
+            with self._file_lock():
+                configedit.remove_model(self.config_path, name, None)
         # From here the removal runs to its end even if cancelled: the file no longer lists
-        # the model, and a half-undone removal would be worse than a finished one.
-        outcome, crash = self._reconcile(progress, threading.Event(), frozenset(keys))
+        # the model, and a half-undone removal would be worse than a finished one. Nothing is
+        # forced: the reconcile removes what the prune policy removes for any edit of the file.
+        outcome, crash = self._reconcile(progress, threading.Event(), frozenset())
         removals = {k: progress.finished.get((Op.REMOVE.value, k)) for k in keys}
         failed = [done for done in removals.values() if done and done[0] != "ok"]
         gone = [m.advertise_as for m in matched]
@@ -316,10 +362,11 @@ class CommandRunner:
         result: dict[str, Any] = {"model": name, "removed": [m.name for m in matched],
                                   "advertised": list(outcome.advertised)}  # fmt: skip
         if not any(removals.values()):
+            kept = _kept_because(current.policy.prune, bool(keys & owned))
             result["note"] = (
-                f"{name} was not installed; removed it from infernet.yaml"
+                f"removed {name} from infernet.yaml; nothing deleted ({kept})"
                 if matched
-                else f"{name} is not in infernet.yaml and not installed; nothing to remove"
+                else f"{name} is not in infernet.yaml; nothing deleted ({kept})"
             )
         return _Answer("completed", result)
 
@@ -348,14 +395,88 @@ def _storable(args: dict[str, Any]) -> dict[str, Any]:
     return stored
 
 
-def _is(spec: ModelSpec, name: str) -> bool:
-    """The entry ``name`` refers to: the same model canonically, or its advertised name."""
-    if spec.advertise_as == name:
-        return True
+def _kept_because(prune: str, owned: bool) -> str:
+    """Why a model that is not (or no longer) in the file was not deleted."""
+    if prune == "none":
+        return "policy.prune: none keeps the weights of models that leave the file"
+    if prune == "managed" and not owned:
+        return "infernet did not install it, and policy.prune: managed deletes only what it did"
+    return "it is not installed"
+
+
+# --------------------------------------------------------------------------- undoing an edit
+
+
+def _keep_undo(
+    store: Store, command_id: str, before: bytes, after: bytes, *, name: str, backend: BackendKind
+) -> None:
+    undo = dict(store.get_status(UNDO) or {})
+    undo[command_id] = {
+        "before": base64.b64encode(before).decode("ascii"),
+        "after_sha256": hashlib.sha256(after).hexdigest(),
+        "name": name,
+        "backend": backend.value,
+    }
+    store.put_status(UNDO, undo)
+
+
+def _drop_undo(store: Store, command_id: str) -> None:
+    undo = dict(store.get_status(UNDO) or {})
+    if undo.pop(command_id, None) is not None:
+        store.put_status(UNDO, undo)
+
+
+def undo_edit(store: Store, config_path: Path, command_id: str) -> str:
+    """Take the file edit of install ``command_id`` back; the caller holds the node lock.
+
+    The file gets its bytes from before the edit back when it is exactly as the edit left it.
+    When someone changed it since, their changes stay and only the added entry is removed.
+    Returns "" when done (or there was nothing to undo), else a note for the answer.
+    """
+    undo = (store.get_status(UNDO) or {}).get(command_id)
+    if not isinstance(undo, dict):
+        return ""
+    name = str(undo.get("name", ""))
+    note = ""
     try:
-        return names.canonical(spec.backend, name, spec.revision) == spec.canonical
-    except InfernetError:
-        return False
+        now = config_path.read_bytes()
+        if hashlib.sha256(now).hexdigest() == undo.get("after_sha256"):
+            write_atomically(config_path, base64.b64decode(undo.get("before", "")))
+        elif name:
+            configedit.remove_model(config_path, name, BackendKind(undo.get("backend", "ollama")))
+    except (OSError, ValueError, InfernetError) as exc:
+        log.error("could not take %s back out of %s: %s", name, config_path, exc)
+        note = f"; infernet.yaml still lists {name} (could not revert: {_line(str(exc))})"
+    _drop_undo(store, command_id)
+    return note
+
+
+def settle_interrupted(store: Store, config_path: Path, *, busy: Collection[str] = ()) -> list[str]:
+    """Settle commands a crash or kill cut off (still ``received``/``running`` in the ledger
+    and not being run now): take back the file edit an install made and mark them failed, so
+    the node and the answer agree: it is not installed. Running one again could do it twice;
+    the owner decides whether to issue it again. Also takes back the edit of a failed install
+    whose revert could not run then. The caller holds the node lock; returns the settled ids.
+    """
+    settled: list[str] = []
+    for record in store.unreported_commands():
+        if record.command_id in busy or record.state not in ("received", "running"):
+            continue
+        log.warning("command %s (%s) was interrupted; answering failed",
+                    record.command_id, record.verb)  # fmt: skip
+        note = undo_edit(store, config_path, record.command_id)
+        store.set_command_state(record.command_id, state="failed", error=INTERRUPTED + note)
+        settled.append(record.command_id)
+    for command_id in list(store.get_status(UNDO) or {}):
+        seen = store.command_seen(command_id)
+        if command_id in busy or (seen is not None and seen.state in ("received", "running")):
+            continue
+        if seen is None or seen.state == "failed":  # failed, or its ledger row is gone
+            undo_edit(store, config_path, command_id)
+            settled.append(command_id)
+        else:
+            _drop_undo(store, command_id)
+    return settled
 
 
 def _entry_name(entry: str | dict[str, Any]) -> str:
@@ -394,4 +515,6 @@ __all__ = [
     "ReconcileOutcome",
     "model_problem",
     "name_problem",
+    "settle_interrupted",
+    "undo_edit",
 ]

@@ -28,10 +28,38 @@ from reconciler import desired, names, units
 from reconciler._files import write_atomically
 from reconciler._yamldoc import Loader
 from reconciler.errors import ConfigError, InvalidModelName, ValidationError
-from reconciler.model import BackendKind, Desired, ModelSpec
+from reconciler.model import ENGINE_KINDS, BackendKind, Desired, ModelSpec
+
+BeforeWrite = Callable[[bytes, bytes], None]
+"""Called with the file's bytes before and after an edit, just before the new bytes are
+written: what a caller needs to undo the edit after a crash (remote commands keep it)."""
 
 
-def add_model(path: Path, entry: str | dict[str, Any]) -> bool:
+def refers_to(spec: ModelSpec, name: str, backend: BackendKind | None = None) -> bool:
+    """Whether ``name``, as a person or the dashboard types it, means the file entry ``spec``.
+
+    It does when it is the entry's advertised name, or the same model once both are in
+    canonical form (Ollama's case and default tag, say). A HuggingFace repository is compared
+    at the entry's own revision (``org/repo`` means the entry whatever revision it pins)
+    unless ``name`` names one itself (``org/repo@v1``). ``backend`` narrows to one backend.
+    The CLI, remote commands and file edits all decide "which entry" here.
+    """
+    if backend is not None and spec.backend is not backend:
+        return False
+    if spec.advertise_as == name:
+        return True
+    repo, revision = name, spec.revision
+    if spec.backend in ENGINE_KINDS and "@" in name:
+        repo, _, revision = name.partition("@")
+    try:
+        return names.canonical(spec.backend, repo, revision) == spec.canonical
+    except InvalidModelName:
+        return False
+
+
+def add_model(
+    path: Path, entry: str | dict[str, Any], *, before_write: BeforeWrite | None = None
+) -> bool:
     """Append ``entry`` to ``served_models``; False when the model is already there."""
     doc = _Doc.open(path)
     fields = {"name": entry} if isinstance(entry, str) else dict(entry)
@@ -54,6 +82,7 @@ def add_model(path: Path, entry: str | dict[str, Any]) -> bool:
         doc.appended(entry if isinstance(entry, str) else ordered),
         lambda new: expected(new) and _settings_unchanged(current, new),
         what=f"add {ordered['name']}",
+        before_write=before_write,
     )
     return True
 
@@ -114,6 +143,7 @@ class _Doc:
     """The file as read: its text, what it means, and the nodes that locate each entry."""
 
     path: Path
+    data: bytes  # the file's bytes as read (empty when it is missing)
     text: str
     bom: bool
     newline: str
@@ -145,7 +175,7 @@ class _Doc:
         models = value if isinstance(value, SequenceNode) else None
         newline = "\r\n" if "\r\n" in text else "\n"
         bom = data.startswith(b"\xef\xbb\xbf")
-        return cls(path, text, bom, newline, current, models, mapping)
+        return cls(path, data, text, bom, newline, current, models, mapping)
 
     def spec(self, index: int) -> ModelSpec:
         # A valid file has no duplicate entries, so specs and list items correspond one to one.
@@ -155,17 +185,7 @@ class _Doc:
     def matching(self, name: str, backend: BackendKind | None) -> list[int]:
         if self.desired is None:
             return []
-        found = []
-        for index, spec in enumerate(self.desired.models):
-            if backend is not None and spec.backend is not backend:
-                continue
-            try:
-                same = names.canonical(spec.backend, name, spec.revision) == spec.canonical
-            except InvalidModelName:
-                same = False
-            if same or spec.advertise_as == name:
-                found.append(index)
-        return found
+        return [i for i, spec in enumerate(self.desired.models) if refers_to(spec, name, backend)]
 
     # ---- text splices; each returns the new text of the whole file
 
@@ -275,7 +295,14 @@ class _Doc:
 
     # ---- check and write
 
-    def commit(self, text: str, expected: Callable[[Desired], bool], *, what: str) -> None:
+    def commit(
+        self,
+        text: str,
+        expected: Callable[[Desired], bool],
+        *,
+        what: str,
+        before_write: BeforeWrite | None = None,
+    ) -> None:
         try:
             new = desired.parse(text, path=str(self.path))
         except ValidationError as exc:
@@ -289,7 +316,10 @@ class _Doc:
                 f"cannot {what} in {self.path} automatically (its layout is unusual, e.g. YAML "
                 "aliases in served_models); edit it by hand"
             )
-        write_atomically(self.path, (b"\xef\xbb\xbf" if self.bom else b"") + text.encode("utf-8"))
+        data = (b"\xef\xbb\xbf" if self.bom else b"") + text.encode("utf-8")
+        if before_write is not None:
+            before_write(self.data, data)
+        write_atomically(self.path, data)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -6,6 +6,11 @@ Every call is a signed POST (``reconciler.identity.sign_request``) of compact JS
 that aren't JSON are ``retryable``; a refused signature, a 4xx or an untrusted certificate is
 not, because retrying without a human changes nothing.
 
+Every call has an overall deadline (``timeout``, 15 s as the real node's client, or
+``INFERNET_HTTP_TIMEOUT``) and reads at most 1 MiB of answer (``reconciler.httpsafe``): a
+control plane that trickles or floods is an error like one that is down. A poll answered with
+more commands than asked for runs the first ``limit`` only.
+
 ``httpx`` is imported when a client is built, so importing this module for ``specs_for`` stays
 cheap.
 """
@@ -13,6 +18,7 @@ cheap.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import ssl
 from dataclasses import dataclass
@@ -23,6 +29,7 @@ from reconciler.errors import ConfigError, InfernetError
 from reconciler.identity import AUTH_HEADER, NodeKey, sign_request
 from reconciler.model import ControlPlaneSettings
 from reconciler.nodespecs import offline_body, specs_for
+from reconciler.redact import redact
 
 if TYPE_CHECKING:
     import httpx
@@ -36,7 +43,12 @@ __all__ = [
     "specs_for",
 ]
 
+log = logging.getLogger("infernet.controlplane")
 _SNIPPET = 200  # characters of a server's error text kept in our one-line message
+MAX_COMMAND_ID = 128  # real ids are UUIDs; a longer one is not a command we can answer
+MAX_VERB = 64
+DEADLINE = 15.0  # the real node's client timeout, for the whole call
+_NODE_ID_TAKEN = "registered to a different pubkey"
 
 
 class ControlPlaneError(InfernetError):
@@ -85,21 +97,27 @@ class ControlPlane:
         settings: ControlPlaneSettings,
         key: NodeKey,
         *,
-        timeout: float = 15.0,
+        timeout: float | None = None,
         ca_bundle: str | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         import httpx
 
+        from reconciler import httpsafe  # with httpx: only a client needs it
+        from reconciler.desired import plain_http_problem  # the file's rule, kept by the client
+
         parts = urlsplit(settings.url.strip())
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(
-                f"control_plane.url {settings.url!r} is not an http:// or https:// URL; "
-                "write it as https://host[:port]"
+                f"control_plane.url {redact(settings.url)!r} is not an http:// or "
+                "https:// URL; write it as https://host[:port]"
             )
+        insecure = plain_http_problem(settings.url, insecure=settings.insecure)
+        if insecure is not None:
+            raise ConfigError(f"control_plane.url: {insecure}")
         self.settings = settings
         self.key = key
-        self.timeout = timeout
+        self.timeout = httpsafe.default_deadline(DEADLINE) if timeout is None else timeout
         self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
         self._ca_bundle = ca_bundle
         verify: ssl.SSLContext | bool = True  # httpx: certifi, or $SSL_CERT_FILE when set
@@ -110,10 +128,16 @@ class ControlPlane:
                 raise ConfigError(
                     f"CA bundle {ca_bundle} is unusable ({exc}); point ca_bundle at a PEM file"
                 ) from exc
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout),
+        if transport is not None:  # tests: a transport of their own
+            self._http = httpx.Client(
+                timeout=self.timeout, transport=transport, follow_redirects=False
+            )
+            return
+        limits = httpsafe.Limits(deadline=self.timeout, max_body=httpsafe.CONTROL_PLANE_BODY)
+        self._http = httpsafe.client(
+            limits,
             verify=verify,
-            transport=transport,
+            timeout=httpx.Timeout(self.timeout),
             follow_redirects=False,  # a redirect would change the signed path
         )
 
@@ -146,21 +170,39 @@ class ControlPlane:
         return data if isinstance(data, dict) else {}
 
     def poll_commands(self, limit: int = 5) -> list[RemoteCommand]:
-        """Claim up to ``limit`` pending commands (the server allows at most 10)."""
+        """Claim up to ``limit`` pending commands (the server allows at most 10).
+
+        A control plane that hands out more gets the first ``limit`` run and the rest ignored
+        (it marked them running; its reaper fails them), so one answer can't make the node
+        run an unbounded batch.
+        """
         data = self._post("/api/v1/node/commands/poll", {"limit": limit})
-        rows = data.get("commands") if isinstance(data, dict) else None
+        found = data.get("commands") if isinstance(data, dict) else None
+        rows = found if isinstance(found, list) else []
+        if len(rows) > limit:
+            log.warning(
+                "control plane %s handed out %d commands for a poll of at most %d; running the "
+                "first %d and ignoring the rest", redact(self.url), len(rows), limit,
+                limit,
+            )  # fmt: skip
+            rows = rows[: max(0, limit)]
         commands: list[RemoteCommand] = []
-        for row in rows if isinstance(rows, list) else []:
+        for row in rows:
             # A row without an id can't be answered; one without args gets the default {}.
-            if isinstance(row, dict) and isinstance(row.get("id"), str):
-                args = row.get("args")
-                commands.append(
-                    RemoteCommand(
-                        row["id"],
-                        str(row.get("command", "")),
-                        args if isinstance(args, dict) else {},
-                    )
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+                continue
+            if not 0 < len(row["id"]) <= MAX_COMMAND_ID or not row["id"].isprintable():
+                log.warning("control plane %s sent a command id that is not one (%d characters);"
+                            " ignoring it", redact(self.url), len(row["id"]))  # fmt: skip
+                continue
+            args = row.get("args")
+            commands.append(
+                RemoteCommand(
+                    row["id"],
+                    str(row.get("command", ""))[:MAX_VERB],
+                    args if isinstance(args, dict) else {},
                 )
+            )
         return commands
 
     def post_progress(self, command_id: str, progress: dict[str, Any]) -> str:
@@ -222,6 +264,8 @@ class ControlPlane:
         """Serialise once, sign those bytes and the path as sent, POST, and unwrap ``data``."""
         import httpx
 
+        from reconciler import httpsafe
+
         content = json.dumps(body, separators=(",", ":")).encode("ascii")
         request = self._http.build_request(
             "POST", self.url + path, content=content, headers={"content-type": "application/json"}
@@ -229,14 +273,18 @@ class ControlPlane:
         # Sign what goes on the wire: httpx may normalise the URL, so read the path back.
         wire_path = request.url.raw_path.decode("ascii")
         request.headers[AUTH_HEADER] = sign_request(self.key, "POST", wire_path, content)
-        where = self.url + path
+        where = redact(self.url + path)
         try:
-            response = self._http.send(request)
+            response = self._http.send(request)  # the body too: under the deadline and cap
         except httpx.TimeoutException as exc:
             raise ControlPlaneError(
                 f"control plane {where} did not answer within {self.timeout:g} s "
                 f"({type(exc).__name__}); will retry",
                 retryable=True,
+            ) from exc
+        except httpsafe.BodyRefused as exc:
+            raise ControlPlaneError(
+                f"control plane {where}: {exc}; will retry", retryable=True
             ) from exc
         except httpx.TransportError as exc:
             raise self._transport_error(where, exc) from exc
@@ -266,7 +314,8 @@ class ControlPlane:
             )
         return ControlPlaneError(
             f"cannot reach the control plane at {where} ({type(exc).__name__}: "
-            f"{_line(str(exc)) or 'no detail'}); check control_plane.url and that it is up",
+            f"{_line(redact(str(exc))) or 'no detail'}); check control_plane.url and "
+            "that it is up",
             retryable=True,
         )
 
@@ -290,9 +339,9 @@ def _unwrap(where: str, response: httpx.Response) -> Any:
             retryable=False,
         )
     if status >= 500:
+        # Only the control plane's own JSON error is quoted: a proxy's page is not repeated.
         raise ControlPlaneError(
-            f"control plane {where} failed with HTTP {status}{said or _body_hint(response)}; "
-            "will retry",
+            f"control plane {where} failed with HTTP {status}{said}; will retry",
             status=status,
             detail=detail,
             retryable=True,
@@ -311,6 +360,16 @@ def _unwrap(where: str, response: httpx.Response) -> Any:
             status=status,
             retryable=True,
         )
+    if status == 403 and detail and _NODE_ID_TAKEN in detail:
+        raise ControlPlaneError(
+            f"control plane refused {where} (HTTP 403{said}): another key already registered "
+            "this node_id (the default node_id is the host name, so a cloned host collides). "
+            "Give this node its own control_plane.node_id in infernet.yaml, or, if this is the "
+            "same node with a new key, restore its old key_file",
+            status=403,
+            detail=detail,
+            retryable=False,
+        )
     if status >= 400:
         raise ControlPlaneError(
             f"control plane refused {where} (HTTP {status}{said})",
@@ -321,7 +380,7 @@ def _unwrap(where: str, response: httpx.Response) -> Any:
     if status >= 300:
         raise ControlPlaneError(
             f"control plane {where} redirected (HTTP {status}); set control_plane.url to the "
-            f"final address ({response.headers.get('location', '?')})",
+            f"final address ({redact(response.headers.get('location', '?'))[:200]})",
             status=status,
             retryable=False,
         )
@@ -331,11 +390,6 @@ def _unwrap(where: str, response: httpx.Response) -> Any:
 def _row_id(data: Any) -> str | None:
     row = data.get("id") if isinstance(data, dict) else None
     return str(row) if row is not None else None
-
-
-def _body_hint(response: httpx.Response) -> str:
-    text = _line(response.text)
-    return f": {text}" if text else ""
 
 
 def _line(text: str) -> str:

@@ -2,8 +2,8 @@
 
 One pass, in order: YAML (with marks, duplicate keys, tabs, truncation) → JSON Schema
 (``schemas/infernet.schema.json``, errors reworded) → semantic rules the schema cannot express
-(names per backend, duplicates after canonicalisation, advertised-name collisions, the control
-plane's 50-name limit, empty lists, the VRAM reserve) → defaults. Any problem raises
+(names per backend, duplicates after canonicalisation, advertised-name collisions, empty lists,
+the VRAM reserve) → defaults. Any problem raises
 ``ValidationError`` listing all of them, so a user fixes the file in one go and an invalid file
 never reaches the planner (contract §4.4).
 """
@@ -41,7 +41,9 @@ from reconciler.model import (
 ENV_CONFIG = "INFERNET_CONFIG"
 SEARCH_PATH = (Path("infernet.yaml"), Path("/etc/infernet/infernet.yaml"))
 SCHEMA_FILE = "infernet.schema.json"
-MAX_ADVERTISED = 50  # the control plane rejects a heartbeat with more served_models
+MAX_ADVERTISED = 50
+"""The control plane rejects a heartbeat listing more served_models. A file may list more (it
+is valid, with or without a control plane); the plan warns and the first 50 are advertised."""
 
 _OLLAMA_PORT = 11434
 _EMPTY = "file is empty: expected at least 'served_models: [...]'"
@@ -96,7 +98,7 @@ def load(path: Path, *, env: Mapping[str, str] | None = None) -> Desired:
         raise ValidationError(
             [Problem(str(path), line, column, "the file is not UTF-8 text; save it as UTF-8")]
         ) from exc
-    desired = _validate(text, file=str(path), env=os.environ if env is None else env)
+    desired = _validate_bounded(text, file=str(path), env=os.environ if env is None else env)
     source = ConfigSource(
         str(path), hashlib.sha256(data).hexdigest(), _gitcommit.commit_of(path, data)
     )
@@ -105,7 +107,7 @@ def load(path: Path, *, env: Mapping[str, str] | None = None) -> Desired:
 
 def parse(text: str, *, path: str, env: Mapping[str, str] | None = None) -> Desired:
     """Validate ``text`` as if read from ``path`` (no git lookup); raises ``ValidationError``."""
-    desired = _validate(text, file=path, env=os.environ if env is None else env)
+    desired = _validate_bounded(text, file=path, env=os.environ if env is None else env)
     return replace(desired, source=ConfigSource(path, hashlib.sha256(text.encode()).hexdigest()))
 
 
@@ -154,6 +156,16 @@ class _Check:
         except ValueError as exc:
             self.report(path, f"{format_path(path)}: {exc}")
             return None
+
+
+def _validate_bounded(text: str, *, file: str, env: Mapping[str, str]) -> Desired:
+    """``_validate``; should some input still recurse past Python's limit (the YAML reader
+    bounds nesting, so none is known to), it is one more invalid file, not a crash."""
+    try:
+        return _validate(text, file=file, env=env)
+    except RecursionError:
+        message = "the file is nested too deeply to check; infernet.yaml needs only a few levels"
+        raise ValidationError([Problem(file, 1, 1, message)]) from None
 
 
 def _validate(text: str, *, file: str, env: Mapping[str, str]) -> Desired:
@@ -256,12 +268,6 @@ def _models(
             continue
         advertiser[spec.advertise_as] = index
         specs.append(spec)
-    if len(entries) > MAX_ADVERTISED:  # reported last so the entries above are still checked
-        check.report(
-            ("served_models", MAX_ADVERTISED),
-            f"served_models has {len(entries)} entries: "
-            f"the control plane accepts at most {MAX_ADVERTISED} served_models",
-        )
     return tuple(specs)
 
 
@@ -434,4 +440,32 @@ def _control_plane(raw: dict[str, Any], check: _Check) -> ControlPlaneSettings |
         if interval is not None and interval <= 0:
             check.report(path, f"{format_path(path)}: expected more than 0 seconds")
         values["heartbeat_interval"] = interval
+    if isinstance(values.get("url"), str):
+        problem = plain_http_problem(values["url"], insecure=values.get("insecure") is True)
+        if problem is not None:
+            url_path: JsonPath = ("control_plane", "url")
+            check.report(url_path, f"{format_path(url_path)}: {problem}")
     return ControlPlaneSettings(**values)
+
+
+def plain_http_problem(url: str, *, insecure: bool) -> str | None:
+    """Why a control plane at ``url`` is refused, or None.
+
+    Commands come from the control plane, so a plain ``http://`` one off this host lets
+    anyone on the path inject them: allowed only on loopback, or with ``insecure: true``.
+    """
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme.lower() != "http" or insecure:
+        return None
+    host = (parts.hostname or "").lower()
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    return (
+        f"plain http:// to {host or 'the control plane'} lets anyone on the network path send "
+        "this node commands and read its heartbeats; use https://, or set "
+        "control_plane.insecure: true to accept that"
+    )

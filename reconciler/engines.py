@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 
+from reconciler import httpsafe
 from reconciler._files import write_atomically
 from reconciler.errors import BackendError
 from reconciler.model import ENGINE_COMMANDS
@@ -96,7 +97,7 @@ shift
 trap : HUP INT TERM
 "$@"
 code=$?
-printf '%s\\n' "$code" >"$exitfile"
+(umask 077; printf '%s\\n' "$code" >"$exitfile")
 echo "[infernet] engine exited with code $code" >&2
 exit "$code"
 """
@@ -273,15 +274,19 @@ class Engines:
         base_port: int = 8000,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        self.folder = Path(folder)
+        # Absolute: engines run with the folder as their working directory, and the shell
+        # writes ``<name>.exit`` by this path (a relative --state-dir broke that).
+        self.folder = Path(folder).absolute()
         self.host = host
         self.base_port = base_port
         self.env = dict(env or {})
 
     @functools.cached_property
     def _http(self) -> httpx.Client:
-        # Made on first use: an SSL context costs ~15 ms on every plan otherwise.
-        return httpx.Client(timeout=PROBE_TIMEOUT, trust_env=False)
+        # Made on first use: an SSL context costs ~15 ms on every plan otherwise. A probe ends
+        # within its timeout in all, whatever the engine (or whoever holds the port) sends.
+        limits = httpsafe.Limits(deadline=PROBE_TIMEOUT, max_body=httpsafe.PROBE_BODY)
+        return httpsafe.client(limits, timeout=PROBE_TIMEOUT, trust_env=False)
 
     def close(self) -> None:
         """Release the HTTP connections (engines keep running)."""
@@ -637,7 +642,10 @@ class Engines:
     def _models(self, url: str, timeout: float = PROBE_TIMEOUT) -> builtins.list[str] | None:
         """Ids on ``url``'s ``/v1/models``; None when nothing OpenAI-compatible answers."""
         try:
-            resp = self._http.get(f"{url}/v1/models", timeout=timeout)
+            resp = self._http.get(
+                f"{url}/v1/models", timeout=timeout,
+                extensions=httpsafe.limits(deadline=timeout, max_body=httpsafe.PROBE_BODY),
+            )  # fmt: skip
             data = resp.json().get("data") if resp.status_code == 200 else None
         except (httpx.HTTPError, httpx.InvalidURL, ValueError, AttributeError):
             return None

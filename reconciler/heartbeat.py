@@ -23,6 +23,7 @@ from reconciler.controlplane import ControlPlane, ControlPlaneError, specs_for
 from reconciler.errors import InfernetError
 from reconciler.identity import load_key
 from reconciler.model import ControlPlaneSettings, GpuState
+from reconciler.redact import redact
 from state import Store
 
 LAST_HEARTBEAT = "last_heartbeat"  # state-store status key read by ``infernet status``
@@ -68,7 +69,8 @@ class Heartbeater:
     ) -> Exception | None:
         """One heartbeat with the full specs; records the outcome; returns the failure."""
         record: dict[str, Any] = {
-            "at": _now(), "url": self.settings.url, "served_models": list(served),
+            "at": _now(), "url": redact(self.settings.url),
+            "served_models": list(served),
         }  # fmt: skip
         failure: Exception | None = None
         try:
@@ -117,12 +119,12 @@ class Heartbeater:
         try:
             self._connect().heartbeat({"status": "offline"})
         except (InfernetError, ValueError) as exc:
-            return f"offline heartbeat to {self.settings.url} failed: {exc}"
+            return f"offline heartbeat to {redact(self.settings.url)} failed: {exc}"
         return None
 
 
 def _describe(url: str, exc: Exception) -> str:
-    return f"heartbeat to {url} failed: {exc}"
+    return f"heartbeat to {redact(url)} failed: {exc}"
 
 
 __all__ = ["LAST_HEARTBEAT", "ControlPlaneError", "Heartbeater"]

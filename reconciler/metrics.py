@@ -53,7 +53,9 @@ class Metrics:
     def start(cls, addr: str) -> Metrics:
         """Serve ``/metrics`` on ``addr`` (``host:port``, ``:port``, ``[v6]:port``).
 
-        ``:port`` listens on every IPv4 interface. Port 0 picks a free port (see ``address``).
+        ``:port`` listens on loopback only (127.0.0.1): the metrics name the node's models and
+        failures, so reaching them from the network takes an explicit ``0.0.0.0:port``. Port 0
+        picks a free port (see ``address``).
         A malformed address, an unknown host or a port that can't be bound raises
         ``ConfigError`` naming the address.
         """
@@ -239,7 +241,7 @@ class _Instruments:
 
 
 def _split(addr: str) -> tuple[str, int]:
-    """``host:port`` → (host, port); brackets stripped from IPv6; an empty host = all IPv4."""
+    """``host:port`` → (host, port); brackets stripped from IPv6; an empty host = 127.0.0.1."""
     host, sep, port_text = addr.strip().rpartition(":")
     if not sep or not _PORT.fullmatch(port_text) or int(port_text) > 65535:
         raise ConfigError(f"metrics address {addr!r}: expected HOST:PORT, :PORT or [IPv6]:PORT")
@@ -249,7 +251,7 @@ def _split(addr: str) -> tuple[str, int]:
         raise ConfigError(f"metrics address {addr!r}: write an IPv6 host in brackets, [::1]:PORT")
     # Like Prometheus exporters, ":9464" means every interface; IPv4 only, because dual-stack
     # binding is not available everywhere and a node that wants IPv6 can say "[::]:9464".
-    return host or "0.0.0.0", int(port_text)
+    return host or "127.0.0.1", int(port_text)
 
 
 def _serve(

@@ -81,6 +81,7 @@ class LlamacppSettings:
 
     models_dir: str = "/var/lib/infernet/models"
     url: str = "http://127.0.0.1:8080"
+    parallel: int | None = None  # the router's -np, for the estimate while it can't be asked
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class ControlPlaneSettings:
     heartbeat_interval: float = 30.0
     commands: str = "edit"
     ca_bundle: str | None = None  # extension: PEM CAs for a private control plane
+    insecure: bool = False  # true = a plain http:// control plane off loopback is accepted
 
 
 @dataclass(frozen=True)
@@ -199,8 +201,14 @@ class ModelFacts:
     value_length: int | None = None
     capabilities: tuple[str, ...] = ()
     file_type: int | None = None  # GGUF general.file_type (llama_ftype), when the header has it
-    run_context: int | None = None  # context the backend runs it at when the file sets none
+    run_context: int | None = None  # tokens per sequence the backend runs it at (router -c)
     parallel: int | None = None  # sequences the backend serves at once (KV cache copies)
+    vocab_size: int | None = None  # tokens in the vocabulary (GGUF token list)
+    vocab_merges: int | None = None  # BPE merge rules (GGUF tokenizer.ggml.merges)
+    feed_forward_length: int | None = None  # widest feed-forward layer (GGUF key)
+    kv_unified: bool | None = None  # the sequences share one KV pool of run_context cells
+    ubatch: int | None = None  # tokens per micro-batch (llama-server -ub): the compute buffer's
+    cpu_repack_bytes: int | None = None  # weights llama.cpp's CPU backend copies to repack here
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,12 @@ def make_backends(
     stall = float(os.environ.get("INFERNET_PULL_STALL_TIMEOUT", "300"))
     backends: dict[BackendKind, Backend] = {
         BackendKind.OLLAMA: OllamaBackend(desired.ollama, cache=cache, stall_timeout=stall),
-        BackendKind.LLAMACPP: LlamacppBackend(desired.llamacpp, cache=cache, stall_timeout=stall),
+        BackendKind.LLAMACPP: LlamacppBackend(
+            desired.llamacpp,
+            cache=cache,
+            stall_timeout=stall,
+            disk_reserve=desired.budget.disk_reserve,
+        ),
     }
     if state_dir is not None:
         engines = Engines(state_dir / "engines", base_port=_port(desired.hf.url))
@@ -167,14 +172,26 @@ def fingerprint(backends: dict[BackendKind, BackendState], upstream: dict[str, U
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
+RUN_FACTS = ("run_context", "parallel", "kv_unified", "ubatch")
+"""How the backend runs a model (a llama.cpp router's ``-c``, ``-np``…): the inventory's, which
+asked the server; the details describe the artifact alone and never replace them."""
+
+
 def _merge(installed: InstalledModel, shown: ModelFacts) -> InstalledModel:
-    """Show's GGUF keys on top of the tags entry (which has size and digest)."""
+    """Show's GGUF keys on top of the tags entry (which has size and digest) and on top of
+    how the backend runs the model (``RUN_FACTS``)."""
+    run = {
+        name: getattr(installed.facts, name)
+        for name in RUN_FACTS
+        if getattr(installed.facts, name) is not None
+    }
     facts = dataclasses.replace(
         shown,
         digest=installed.facts.digest,
         size=installed.facts.size,
         weights_bytes=installed.facts.weights_bytes,
         quantization=shown.quantization or installed.facts.quantization,
+        **run,
     )
     return dataclasses.replace(installed, facts=facts)
 

@@ -3,7 +3,9 @@
 No I/O and no clock, so it is tested from data tables (``tests/unit/plans/*.yaml``). Actions come
 out in execution order: pulls and updates first, then pins and unpins, removals last (make
 before break, contract §4.1). Every desired or installed model that needs nothing is recorded as
-a no-op with its reason, so ``plan -v`` can explain itself.
+a no-op with its reason, so ``plan -v`` can explain itself. Actions name a model as the file
+writes it; an HF repository's revision is in ``canonical`` (``org/repo@revision``), never in
+the name.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from reconciler import budget
+from reconciler.desired import MAX_ADVERTISED
 from reconciler.model import (
     ENGINE_KINDS,
     FOREVER,
@@ -152,7 +155,7 @@ def _plan_missing(draft: _Draft, spec: ModelSpec, up: Upstream | None) -> None:
     draft.download[spec.backend] += up.download_bytes
     draft.actions.append(
         Action(
-            Op.PULL, _ref(spec), spec.backend, spec.canonical,
+            Op.PULL, spec.name, spec.backend, spec.canonical,
             f"in served_models, not installed ({up.total_bytes} bytes, "
             f"{up.download_bytes} to download)",
             download_bytes=up.download_bytes, vram_bytes=est.bytes, digest=up.facts.digest,
@@ -248,9 +251,10 @@ def _plan_installed(
         draft.noops.append(Noop(spec.name, spec.backend, reason))
 
 
-def _ref(spec: ModelSpec) -> str:
-    """What actions name: the file's name, or ``org/repo@revision`` for HF repositories."""
-    return spec.canonical if spec.backend in ENGINE_KINDS else spec.name
+def _installed_name(kind: BackendKind, model: InstalledModel) -> str:
+    """An installed model's name as a file would write it: an HF cache entry is listed as
+    ``org/repo@revision``, and the revision is not part of the name."""
+    return model.name.partition("@")[0] if kind in ENGINE_KINDS else model.name
 
 
 def _source(spec: ModelSpec) -> str | None:
@@ -276,7 +280,7 @@ def _can_serve(draft: _Draft, spec: ModelSpec) -> bool:
 def _engine_start(spec: ModelSpec, vram: int | None, why: str) -> Action:
     """A pin, for engine-served models: start the engine (it holds its claim while it runs)."""
     return Action(
-        Op.PIN, _ref(spec), spec.backend, spec.canonical, why, vram_bytes=vram,
+        Op.PIN, spec.name, spec.backend, spec.canonical, why, vram_bytes=vram,
         keep_alive=FOREVER, context=spec.context, advertise_as=spec.advertise_as,
     )  # fmt: skip
 
@@ -316,12 +320,22 @@ def _warn_context(draft: _Draft, spec: ModelSpec, facts: ModelFacts) -> None:
             f"{spec.name}: keep_alive has no effect on {spec.backend.value}: its engine serves "
             "it, holding its memory, for as long as it is in the file"
         )
-    if spec.backend is not BackendKind.LLAMACPP or spec.context is None:
+    if spec.backend is not BackendKind.LLAMACPP:
         return
-    if facts.run_context and facts.run_context != spec.context:
+    stated = draft.desired.llamacpp.parallel
+    if stated and facts.run_context and facts.parallel and facts.parallel != stated:
+        # One router for every model: say it once. The estimate counts what really runs.
+        text = (
+            f"backends.llamacpp.parallel is {stated} but the router runs {facts.parallel} "
+            f"slots (its -np); the estimate counts {facts.parallel}"
+        )
+        if text not in draft.warnings:
+            draft.warnings.append(text)
+    if spec.context is not None and facts.run_context and facts.run_context != spec.context:
         draft.warnings.append(
             f"{spec.name}: context {spec.context} can't be set per model on llama.cpp; the "
-            f"router runs it at {facts.run_context} (its -c). The estimate uses {spec.context}"
+            f"router runs it at {facts.run_context} tokens a slot (its -c over its -np). The "
+            f"estimate uses {facts.run_context}, what runs"
         )
 
 
@@ -337,20 +351,22 @@ def _plan_removals(draft: _Draft, desired_keys: set[str], force: frozenset[str])
             if k in desired_keys:
                 continue
             mine = k in draft.owned.models
+            name = _installed_name(kind, model)
             if k not in force and k in draft.owned.protected:
                 draft.warnings.append(
                     f"{model.name} left the file but was declared protect: true; it stays "
-                    f"(remove it with: infernet model remove {model.name})"
+                    f"(to remove it, list it again without protect: true, then run: infernet "
+                    f"model remove {name})"
                 )
-                draft.noops.append(Noop(model.name, kind, "not in the file; protected"))
+                draft.noops.append(Noop(name, kind, "not in the file; protected"))
                 continue
             if k not in force and prune == "none":
                 why = "not in the file; kept (policy.prune: none)"
-                draft.noops.append(Noop(model.name, kind, why))
+                draft.noops.append(Noop(name, kind, why))
                 continue
             if k not in force and prune == "managed" and not mine:
                 why = "not installed by infernet; left alone (policy.prune: all would remove it)"
-                draft.noops.append(Noop(model.name, kind, why))
+                draft.noops.append(Noop(name, kind, why))
                 continue
             if k in force:
                 reason = "removed by name"
@@ -363,14 +379,12 @@ def _plan_removals(draft: _Draft, desired_keys: set[str], force: frozenset[str])
                     f"{model.name} left the file but an engine infernet did not start serves "
                     "it; not removed (stop that engine first)"
                 )
-                draft.noops.append(Noop(model.name, kind, "served by a foreign engine; kept"))
+                draft.noops.append(Noop(name, kind, "served by a foreign engine; kept"))
                 continue
             if running is not None:
                 reason += "; loaded: unloaded first"
             embedding = "embedding" in model.facts.capabilities
-            out.append(
-                Action(Op.REMOVE, model.name, kind, model.canonical, reason, embedding=embedding)
-            )
+            out.append(Action(Op.REMOVE, name, kind, model.canonical, reason, embedding=embedding))
     return out
 
 
@@ -407,6 +421,17 @@ def _finish(draft: _Draft) -> Plan:
         draft.warnings.append(observed.gpu.note)
     draft.actions.sort(key=lambda a: _ORDER[a.op])
     advertised = tuple(s.advertise_as for s in draft.servable if s.name not in fit.unfit)
+    if len(advertised) > MAX_ADVERTISED:
+        # The control plane keeps at most 50 names: the first 50 in file order go out; every
+        # model is still installed and served, and reachable by its name on the node.
+        left = advertised[MAX_ADVERTISED:]
+        draft.warnings.append(
+            f"{len(advertised)} models to advertise, but the control plane lists at most "
+            f"{MAX_ADVERTISED} per node: the first {MAX_ADVERTISED} in file order are "
+            f"advertised; {len(left)} are installed and served but not advertised "
+            f"({', '.join(left[:5])}{', …' if len(left) > 5 else ''})"
+        )
+        advertised = advertised[:MAX_ADVERTISED]
     return Plan(
         source=desired.source, fingerprint=observed.fingerprint, actions=tuple(draft.actions),
         noops=tuple(draft.noops), budget=fit.budget, advertised=advertised,

@@ -9,6 +9,7 @@ version cannot apply — another ``format_version``, a hand edit that breaks
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -16,10 +17,12 @@ from reconciler import _schemacheck
 from reconciler._files import write_atomically
 from reconciler.errors import ConfigError
 from reconciler.model import (
+    ENGINE_KINDS,
     Action,
     BackendKind,
     Budget,
     ConfigSource,
+    Desired,
     DiskBudget,
     Estimate,
     GpuProcess,
@@ -27,6 +30,8 @@ from reconciler.model import (
     Op,
     Plan,
 )
+from reconciler.names import key
+from reconciler.redact import redact
 
 FORMAT_VERSION = 1
 SCHEMA_FILE = "plan.schema.json"
@@ -48,6 +53,7 @@ def to_document(plan: Plan) -> dict[str, Any]:
             {
                 "op": a.op.value,
                 "model": a.model,
+                "revision": revision(a),
                 "backend": a.backend.value,
                 "canonical": a.canonical,
                 "reason": a.reason,
@@ -57,7 +63,9 @@ def to_document(plan: Plan) -> dict[str, Any]:
                 "digest": a.digest,
                 "embedding": a.embedding,
                 "context": a.context,
-                "source": a.source,
+                # Shown without credentials or a signed query: the document is printed, saved
+                # and passed around (Ansible); ``with_sources`` restores it from the file.
+                "source": redact(a.source) if a.source else None,
                 "advertise_as": a.advertise_as,
             }
             for a in plan.actions
@@ -106,6 +114,25 @@ def to_document(plan: Plan) -> dict[str, Any]:
         "errors": list(plan.errors),
         "warnings": list(plan.warnings),
     }
+
+
+def with_sources(plan: Plan, desired: Desired) -> Plan:
+    """``plan`` read back from a document, each download's source restored from ``desired``
+    (the document shows them redacted). The caller has checked that ``desired`` is the very
+    file the plan was made from."""
+    real = {key(s.backend, s.canonical): s.source for s in desired.models if s.source}
+    actions = tuple(
+        replace(a, source=real.get(key(a.backend, a.canonical), a.source)) if a.source else a
+        for a in plan.actions
+    )
+    return replace(plan, actions=actions)
+
+
+def revision(action: Action) -> str | None:
+    """The HF revision an action is at (its own field: never part of ``model``); None for
+    backends without revisions. ``canonical`` is ``org/repo@revision`` for those that have one,
+    so reading a saved plan needs nothing more."""
+    return action.canonical.rpartition("@")[2] if action.backend in ENGINE_KINDS else None
 
 
 def from_document(doc: dict[str, Any], *, path: str) -> Plan:

@@ -16,6 +16,7 @@ from typing import IO, Any
 
 from reconciler.events import Event, Kind
 from reconciler.model import Op, Plan
+from reconciler.plandoc import revision
 from reconciler.units import format_bytes
 
 _SIGN = {Op.PULL: "+", Op.UPDATE: "~", Op.PIN: "^", Op.UNPIN: "v", Op.REMOVE: "-"}
@@ -54,7 +55,12 @@ def render_plan(plan: Plan, *, verbose: bool = False) -> str:
             if a.download_bytes:
                 size = f"{human_bytes(a.download_bytes)} to download"
             rows.append([_SIGN[a.op], a.op.value, a.model, a.backend.value, size, a.reason])
-        out.append(table(rows, ["", "ACTION", "MODEL", "BACKEND", "DOWNLOAD", "REASON"]))
+        headers = ["", "ACTION", "MODEL", "BACKEND", "DOWNLOAD", "REASON"]
+        revisions = [revision(a) for a in plan.actions]
+        if any(revisions):  # HF repositories: the revision is its own column, not in the name
+            rows = [[*r[:3], v or "", *r[3:]] for r, v in zip(rows, revisions, strict=True)]
+            headers = [*headers[:3], "REVISION", *headers[3:]]
+        out.append(table(rows, headers))
         out.append("")
     if verbose and plan.noops:
         rows = [["=", "none", n.model, n.backend.value, n.reason] for n in plan.noops]
@@ -231,6 +237,10 @@ class ProgressPrinter:
 
 
 def render_models(rows: Iterable[dict[str, Any]]) -> str:
-    """``model list``: Model, Size, Backend, Status."""
+    """``model list``: Model, Size, Backend, Status (and Revision when an HF model is there)."""
+    rows = list(rows)
     body = [[r["model"], human_bytes(r.get("size")), r["backend"], r["status"]] for r in rows]
+    if any(r.get("revision") for r in rows):
+        body = [[b[0], r.get("revision") or "", *b[1:]] for b, r in zip(body, rows, strict=True)]
+        return table(body, ["MODEL", "REVISION", "SIZE", "BACKEND", "STATUS"])
     return table(body, ["MODEL", "SIZE", "BACKEND", "STATUS"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from reconciler.model import (
 from reconciler.names import key
 from reconciler.observe import make_backends, observe
 from reconciler.plan import plan, serving
+from reconciler.redact import redact
 from state import NodeLock, Store
 
 PROTECTED = "protected"  # status key: model keys declared protect: true, until removed
@@ -76,6 +77,15 @@ def lock_timeout() -> float:
     return float(os.environ.get("INFERNET_LOCK_TIMEOUT", "30"))
 
 
+def node_lock(state_dir: Path, purpose: str, timeout: float | None = None) -> NodeLock:
+    """The node lock (one writer per node), held: ``LockError`` names the holder when it is
+    not free within ``timeout`` seconds (default ``INFERNET_LOCK_TIMEOUT``). A writer takes it
+    before it reads the file, so what it applies is never older than what the last writer did."""
+    held = NodeLock(state_dir, purpose=purpose)
+    held.acquire(timeout=lock_timeout() if timeout is None else timeout)
+    return held
+
+
 def read_owned(store: Store) -> Owned:
     """What we own, what was measured, and what is protected, from the store."""
     models = {
@@ -90,11 +100,13 @@ def read_owned(store: Store) -> Owned:
     return Owned(models=models, measured_vram=measured, protected=frozenset(protected))
 
 
-def _adopt_interrupted_pulls(store: Store, observed: Observed, owned: Owned) -> bool:
-    """Record as ours a model whose pull was cut off (a crash, a kill) but which the backend
-    finished on its own (Ollama goes on after the client dies): otherwise it would count as
-    unmanaged, and dropping it from the file would never remove it. True when one was."""
-    adopted = False
+def _interrupted_pulls(
+    store: Store, observed: Observed, owned: Owned
+) -> list[tuple[OwnedModel, str | None]]:
+    """Models whose pull was cut off (a crash, a kill) but which the backend finished on its
+    own (Ollama goes on after the client dies), with their digests: they are ours, or they
+    would count as unmanaged and dropping them from the file would never remove them."""
+    found = []
     for entry in store.unfinished_actions():
         if entry.op not in (Op.PULL.value, Op.UPDATE.value):
             continue
@@ -105,21 +117,31 @@ def _adopt_interrupted_pulls(store: Store, observed: Observed, owned: Owned) -> 
             continue
         for model in state.installed:
             if model.canonical == entry.canonical:
-                store.record_installed(backend=entry.backend, canonical=entry.canonical,
-                                       name=entry.model, digest=model.facts.digest)  # fmt: skip
-                adopted = True
-    return adopted
+                ours = OwnedModel(BackendKind(entry.backend), entry.canonical, entry.model)
+                found.append((ours, model.facts.digest))
+    return found
 
 
-def remember_protected(store: Store, desired: Desired, observed: Observed) -> None:
-    """Protected keys stay protected after they leave the file, until the model is gone."""
+def _protected(previous: frozenset[str], desired: Desired, observed: Observed) -> frozenset[str]:
+    """Protected keys stay protected after they leave the file, until the model is gone (seen
+    missing from a backend that answered: one that is down says nothing about what it has)."""
+    answered = {kind.value for kind, s in observed.backends.items() if s.reachable}
     installed = {
         key(kind, m.canonical) for kind, s in observed.backends.items() for m in s.installed
     }
-    previous = set(store.get_status(PROTECTED) or [])
+
+    def gone(k: str) -> bool:
+        return k.partition(":")[0] in answered and k not in installed
+
     now = {key(m.backend, m.canonical) for m in desired.models if m.protect}
     declared = {key(m.backend, m.canonical) for m in desired.models}
-    keep = {k for k in previous if k in installed and k not in declared} | now
+    return frozenset({k for k in previous if not gone(k) and k not in declared} | now)
+
+
+def remember_protected(store: Store, desired: Desired, observed: Observed) -> None:
+    """Keep in the store which models are protected now (see ``_protected``)."""
+    previous = frozenset(store.get_status(PROTECTED) or [])
+    keep = _protected(previous, desired, observed)
     if keep != previous:
         store.put_status(PROTECTED, sorted(keep))
 
@@ -141,9 +163,13 @@ class Session:
         backends = make_backends(desired, cache=StoreCache(store), state_dir=store.state_dir)
         return cls(desired, store, backends, _heartbeater(desired, store))
 
-    def with_desired(self, fresh: Desired) -> Session:
+    def with_desired(self, fresh: Desired, *, retired: list[Heartbeater] | None = None) -> Session:
         """This session with a new desired state; adapters are rebuilt only if their
-        settings changed (a daemon keeps its connections across edits of served_models)."""
+        settings changed (a daemon keeps its connections across edits of served_models).
+
+        A heartbeater replaced by new control-plane settings is closed, or, with ``retired``,
+        put there for the caller to close once nothing uses its client any more (the
+        daemon's command runner may be answering a command with it right now)."""
         backends, beats = self.backends, self.heartbeater
         if (fresh.ollama, fresh.llamacpp, fresh.hf) != (
             self.desired.ollama,
@@ -156,7 +182,9 @@ class Session:
                 fresh, cache=StoreCache(self.store), state_dir=self.store.state_dir
             )
         if fresh.control_plane != self.desired.control_plane:
-            if beats is not None:
+            if beats is not None and retired is not None:
+                retired.append(beats)
+            elif beats is not None:
                 beats.close()
             beats = _heartbeater(fresh, self.store)
         return Session(fresh, self.store, backends, beats)
@@ -181,16 +209,33 @@ class Session:
         allow_destroy: bool = False,
         refresh: bool = False,
         force_remove: frozenset[str] = frozenset(),
+        record: bool = False,
     ) -> tuple[Observed, Plan]:
-        """Observe the node and plan against the file (``force_remove``: removals by name)."""
+        """Observe the node and plan against the file (``force_remove``: removals by name).
+
+        ``record``: the caller holds the node lock and is about to act (``apply``, a daemon
+        reconcile), so what this observation establishes about ownership is kept in the store
+        whether or not the plan changes anything: protections the file declares, pulls a crash
+        cut off that the backend finished. Without it (``plan``, ``status``) nothing is
+        written; the plan is made from the same facts, held in memory.
+        """
         owned = read_owned(self.store)
         owners = {m.canonical: m.backend for m in owned.models.values()}
         observed = observe(
             self.desired, self.backends, cache=StoreCache(self.store), refresh_upstream=refresh,
             owners=owners,
         )  # fmt: skip
-        if _adopt_interrupted_pulls(self.store, observed, owned):
+        adopted = _interrupted_pulls(self.store, observed, owned)
+        if record:
+            for ours, digest in adopted:
+                self.store.record_installed(backend=ours.backend.value, canonical=ours.canonical,
+                                            name=ours.name, digest=digest)  # fmt: skip
+            remember_protected(self.store, self.desired, observed)
             owned = read_owned(self.store)
+        else:
+            models = {**owned.models, **{key(o.backend, o.canonical): o for o, _ in adopted}}
+            protected = _protected(owned.protected, self.desired, observed)
+            owned = replace(owned, models=models, protected=protected)
         allow = allow_destroy or bool(force_remove)
         result = plan(self.desired, observed, owned, allow_destroy=allow, force_remove=force_remove)
         if self.store.rebuilt:
@@ -257,7 +302,7 @@ class Session:
         error = self.heartbeater.beat(
             served, observed.gpu, self.extension(the_plan, converged=converged)
         )
-        url = self.heartbeater.settings.url
+        url = redact(self.heartbeater.settings.url)
         message = error or f"heartbeat: {url} now lists {len(served)} models"
         progress(Event(Kind.NOTE, outcome="failed" if error else "ok", message=message))
 
@@ -267,9 +312,7 @@ class Session:
 
     def lock_within(self, purpose: str, timeout: float) -> NodeLock:
         """The node lock, waiting at most ``timeout`` seconds (``LockError`` names the holder)."""
-        node_lock = NodeLock(self.store.state_dir, purpose=purpose)
-        node_lock.acquire(timeout=timeout)
-        return node_lock
+        return node_lock(self.store.state_dir, purpose, timeout)
 
 
 def _heartbeater(desired: Desired, store: Store) -> Heartbeater | None:
@@ -280,8 +323,6 @@ def _heartbeater(desired: Desired, store: Store) -> Heartbeater | None:
 
 
 def _with_warning(p: Plan, text: str) -> Plan:
-    from dataclasses import replace
-
     return replace(p, warnings=(*p.warnings, text))
 
 

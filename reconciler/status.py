@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from reconciler.model import Desired, Observed, Plan
+from reconciler.model import ENGINE_KINDS, BackendKind, Desired, Observed, Plan
 from reconciler.names import key
 from reconciler.plan import serving
+from reconciler.plandoc import revision
 from reconciler.render import human_bytes, table
 
 if TYPE_CHECKING:
@@ -15,7 +16,11 @@ if TYPE_CHECKING:
 
 
 def model_rows(desired: Desired, observed: Observed, store: Store) -> list[dict[str, Any]]:
-    """One row per desired or installed model: Model, Size, Backend, Status."""
+    """One row per desired or installed model: Model, Size, Backend, Status.
+
+    ``model`` is the name as the file writes it (as installed, for models the file doesn't
+    list); an HF repository's revision is its own field, ``revision``, as in the plan.
+    """
     owned = {(r.backend, r.canonical) for r in store.owned()}
     wanted = {key(m.backend, m.canonical): m for m in desired.models}
     rows: list[dict[str, Any]] = []
@@ -33,20 +38,32 @@ def model_rows(desired: Desired, observed: Observed, store: Store) -> list[dict[
                 status = "installed"
             else:
                 status = "unmanaged"
+            spec = wanted.get(k)
+            name, rev = _name_and_revision(kind, model.canonical, model.name)
             rows.append({
-                "model": model.name, "size": model.facts.size, "backend": kind.value,
+                "model": spec.name if spec else name, "revision": rev,
+                "size": model.facts.size, "backend": kind.value,
                 "status": status, "desired": k in wanted,
                 "quantization": model.facts.quantization, "digest": model.facts.digest,
                 "size_vram": run.size_vram if run else None,
             })  # fmt: skip
     for k, spec in wanted.items():
         if k not in seen:
+            rev = _name_and_revision(spec.backend, spec.canonical, spec.name)[1]
             rows.append({
-                "model": spec.name, "size": None, "backend": spec.backend.value,
-                "status": "missing", "desired": True, "quantization": spec.quantization,
-                "digest": None, "size_vram": None,
+                "model": spec.name, "revision": rev, "size": None,
+                "backend": spec.backend.value, "status": "missing", "desired": True,
+                "quantization": spec.quantization, "digest": None, "size_vram": None,
             })  # fmt: skip
     return rows
+
+
+def _name_and_revision(kind: BackendKind, canonical: str, name: str) -> tuple[str, str | None]:
+    """An HF repository (``org/repo@revision`` in canonical form) as name and revision."""
+    if kind in ENGINE_KINDS:
+        repo, _, revision = canonical.rpartition("@")
+        return name.partition("@")[0] or repo, revision
+    return name, None
 
 
 def engine_rows(session: Session) -> list[dict[str, Any]]:
@@ -90,7 +107,10 @@ def build_status(session: Session, observed: Observed, plan: Plan) -> dict[str, 
         "models": model_rows(session.desired, observed, store),
         "engines": engine_rows(session),
         "advertised": list(serving(plan, session.desired)),  # what a heartbeat lists now
-        "drift": [{"op": a.op.value, "model": a.model, "reason": a.reason} for a in plan.actions],
+        "drift": [
+            {"op": a.op.value, "model": a.model, "revision": revision(a), "reason": a.reason}
+            for a in plan.actions
+        ],
         "errors": list(plan.errors),
         "warnings": list(plan.warnings),
         "budget": {

@@ -17,12 +17,14 @@ from pathlib import Path
 
 from reconciler.errors import StateError
 from state import clock, schema
+from state.location import narrow, open_private
 
 DB_NAME = "state.db"
 # Writers keep transactions short, so waiting this long means something is stuck.
 BUSY_TIMEOUT_S = 10.0
 _SIDECARS = ("-wal", "-shm")
-_CORRUPTION = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+# SQLite's primary result codes for a damaged file (a read may meet them long after opening).
+CORRUPTION = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
 class _Damaged(Exception):
@@ -52,15 +54,56 @@ def open_database(state_dir: Path) -> tuple[sqlite3.Connection, str | None]:
             return _open_checked(path), None
         except _Damaged as damage:
             aside = _move_aside(path)
+            return _open_checked(path), _notice(path, str(damage), aside)
+
+
+def rebuild_database(
+    state_dir: Path, reason: str, *, damaged: tuple[int, int] | None
+) -> tuple[sqlite3.Connection, str]:
+    """Set aside the database a read found damaged (``reason``) and open an empty one.
+
+    ``damaged`` is the (device, inode) the reader had open: when ``state.db`` is another file
+    by now, a concurrent process already set that one aside, and the fresh file is used.
+    The caller must have closed its connection to the damaged file.
+    """
+    path = state_dir / DB_NAME
+    with _recovery_lock(state_dir):
+        try:
+            now = os.stat(path)
+            same = damaged is None or (now.st_dev, now.st_ino) == damaged
+        except FileNotFoundError:
+            same = False
+        if same:
+            aside = _move_aside(path)
+            return _open_checked(path), _notice(path, reason, aside)
+        try:
             conn = _open_checked(path)
-            notice = (
-                f"state database {path} was unusable ({damage}); moved it to {aside.name} and "
-                "started an empty one, so no installed model counts as managed by infernet"
-            )
-            return conn, notice
+        except _Damaged as damage:
+            aside = _move_aside(path)
+            return _open_checked(path), _notice(path, str(damage), aside)
+        notice = (
+            f"state database {path} was unusable ({reason}); another infernet already set it "
+            "aside and started an empty one, so no installed model counts as managed by infernet"
+        )
+        return conn, notice
+
+
+def _notice(path: Path, reason: str, aside: Path) -> str:
+    return (
+        f"state database {path} was unusable ({reason}); moved it to {aside.name} and "
+        "started an empty one, so no installed model counts as managed by infernet"
+    )
 
 
 def _open_checked(path: Path) -> sqlite3.Connection:
+    # SQLite would create the file 0644 (and its -wal/-shm like the file): create it 0600
+    # first, and narrow what an older version left wider, whatever the folder's mode.
+    try:
+        os.close(open_private(path, os.O_RDWR))
+    except OSError as exc:
+        raise StateError(f"state database {path} cannot be created ({exc.strerror})") from exc
+    for sidecar in _SIDECARS:
+        narrow(path.with_name(path.name + sidecar))
     try:
         conn = sqlite3.connect(
             path,
@@ -81,7 +124,7 @@ def _open_checked(path: Path) -> sqlite3.Connection:
         raise _Damaged(str(exc)) from exc
     except sqlite3.DatabaseError as exc:
         conn.close()
-        if exc.sqlite_errorcode & 0xFF in _CORRUPTION:
+        if exc.sqlite_errorcode & 0xFF in CORRUPTION:
             raise _Damaged(str(exc)) from exc
         raise StateError(f"state database {path} cannot be used ({exc})") from exc
     except BaseException:
@@ -134,7 +177,7 @@ def _recovery_lock(state_dir: Path) -> Iterator[None]:
     # and flock locks of two descriptors conflict even within one process.
     lock_path = state_dir / f"{DB_NAME}.rebuild-lock"
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_private(lock_path, os.O_RDWR)
     except OSError as exc:
         raise StateError(f"cannot create {lock_path} ({exc.strerror})") from exc
     try:

@@ -6,10 +6,11 @@ open when the next apply starts was cut off, and that apply resumes or rolls it 
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any, cast
 
 from state.records import ApplyRecord, JournalEntry
-from state.session import Session, dump_json, load_dict, now_iso
+from state.session import Session, dump_json, integer, load_dict, now_iso, text, text_or_none
 
 OUTCOMES = frozenset({"ok", "failed", "skipped"})
 INTERRUPTED = "interrupted"
@@ -52,19 +53,21 @@ class Journal(Session):
             )
 
     def last_apply(self) -> ApplyRecord | None:
-        with self._reading() as conn:
+        def query(conn: sqlite3.Connection) -> ApplyRecord | None:
             row = conn.execute("SELECT * FROM applies ORDER BY id DESC LIMIT 1").fetchone()
-        if row is None:
-            return None
-        return ApplyRecord(
-            at=row["at"],
-            config_sha256=row["config_sha256"],
-            git_commit=row["git_commit"],
-            converged=bool(row["converged"]),
-            actions=row["actions"],
-            failed=row["failed"],
-            summary=load_dict(row["summary"]),
-        )
+            if row is None:
+                return None
+            return ApplyRecord(
+                at=text(row, "at"),
+                config_sha256=text(row, "config_sha256"),
+                git_commit=text_or_none(row, "git_commit"),
+                converged=bool(integer(row, "converged")),
+                actions=integer(row, "actions"),
+                failed=integer(row, "failed"),
+                summary=load_dict(row["summary"]),
+            )
+
+        return self._read(query)
 
     # -- action journal ---------------------------------------------------------------------
 
@@ -130,23 +133,26 @@ class Journal(Session):
 
     def unfinished_actions(self) -> list[JournalEntry]:
         """Actions begun but never finished, across all runs, oldest first."""
-        with self._reading() as conn:
+
+        def query(conn: sqlite3.Connection) -> list[JournalEntry]:
             rows = conn.execute(
                 """SELECT id, run_id, op, backend, canonical, model, started_at
                    FROM actions WHERE finished_at IS NULL ORDER BY id"""
             ).fetchall()
-        return [
-            JournalEntry(
-                id=row["id"],
-                run_id=row["run_id"],
-                op=row["op"],
-                backend=row["backend"],
-                canonical=row["canonical"],
-                model=row["model"],
-                started_at=row["started_at"],
-            )
-            for row in rows
-        ]
+            return [
+                JournalEntry(
+                    id=integer(row, "id"),
+                    run_id=text(row, "run_id"),
+                    op=text(row, "op"),
+                    backend=text(row, "backend"),
+                    canonical=text(row, "canonical"),
+                    model=text(row, "model"),
+                    started_at=text(row, "started_at"),
+                )
+                for row in rows
+            ]
+
+        return self._read(query)
 
     def close_unfinished(self, *, note: str) -> int:
         """Marks every unfinished action ``interrupted`` with ``note``; returns how many.

@@ -11,9 +11,21 @@ import sqlite3
 from typing import Any
 
 from state.records import CommandRecord, OutboxItem
-from state.session import Session, dump_json, load_dict, now_iso
+from state.session import (
+    Session,
+    Unreadable,
+    dump_json,
+    integer,
+    load_dict,
+    now_iso,
+    text,
+    text_or_none,
+)
 
 COMMAND_STATES = frozenset({"received", "running", "completed", "failed"})
+KEEP_COMMANDS = 1000  # reported commands remembered (a redelivered id is refused by them)
+MAX_PAYLOAD = 16 << 10  # bytes of a command's arguments kept in the ledger
+MAX_VERB = 64
 # A command may only move forward; going back to received/running would mean running it twice.
 _COMMAND_NEXT = {
     "received": frozenset({"received", "running", "completed", "failed"}),
@@ -27,19 +39,36 @@ class Ledger(Session):
     """The store's control-plane part; see :class:`state.store.Store`."""
 
     def command_seen(self, command_id: str) -> CommandRecord | None:
-        with self._reading() as conn:
+        def query(conn: sqlite3.Connection) -> CommandRecord | None:
             row = conn.execute("SELECT * FROM commands WHERE id = ?", (command_id,)).fetchone()
-        return None if row is None else _command(row)
+            return None if row is None else _command(row)
+
+        return self._read(query)
 
     def record_command(self, *, command_id: str, verb: str, payload: dict[str, Any]) -> bool:
-        """Enters a command as ``received``; ``False`` when its id is known: do not run it."""
+        """Enters a command as ``received``; ``False`` when its id is known: do not run it.
+
+        The table stays bounded whatever the control plane sends: a payload over
+        ``MAX_PAYLOAD`` bytes is kept as its size only (the runner checks the arguments it
+        was handed, not this copy), and reported commands beyond the newest ``KEEP_COMMANDS``
+        are forgotten. Unreported ones are always kept: they are owed an answer.
+        """
         now = now_iso()
+        stored = dump_json(payload)
+        if len(stored) > MAX_PAYLOAD:
+            stored = dump_json({"_truncated": True, "bytes": len(stored)})
         with self._writing() as conn:
             cursor = conn.execute(
                 """INSERT INTO commands (id, verb, payload, state, received_at, updated_at)
                    VALUES (?, ?, ?, 'received', ?, ?)
                    ON CONFLICT (id) DO NOTHING""",
-                (command_id, verb, dump_json(payload), now, now),
+                (command_id, verb[:MAX_VERB], stored, now, now),
+            )
+            conn.execute(
+                """DELETE FROM commands
+                   WHERE reported_at IS NOT NULL AND state IN ('completed', 'failed')
+                     AND rowid <= (SELECT max(rowid) FROM commands) - ?""",
+                (KEEP_COMMANDS,),
             )
         return cursor.rowcount == 1
 
@@ -90,13 +119,16 @@ class Ledger(Session):
 
     def unreported_commands(self) -> list[CommandRecord]:
         """Commands still owed an answer: finished but unreported, or cut off mid-way."""
-        with self._reading() as conn:
+
+        def query(conn: sqlite3.Connection) -> list[CommandRecord]:
             rows = conn.execute(
                 """SELECT * FROM commands
                    WHERE reported_at IS NULL OR state NOT IN ('completed', 'failed')
                    ORDER BY rowid"""
             ).fetchall()
-        return [_command(row) for row in rows]
+            return [_command(row) for row in rows]
+
+        return self._read(query)
 
     # -- outbox -----------------------------------------------------------------------------
 
@@ -119,21 +151,24 @@ class Ledger(Session):
 
     def outbox_items(self) -> list[OutboxItem]:
         """Everything still to deliver, oldest first."""
-        with self._reading() as conn:
+
+        def query(conn: sqlite3.Connection) -> list[OutboxItem]:
             rows = conn.execute("SELECT * FROM outbox ORDER BY id").fetchall()
-        return [
-            OutboxItem(
-                id=row["id"],
-                path=row["path"],
-                body=load_dict(row["body"]),
-                dedupe_key=row["dedupe_key"],
-                created_at=row["created_at"],
-                attempts=row["attempts"],
-                last_error=row["last_error"],
-                last_attempt_at=row["last_attempt_at"],
-            )
-            for row in rows
-        ]
+            return [
+                OutboxItem(
+                    id=integer(row, "id"),
+                    path=text(row, "path"),
+                    body=load_dict(row["body"]),
+                    dedupe_key=text_or_none(row, "dedupe_key"),
+                    created_at=text(row, "created_at"),
+                    attempts=integer(row, "attempts"),
+                    last_error=text_or_none(row, "last_error"),
+                    last_attempt_at=text_or_none(row, "last_attempt_at"),
+                )
+                for row in rows
+            ]
+
+        return self._read(query)
 
     def outbox_done(self, item_id: int) -> None:
         """Drops a delivered item; an id already gone is fine (delivery is at-least-once)."""
@@ -151,14 +186,17 @@ class Ledger(Session):
 
 
 def _command(row: sqlite3.Row) -> CommandRecord:
+    state = text(row, "state")
+    if state not in COMMAND_STATES:
+        raise Unreadable(f"command state {state[:40]!r} is not one this store writes")
     return CommandRecord(
-        command_id=row["id"],
-        verb=row["verb"],
+        command_id=text(row, "id"),
+        verb=text(row, "verb"),
         payload=load_dict(row["payload"]),
-        state=row["state"],
+        state=state,
         result=None if row["result"] is None else load_dict(row["result"]),
-        error=row["error"],
-        received_at=row["received_at"],
-        updated_at=row["updated_at"],
-        reported_at=row["reported_at"],
+        error=text_or_none(row, "error"),
+        received_at=text(row, "received_at"),
+        updated_at=text(row, "updated_at"),
+        reported_at=text_or_none(row, "reported_at"),
     )

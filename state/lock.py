@@ -18,7 +18,7 @@ from typing import Any, Self
 
 from reconciler.errors import LockError, StateError
 from state import clock
-from state.location import ensure_state_dir
+from state.location import ensure_state_dir, open_private
 from state.records import LockHolder
 
 LOCK_NAME = "lock"
@@ -124,7 +124,7 @@ class NodeLock:
 
 def _open(path: Path, flags: int) -> int:
     try:
-        return os.open(path, flags, 0o600)
+        return open_private(path, flags)
     except OSError as exc:
         raise StateError(
             f"cannot open the node lock {path} ({exc.strerror}); check the state directory's "

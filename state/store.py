@@ -10,7 +10,6 @@ that cannot be used raises :class:`reconciler.errors.StateError`.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
 from types import TracebackType
@@ -22,19 +21,28 @@ from state.journal import Journal
 from state.ledger import Ledger
 from state.location import ensure_state_dir
 from state.records import OwnedRecord
-from state.session import dump_json, now_iso
+from state.session import (
+    dump_json,
+    integer,
+    integer_or_none,
+    load_json,
+    now_iso,
+    text,
+    text_or_none,
+    timestamp,
+)
 
 
 class Store(Journal, Ledger):
     """An open state database; use :meth:`open`, then :meth:`close` or a ``with`` block.
 
     ``rebuilt`` is a one-line notice when the database was unusable, moved aside and
-    replaced by an empty one during :meth:`open`; otherwise ``None``.
+    replaced by an empty one (during :meth:`open`, or by a later read that met damage, see
+    :mod:`state.session`); otherwise ``None``.
     """
 
     def __init__(self, conn: sqlite3.Connection, *, state_dir: Path, rebuilt: str | None) -> None:
-        super().__init__(conn, state_dir=state_dir)
-        self.rebuilt = rebuilt
+        super().__init__(conn, state_dir=state_dir, rebuilt=rebuilt)
 
     @classmethod
     def open(cls, state_dir: Path) -> Store:
@@ -58,28 +66,7 @@ class Store(Journal, Ledger):
 
     def owned(self) -> list[OwnedRecord]:
         """Every model this tool installed, by backend then canonical name."""
-        with self._reading() as conn:
-            rows = conn.execute(
-                """SELECT o.backend, o.canonical, o.name, o.digest, o.installed_at,
-                          p.backend IS NOT NULL AS pinned, m.size_vram
-                   FROM owned AS o
-                   LEFT JOIN pins AS p ON p.backend = o.backend AND p.canonical = o.canonical
-                   LEFT JOIN measured_vram AS m
-                          ON m.backend = o.backend AND m.canonical = o.canonical
-                   ORDER BY o.backend, o.canonical"""
-            ).fetchall()
-        return [
-            OwnedRecord(
-                backend=row["backend"],
-                canonical=row["canonical"],
-                name=row["name"],
-                digest=row["digest"],
-                installed_at=row["installed_at"],
-                pinned_by_us=bool(row["pinned"]),
-                measured_vram=row["size_vram"],
-            )
-            for row in rows
-        ]
+        return self._read(_owned)
 
     def record_installed(
         self, *, backend: str, canonical: str, name: str, digest: str | None
@@ -132,9 +119,12 @@ class Store(Journal, Ledger):
 
     def pinned(self) -> set[tuple[str, str]]:
         """``(backend, canonical)`` of every model we pinned, owned or not."""
-        with self._reading() as conn:
+
+        def query(conn: sqlite3.Connection) -> set[tuple[str, str]]:
             rows = conn.execute("SELECT backend, canonical FROM pins").fetchall()
-        return {(row["backend"], row["canonical"]) for row in rows}
+            return {(text(row, "backend"), text(row, "canonical")) for row in rows}
+
+        return self._read(query)
 
     def record_measured_vram(
         self, *, backend: str, canonical: str, size_vram: int, digest: str | None = None
@@ -159,11 +149,17 @@ class Store(Journal, Ledger):
 
     def measured_vram(self) -> dict[tuple[str, str], int]:
         """Last measured VRAM in bytes by ``(backend, canonical)``."""
-        with self._reading() as conn:
+
+        def query(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
             rows = conn.execute(
                 "SELECT backend, canonical, size_vram FROM measured_vram"
             ).fetchall()
-        return {(row["backend"], row["canonical"]): int(row["size_vram"]) for row in rows}
+            return {
+                (text(row, "backend"), text(row, "canonical")): integer(row, "size_vram")
+                for row in rows
+            }
+
+        return self._read(query)
 
     # -- caches -----------------------------------------------------------------------------
 
@@ -172,18 +168,23 @@ class Store(Journal, Ledger):
 
         A stored JSON ``null`` reads as absent too.
         """
-        with self._reading() as conn:
+
+        def query(conn: sqlite3.Connection) -> Any | None:
             row = conn.execute(
                 "SELECT value, stored_at FROM cache WHERE kind = ? AND key = ?", (kind, key)
             ).fetchone()
-        if row is None:
-            return None
-        if max_age is not None:
-            age = (clock.now() - clock.parse(row["stored_at"])).total_seconds()
-            # A negative age means the clock went back; the entry's age is then unknown.
-            if age < 0 or age > max_age:
+            if row is None:
                 return None
-        return json.loads(row["value"])
+            value = load_json(row["value"])
+            stored_at = timestamp(row, "stored_at")
+            if max_age is not None:
+                age = (clock.now() - stored_at).total_seconds()
+                # A negative age means the clock went back; the entry's age is then unknown.
+                if age < 0 or age > max_age:
+                    return None
+            return value
+
+        return self._read(query)
 
     def cache_put(self, kind: str, key: str, value: Any) -> None:
         with self._writing() as conn:
@@ -206,6 +207,32 @@ class Store(Journal, Ledger):
             )
 
     def get_status(self, key: str) -> Any | None:
-        with self._reading() as conn:
+        def query(conn: sqlite3.Connection) -> Any | None:
             row = conn.execute("SELECT value FROM status WHERE key = ?", (key,)).fetchone()
-        return None if row is None else json.loads(row["value"])
+            return None if row is None else load_json(row["value"])
+
+        return self._read(query)
+
+
+def _owned(conn: sqlite3.Connection) -> list[OwnedRecord]:
+    rows = conn.execute(
+        """SELECT o.backend, o.canonical, o.name, o.digest, o.installed_at,
+                  p.backend IS NOT NULL AS pinned, m.size_vram
+           FROM owned AS o
+           LEFT JOIN pins AS p ON p.backend = o.backend AND p.canonical = o.canonical
+           LEFT JOIN measured_vram AS m
+                  ON m.backend = o.backend AND m.canonical = o.canonical
+           ORDER BY o.backend, o.canonical"""
+    ).fetchall()
+    return [
+        OwnedRecord(
+            backend=text(row, "backend"),
+            canonical=text(row, "canonical"),
+            name=text(row, "name"),
+            digest=text_or_none(row, "digest"),
+            installed_at=text(row, "installed_at"),
+            pinned_by_us=bool(integer(row, "pinned")),
+            measured_vram=integer_or_none(row, "size_vram"),
+        )
+        for row in rows
+    ]

@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 
+from reconciler import httpsafe
 from reconciler.backends import hub
 from reconciler.backends.base import Cache, PullProgress
 from reconciler.engines import Engines, EngineSpec
@@ -181,8 +182,11 @@ class HfBackend:
     @functools.cached_property
     def _http(self) -> httpx.Client:
         # Made on first use: each client builds an SSL context (~15 ms), and a node that
-        # serves no HF model never needs one.
-        return httpx.Client(timeout=httpx.Timeout(30.0, connect=10.0))
+        # serves no HF model never needs one. It reads config.json: a deadline and a cap.
+        limits = httpsafe.Limits(
+            deadline=httpsafe.default_deadline(), max_body=httpsafe.REGISTRY_BODY
+        )
+        return httpsafe.client(limits, timeout=httpx.Timeout(30.0, connect=10.0))
 
     def close(self) -> None:
         """Release connections."""
@@ -303,7 +307,10 @@ class HfBackend:
             err = hub.error(what, repo, revision, None, exc)
             return Upstream(self.kind, spec.canonical, ModelFacts(), 0, 0, str(err))
         except (httpx.TransportError, OSError) as exc:
-            error = f"{what}: can't reach the hub at {hub.endpoint()} ({exc})"
+            error = (
+                f"{what}: can't reach the hub at {httpsafe.redact(hub.endpoint())} "
+                f"({httpsafe.redact(str(exc))})"
+            )
             return Upstream(self.kind, spec.canonical, ModelFacts(), 0, 0, error)
         if not any(f.filename.endswith(".safetensors") for f in files):
             error = (
@@ -369,7 +376,8 @@ class HfBackend:
             if isinstance(error, hub.http_errors()):
                 raise hub.error(f"download of {name}", repo, revision, None, error) from error
             raise PullFailed(
-                f"download of {name} failed ({error}); it resumes on retry", retryable=True
+                f"download of {name} failed ({httpsafe.redact(str(error))}); it resumes on retry",
+                retryable=True,
             ) from error
         if digest and Path(result["path"]).name != digest:
             raise PullFailed(f"{name}: got revision {Path(result['path']).name}, planned {digest}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from reconciler.errors import BackendError, ModelNotFound, TransientBackendError
+from reconciler.redact import redact
 
 
 def endpoint() -> str:
@@ -34,17 +35,26 @@ def error(
         )
     if isinstance(exc, hf.RepositoryNotFoundError):
         return ModelNotFound(
-            f"{what}: repository {repo} not found on {endpoint()} (or it is private: set HF_TOKEN)"
+            f"{what}: repository {repo} not found on {redact(endpoint())} (or it is private: "
+            "set HF_TOKEN)"
         )
     if isinstance(exc, hf.RevisionNotFoundError):
         return ModelNotFound(f"{what}: revision not found in {where}")
     if isinstance(exc, hf.EntryNotFoundError):
         return ModelNotFound(f"{what}: no file {path} in {where}")
     if isinstance(exc, hf.OfflineModeIsEnabled | hf.LocalEntryNotFoundError):
-        return BackendError(f"{what}: the hub is not reachable ({exc})")
+        return BackendError(f"{what}: the hub is not reachable ({redact(str(exc))})")
     if not isinstance(exc, hf.HfHubHTTPError):  # a transport error: refused, reset, timeout
-        return TransientBackendError(f"{what}: can't reach the hub at {endpoint()} ({exc})")
-    return TransientBackendError(f"{what}: the hub answered {exc}")
+        return TransientBackendError(
+            f"{what}: can't reach the hub at {redact(endpoint())} ({redact(str(exc))})"
+        )
+    # The status only: the hub's error text is an upstream body, and this message goes to
+    # the heartbeat and to a dashboard that sent a command.
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return TransientBackendError(
+        f"{what}: the hub at {redact(endpoint())} answered HTTP {status or 'with an error'}"
+    )
 
 
 def http_errors() -> tuple[type[Exception], ...]:

@@ -10,8 +10,10 @@
   ``--sleep-idle-seconds`` applies to all), and ``keep_alive: 0`` means "unload now". A pinned
   model that the router dropped (a restart, LRU eviction past ``--models-max``) is loaded again
   by the next reconcile.
-* ``context`` can't be set per model either: children run with the router's ``-c`` (read
-  from the router's per-model arguments and used for the estimate).
+* ``context`` can't be set per model either: children run with the router's ``-c`` and
+  ``-np`` (read from the router's per-model arguments, ``run_settings``, and used for the
+  estimate: every slot's KV cache counts). With the router down, ``backends.llamacpp.parallel``
+  says how many slots it runs.
 * Measured memory: the router reports only weight bytes, so the child process is found and
   its resident memory read (the GPU layer replaces it with the process's VRAM when NVML can
   attribute it).
@@ -24,11 +26,13 @@ import dataclasses
 import functools
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from reconciler import httpsafe
 from reconciler.backends import ggufmeta, sources
 from reconciler.backends.base import Cache, PullProgress
 from reconciler.backends.llamacpp_router import RouterClient, RouterModel, child_memory
@@ -46,6 +50,65 @@ from reconciler.model import (
 from reconciler.names import is_valid
 
 _LOADED = ("loaded", "loading", "sleeping")
+FACTS_CACHE = "llamacpp.facts.v2"  # v2: vocabulary size and feed-forward width
+AUTO_PARALLEL = 4
+"""llama-server's ``-np`` auto (its default): four slots sharing one unified KV cache."""
+
+
+def _arg(args: Sequence[str], *flags: str) -> str | None:
+    """The value after the last of ``flags`` in ``args`` (llama's parser: the last one wins)."""
+    found = None
+    for i, item in enumerate(args[:-1]):
+        if item in flags:
+            found = args[i + 1]
+    return found
+
+
+def _int_arg(args: Sequence[str], *flags: str) -> int | None:
+    text = _arg(args, *flags)
+    return int(text) if text is not None and text.lstrip("-").isdigit() else None
+
+
+def _pad256(n: int) -> int:
+    return (n + 255) // 256 * 256
+
+
+def run_settings(args: Sequence[str], trained: int | None) -> dict[str, Any]:
+    """What a router child started with ``args`` runs, as ``ModelFacts`` fields.
+
+    llama.cpp's rules (``common/arg.cpp``, ``tools/server/server.cpp``, ``llama-context.cpp``):
+    ``-c`` is the total over the slots (absent or 0: the model's trained context), rounded up
+    to 256; ``-np`` absent or negative is "auto": 4 slots and a unified KV cache; otherwise
+    each slot gets ``-c / -np`` cells rounded up to 256, unless ``--kv-unified`` makes them
+    share one pool. ``-ub`` and ``-b`` size the micro-batch.
+    """
+    parallel = _int_arg(args, "--parallel", "-np")
+    unified = False
+    for item in args:  # the last of the pair wins
+        if item in ("--kv-unified", "-kvu"):
+            unified = True
+        elif item in ("--no-kv-unified", "-no-kvu"):
+            unified = False
+    if parallel is None or parallel < 0:
+        parallel, unified = AUTO_PARALLEL, True
+    parallel = max(1, parallel)
+    total = _int_arg(args, "--ctx-size", "-c")
+    per_slot = _int_arg(args, "--kv-unified-per-slot") or 0
+    if total is None and per_slot > 0:
+        total = parallel * per_slot  # the pool sized from the per-slot cap
+    if not total or total < 0:
+        total = trained or 0
+    context = None
+    if total:
+        cells = _pad256(total)
+        context = cells if unified else _pad256(cells // parallel)
+    batch = _int_arg(args, "--batch-size", "-b")
+    ubatch = _int_arg(args, "--ubatch-size", "-ub")
+    sizes = [n for n in (batch, ubatch) if n and n > 0]
+    return {
+        "run_context": context, "parallel": parallel, "kv_unified": unified,
+        "ubatch": min(sizes) if sizes else None,
+    }  # fmt: skip
 
 
 def model_id(name: str) -> str:
@@ -75,18 +138,25 @@ class LlamacppBackend:
         *,
         cache: Cache | None = None,
         stall_timeout: float = 300.0,
+        disk_reserve: int = 0,
     ) -> None:
         self.url = settings.url.rstrip("/")
         self.models_dir = Path(settings.models_dir).expanduser()
         self.cache = cache
         self.stall_timeout = stall_timeout
+        self.disk_reserve = disk_reserve  # kept free while downloading, not only in the plan
+        self.parallel = settings.parallel
         self.router = RouterClient(self.url)
 
     @functools.cached_property
     def _http(self) -> httpx.Client:
         # Made on first use: each client builds an SSL context (~15 ms), and most plans of
-        # a node need no download.
-        return httpx.Client(timeout=httpx.Timeout(30.0, connect=10.0))
+        # a node need no download. HEADs and metadata keep the API deadline and cap;
+        # downloads and header reads set their own (``sources``, ``ranged``).
+        limits = httpsafe.Limits(
+            deadline=httpsafe.default_deadline(), max_body=httpsafe.REGISTRY_BODY
+        )
+        return httpsafe.client(limits, timeout=httpx.Timeout(30.0, connect=10.0))
 
     def close(self) -> None:
         """Release connections."""
@@ -108,13 +178,13 @@ class LlamacppBackend:
         but a big vocabulary still costs tens of milliseconds per file and plan)."""
         stat_key = self._stat_key(path)
         if self.cache is not None and stat_key is not None:
-            cached = self.cache.get("llamacpp.facts", stat_key)
+            cached = self.cache.get(FACTS_CACHE, stat_key)
             if isinstance(cached, dict):
                 facts = _facts_from_doc(cached)
                 return dataclasses.replace(facts, digest=self._digest(path))
         facts = ggufmeta.read_file(path, digest=self._digest(path))
         if self.cache is not None and stat_key is not None:
-            self.cache.put("llamacpp.facts", stat_key, _facts_doc(facts))
+            self.cache.put(FACTS_CACHE, stat_key, _facts_doc(facts))
         return facts
 
     def _digest(self, path: Path) -> str | None:
@@ -183,17 +253,24 @@ class LlamacppBackend:
             facts = self._file_facts(path)
         except BackendError as exc:
             facts, error = ModelFacts(size=path.stat().st_size, format="gguf"), str(exc)
-        if entry is not None:
-            run_ctx = entry.ctx or facts.context_length
-            facts = dataclasses.replace(facts, run_context=run_ctx, parallel=entry.parallel)
-            if entry.failed and error is None:
-                error = (
-                    f"llama-server failed to load {path} (exit code {entry.exit_code}); the "
-                    "router's log says why"
-                )
-        else:
-            facts = dataclasses.replace(facts, run_context=facts.context_length)
+        facts = self._runs_as(facts, entry.args if entry is not None else None)
+        if entry is not None and entry.failed and error is None:
+            error = (
+                f"llama-server failed to load {path} (exit code {entry.exit_code}); the "
+                "router's log says why"
+            )
         return InstalledModel(self.kind, path.name, path.name, facts, error)
+
+    def _runs_as(self, facts: ModelFacts, args: Sequence[str] | None) -> ModelFacts:
+        """``facts`` with how the router runs the model: from its arguments for the model
+        (every child inherits the router's), else the file's ``parallel``, else llama-server's
+        default slots (the router is down or lists nothing yet; the context is then the
+        file's, or the trained one)."""
+        if args:
+            return dataclasses.replace(facts, **run_settings(args, facts.context_length))
+        if self.parallel:
+            return dataclasses.replace(facts, parallel=self.parallel, kv_unified=False)
+        return dataclasses.replace(facts, parallel=AUTO_PARALLEL, kv_unified=True)
 
     def _loaded(self, path: Path, entry: RouterModel, facts: ModelFacts) -> LoadedModel:
         pid, rss = child_memory(entry) if entry.status != "loading" else (None, None)
@@ -229,25 +306,25 @@ class LlamacppBackend:
         if spec.sha256 and remote.sha256 and spec.sha256 != remote.sha256:
             return refused(
                 f"{spec.name}: sha256 in the file ({spec.sha256}) is not the hub's checksum "
-                f"({remote.sha256}) for {spec.source}; fix one of them"
+                f"({remote.sha256}) for {httpsafe.redact(spec.source)}; fix one of them"
             )
         expected = spec.sha256 or remote.sha256
-        facts = dataclasses.replace(
-            remote.facts,
-            digest=f"sha256:{expected}" if expected else None,
-            run_context=self._router_context() or remote.facts.context_length,
+        facts = self._runs_as(
+            dataclasses.replace(remote.facts, digest=f"sha256:{expected}" if expected else None),
+            self._router_args(),
         )
         size = remote.size or 0
         have = sources.partial_bytes(self.models_dir / spec.name, remote.validator)
         return Upstream(self.kind, spec.canonical, facts, size, max(0, size - have))
 
-    def _router_context(self) -> int | None:
-        """The ``-c`` children inherit (from any listed model's arguments)."""
+    def _router_args(self) -> tuple[str, ...] | None:
+        """The arguments children inherit (from any listed model's), for a model not yet
+        in the folder; None when the router is down or lists nothing."""
         try:
             listed = self.router.models(reload=False)
         except BackendError:
             return None
-        return next((m.ctx for m in listed if m.ctx), None)
+        return next((m.args for m in listed if m.args), None)
 
     # ---- changing
 
@@ -281,6 +358,7 @@ class LlamacppBackend:
         sha = sources.fetch(
             parsed, remote, dest, http=self._http, expected_sha256=expected,
             progress=progress, cancel=cancel, stall_timeout=self.stall_timeout,
+            reserve=self.disk_reserve,
         )  # fmt: skip
         stat_key = self._stat_key(dest)
         if self.cache is not None and stat_key is not None:

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import psutil
 
+from reconciler import httpsafe
 from reconciler.errors import BackendError, BackendUnreachable, ModelNotFound, PullFailed
 
 LOAD_TIMEOUT = 600.0
@@ -92,7 +93,9 @@ class RouterClient:
     @functools.cached_property
     def _http(self) -> httpx.Client:
         # Made on first use (an SSL context costs ~15 ms; a node without GGUF files never asks).
-        return httpx.Client(base_url=self.url, timeout=self._timeout)
+        # Each call ends within ``timeout`` in all, however slowly the router answers.
+        limits = httpsafe.Limits(deadline=self._timeout, max_body=httpsafe.BACKEND_BODY)
+        return httpsafe.client(limits, base_url=self.url, timeout=self._timeout)
 
     def close(self) -> None:
         """Release the connection pool."""
@@ -128,10 +131,13 @@ class RouterClient:
         return next((m for m in self.models(reload=reload) if m.id == model_id), None)
 
     def _message(self, resp: httpx.Response) -> str:
+        """The router's own error message, one line and short (it ends up in heartbeats)."""
         try:
-            return str(resp.json().get("error", {}).get("message") or resp.text)
-        except ValueError:
-            return resp.text
+            text = str(resp.json().get("error", {}).get("message") or resp.text)
+        except (ValueError, AttributeError):
+            text = resp.text
+        flat = " ".join(text.split())
+        return flat if len(flat) <= 200 else flat[:199] + "…"
 
     def load(self, model_id: str, file: str, *, timeout: float = LOAD_TIMEOUT) -> RouterModel:
         """Load and wait until it is loaded; ``PullFailed`` naming the file when it can't be."""
@@ -158,6 +164,7 @@ class RouterClient:
             "/completion",
             json={"model": model_id, "prompt": "", "n_predict": 1},
             timeout=LOAD_TIMEOUT,
+            extensions=httpsafe.limits(deadline=LOAD_TIMEOUT, max_body=httpsafe.BACKEND_BODY),
         )
 
     def unload(self, model_id: str, file: str, *, timeout: float = 60.0) -> None:

@@ -9,11 +9,16 @@ recorded responses); ``OllamaBackend`` does the I/O. Facts that shape the code:
   client raises ``ResponseError`` with status -1), and a watchdog fails a pull whose summed
   ``completed`` stops growing: Ollama keeps sending identical lines while parts stall.
 * Embedding-only models refuse ``/api/generate``; they are loaded and unloaded through embed.
+* Every request has an overall deadline and a body cap (``reconciler.httpsafe``): API calls
+  ``INFERNET_HTTP_TIMEOUT`` (30 s), a load the stall timeout (a big model takes minutes to
+  load and Ollama answers only then), a pull none but its stall watchdog; the registry's
+  manifests and config blobs are read up to 4 MiB.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import threading
@@ -23,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from reconciler import gguf_header
+from reconciler import gguf_header, httpsafe
 from reconciler.backends import ggufmeta
 from reconciler.backends import ollama_registry as registry
 from reconciler.backends.base import Cache, PullProgress
@@ -177,14 +182,46 @@ class OllamaBackend:
         self.registry = settings.registry
         self._cache = cache
         self._stall = stall_timeout
-        timeout = httpx.Timeout(30.0, read=max(stall_timeout, 30.0), connect=5.0)
         self._ollama = ollama
-        self._client: ollama.Client = ollama.Client(host=self.url, timeout=timeout)
-        self._http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), follow_redirects=False)
+        api = httpsafe.default_deadline()
+        self._client: ollama.Client = self._ollama_client(
+            httpsafe.Limits(deadline=api, max_body=httpsafe.BACKEND_BODY)
+        )
+        self._http = httpsafe.client(
+            httpsafe.Limits(deadline=api, max_body=httpsafe.REGISTRY_BODY),
+            timeout=httpx.Timeout(30.0, connect=5.0),
+            follow_redirects=False,
+        )
+
+    def _ollama_client(self, limits: httpsafe.Limits) -> ollama.Client:
+        timeout = httpx.Timeout(30.0, read=max(self._stall, 30.0), connect=5.0)
+        return self._ollama.Client(
+            host=self.url, timeout=timeout, headers=httpsafe.identity(), trust_env=False,
+            transport=httpsafe.transport(limits),
+        )  # fmt: skip
+
+    @functools.cached_property
+    def _loader(self) -> ollama.Client:
+        """For loads: Ollama answers once the model is in memory, minutes for a big one."""
+        deadline = max(self._stall, httpsafe.default_deadline())
+        return self._ollama_client(
+            httpsafe.Limits(deadline=deadline, max_body=httpsafe.BACKEND_BODY)
+        )
+
+    @functools.cached_property
+    def _puller(self) -> ollama.Client:
+        """For pulls, which take hours: no deadline, but something every stall period (the
+        pull loop's watchdog judges whether that something is progress)."""
+        return self._ollama_client(
+            httpsafe.Limits(deadline=None, max_body=None, window=self._stall, min_bytes=1)
+        )
 
     def close(self) -> None:
-        """Close both HTTP connection pools."""
+        """Close the HTTP connection pools."""
         self._client._client.close()
+        for made in ("_loader", "_puller"):
+            if made in self.__dict__:  # only if it was ever made
+                self.__dict__[made]._client.close()
         self._http.close()
 
     # ---- errors
@@ -202,7 +239,9 @@ class OllamaBackend:
         if isinstance(exc, ConnectionError | httpx.ConnectError | httpx.ConnectTimeout):
             return self._unreachable(exc)
         if isinstance(exc, self._ollama.ResponseError):
-            text = str(exc.error).strip()
+            # Ollama's own words, one line and short: they reach heartbeats and dashboards.
+            flat = " ".join(str(exc.error).split())
+            text = flat if len(flat) <= 200 else flat[:199] + "…"
             if exc.status_code == 404 or "file does not exist" in text or "not found" in text:
                 return ModelNotFound(f"Ollama has no model '{model}': {text}", model=model)
             if exc.status_code >= 500 or exc.status_code in (429, 503):
@@ -313,7 +352,7 @@ class OllamaBackend:
         last_sum, last_move = -1, time.monotonic()
         stream: Iterator[Any] | None = None
         try:
-            stream = self._client.pull(name, stream=True)
+            stream = self._puller.pull(name, stream=True)
             for part in stream:
                 if cancel.is_set():
                     raise PullFailed(f"pull of '{name}' cancelled", model=name)
@@ -390,9 +429,9 @@ class OllamaBackend:
         options = {"num_ctx": context} if context else None
         try:
             if embedding:
-                self._client.embed(model=name, input="", keep_alive=keep_alive, options=options)
+                self._loader.embed(model=name, input="", keep_alive=keep_alive, options=options)
             else:
-                self._client.generate(model=name, keep_alive=keep_alive, options=options)
+                self._loader.generate(model=name, keep_alive=keep_alive, options=options)
         except self._ollama.ResponseError as exc:
             if not embedding and "does not support generate" in str(exc.error):
                 self.load(name, keep_alive=keep_alive, embedding=True, context=context)

@@ -6,6 +6,11 @@ Ollama server which of the layer blobs it already has (``HEAD /api/blobs/<digest
 exact download bytes and the quantization before a single weight byte moves. The weights blob's
 GGUF header (layer count, heads, context) is range-read from its first MiBs, as Ollama's own
 downloader range-requests parts of it.
+
+The registry is a peer like any other: its answers are read under a deadline and a cap
+(``reconciler.httpsafe``: the client passed in keeps them), a manifest or config blob that
+isn't what the format says is one line naming the registry, and its error pages are never
+quoted (the message goes to the heartbeat and to the dashboard that sent a command).
 """
 
 from __future__ import annotations
@@ -17,8 +22,14 @@ from typing import Any
 
 import httpx
 
+from reconciler import httpsafe
 from reconciler.backends import ranged
-from reconciler.errors import BackendUnreachable, ModelNotFound, TransientBackendError
+from reconciler.errors import (
+    BackendError,
+    BackendUnreachable,
+    ModelNotFound,
+    TransientBackendError,
+)
 from reconciler.names import DEFAULT_HOST, OllamaName
 
 MANIFEST_ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
@@ -64,16 +75,27 @@ def registry_base(name: OllamaName, default_registry: str) -> str:
 
 
 def parse_manifest(raw: bytes, config_raw: bytes | None) -> Manifest:
-    """Turn the registry's manifest bytes (and config blob bytes) into a ``Manifest``."""
-    doc = json.loads(raw)
-    layers = [
-        Layer(str(item.get("mediaType", "")), str(item["digest"]), int(item["size"]))
-        for item in doc.get("layers", [])
-    ]
-    cfg = doc.get("config") or {}
-    if cfg.get("digest"):
-        layers.append(Layer(str(cfg.get("mediaType", "")), str(cfg["digest"]), int(cfg["size"])))
-    config = json.loads(config_raw) if config_raw else {}
+    """Turn the registry's manifest bytes (and config blob bytes) into a ``Manifest``.
+
+    ``ValueError`` (with what is wrong) when either is not what the format says.
+    """
+    try:
+        doc = json.loads(raw)
+        layers = [
+            Layer(str(item.get("mediaType", "")), str(item["digest"]), _size(item["size"]))
+            for item in doc.get("layers") or []
+        ]
+        cfg = doc.get("config") or {}
+        if cfg.get("digest"):
+            layers.append(
+                Layer(str(cfg.get("mediaType", "")), str(cfg["digest"]), _size(cfg["size"]))
+            )
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise ValueError(f"the manifest is not a valid image manifest ({_why(exc)})") from None
+    try:
+        config = json.loads(config_raw) if config_raw else {}
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"its config blob is not JSON ({_why(exc)})") from None
     return Manifest(
         digest=hashlib.sha256(raw).hexdigest(),
         layers=tuple(layers),
@@ -84,41 +106,74 @@ def parse_manifest(raw: bytes, config_raw: bytes | None) -> Manifest:
 def fetch_manifest(http: httpx.Client, name: OllamaName, registry: str) -> Manifest:
     """GET the manifest and config blob; ``ModelNotFound`` when the registry lacks the tag."""
     base = registry_base(name, registry)
+    shown = httpsafe.redact(base)
     url = f"{base}/v2/{name.namespace}/{name.model}/manifests/{name.tag}"
     try:
         resp = http.get(url, headers={"Accept": MANIFEST_ACCEPT})
         if resp.status_code == 404:
             raise ModelNotFound(
-                f"model '{name.display}' is not in the registry {base} "
+                f"model '{name.display}' is not in the registry {shown} "
                 "(check the name and tag on ollama.com/library)",
                 model=name.display,
             )
         if resp.status_code >= 400:
+            # The status only: the registry's page is not ours to repeat to anyone.
             raise TransientBackendError(
-                f"registry {base} answered {resp.status_code} for {name.display}: "
-                f"{resp.text.strip()[:200]}",
+                f"registry {shown} answered HTTP {resp.status_code} for {name.display}",
                 model=name.display,
             )
         raw = resp.content
         config_raw: bytes | None = None
-        cfg = (json.loads(raw).get("config") or {}) if raw else {}
-        if cfg.get("digest"):
-            blob = f"{base}/v2/{name.namespace}/{name.model}/blobs/{cfg['digest']}"
+        cfg = _config_ref(raw)
+        if cfg is not None:
+            blob = f"{base}/v2/{name.namespace}/{name.model}/blobs/{cfg}"
             cresp = http.get(blob, follow_redirects=True)
             if cresp.status_code < 400:
                 config_raw = cresp.content
+        return parse_manifest(raw, config_raw)
+    except httpx.TimeoutException as exc:
+        raise TransientBackendError(
+            f"the registry {shown} did not answer for {name.display} in time ({exc}); will retry",
+            model=name.display,
+        ) from exc
+    except httpsafe.BodyRefused as exc:
+        raise BackendError(f"registry {shown}, {name.display}: {exc}", model=name.display) from exc
     except httpx.TransportError as exc:
         raise BackendUnreachable(
-            f"can't reach the registry {base} for {name.display}: {exc}; "
+            f"can't reach the registry {shown} for {name.display}: "
+            f"{httpsafe.redact(str(exc)) or type(exc).__name__}; "
             "check the network or backends.ollama.registry",
             model=name.display,
         ) from exc
-    except ValueError as exc:  # JSON garbage from a proxy or captive portal
-        raise TransientBackendError(
-            f"registry {base} sent a manifest that is not JSON for {name.display}: {exc}",
+    except ValueError as exc:  # garbage from a proxy or captive portal, or a broken registry
+        raise BackendError(
+            f"registry {shown} sent an unreadable answer for {name.display}: {exc}",
             model=name.display,
         ) from exc
-    return parse_manifest(raw, config_raw)
+
+
+def _config_ref(raw: bytes) -> str | None:
+    """The config blob's digest named by a manifest, if it names one it can be fetched by."""
+    try:
+        doc = json.loads(raw) if raw else {}
+    except (ValueError, RecursionError):
+        return None  # parse_manifest says what is wrong
+    cfg = doc.get("config") if isinstance(doc, dict) else None
+    digest = cfg.get("digest") if isinstance(cfg, dict) else None
+    if not isinstance(digest, str) or not digest.replace(":", "").isalnum():
+        return None
+    return digest
+
+
+def _size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"a layer size of {str(value)[:20]!r}")
+    return value
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:80]}" if text else type(exc).__name__
 
 
 def missing_bytes(http: httpx.Client, ollama_url: str, manifest: Manifest) -> int:

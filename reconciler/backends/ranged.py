@@ -11,11 +11,13 @@ from typing import Any
 
 import httpx
 
-from reconciler import gguf_header
+from reconciler import gguf_header, httpsafe
 
 MiB = 1024 * 1024
 HEADER_TIMEOUT = httpx.Timeout(10.0, connect=5.0, read=3.0)
 """A header read is an optional extra on the plan path: a stalled CDN must not hold it up."""
+HEADER_DEADLINE = 10.0
+"""...nor a trickling one: each ranged read ends within this many seconds, whatever came."""
 
 
 def read_prefix(
@@ -23,11 +25,16 @@ def read_prefix(
 ) -> bytes:
     """The first ``n`` bytes of ``url``, or fewer when the body stalls or ends early.
 
-    Stops reading at ``n`` even when the server ignores ``Range`` and sends the whole file.
+    Stops reading at ``n`` even when the server ignores ``Range`` and sends the whole file, so
+    no cap is needed beyond ``n``; a guarded client (``reconciler.httpsafe``) ends the read at
+    ``HEADER_DEADLINE``.
     """
     buf = bytearray()
     sent = {**(headers or {}), "Range": f"bytes=0-{n - 1}"}
-    req = http.build_request("GET", url, headers=sent, timeout=HEADER_TIMEOUT)
+    req = http.build_request(
+        "GET", url, headers=sent, timeout=HEADER_TIMEOUT,
+        extensions=httpsafe.limits(deadline=HEADER_DEADLINE, max_body=None),
+    )  # fmt: skip
     resp = http.send(req, stream=True, follow_redirects=True)
     try:
         if resp.status_code >= 400:

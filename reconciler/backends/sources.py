@@ -16,6 +16,15 @@ and the auth headers (``HF_TOKEN``). The bytes are streamed here rather than thr
 ``hf_hub_download``: its cache and ``local_dir`` layouts put symlinks or ``.gguf`` names inside
 the served folder and report progress through tqdm, while the rules above and the executor's
 progress callback need the one code path shared with https:// sources.
+
+A source is a peer: what it announces (HEAD, the hub's metadata) is what the plan budgeted,
+so a download stops at that size, and any mismatch (more bytes, fewer, or a GET announcing
+another length) deletes the partial file. While bytes land, free space is checked against
+``budget.disk_reserve``: a download that would eat into it is stopped and deleted. Only a cut
+connection keeps the partial file, for a ranged resume. The answer must start, and keep
+coming, within the stall timeout (``reconciler.httpsafe``: at least 64 KiB per period), so a
+trickle fails like a stall. URLs are shown without credentials or query string
+(``httpsafe.redact``): a signed URL's signature is a password.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,12 +45,14 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
+from reconciler import httpsafe
 from reconciler.backends import ggufmeta, hub, ranged
 from reconciler.errors import BackendError, ModelNotFound, PullFailed, TransientBackendError
 from reconciler.model import ModelFacts
 
 Progress = Callable[[str, int | None, int | None], None]
 CHUNK = 1 << 20
+DISK_CHECK_BYTES = 1 << 20  # free space is checked again after this much is written
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -58,6 +70,11 @@ class Source:
     def filename(self) -> str:
         """The last path component (what the file is called upstream)."""
         return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def shown(self) -> str:
+        """The URL as it may be logged, stored, shown or sent: no credentials, no query."""
+        return httpsafe.redact(self.url)
 
 
 @dataclass(frozen=True)
@@ -79,11 +96,13 @@ def parse(url: str) -> Source:
     if scheme == "file":
         path = unquote(parts.path)
         if parts.netloc not in ("", "localhost") or not path.startswith("/"):
-            raise BackendError(f"source {url}: use an absolute local path, file:///path/x.gguf")
+            raise BackendError(
+                f"source {httpsafe.redact(url)}: use an absolute local path, file:///path/x.gguf"
+            )
         return Source(url, "file", path=path)
     if scheme in ("http", "https"):
         if not parts.netloc:
-            raise BackendError(f"source {url}: the URL has no host")
+            raise BackendError(f"source {httpsafe.redact(url)}: the URL has no host")
         return Source(url, scheme, path=url)
     if scheme == "hf":
         # hf://org/repo[@revision]/path — HfFileSystem's form; a revision with '/' is %2F-quoted
@@ -91,17 +110,21 @@ def parse(url: str) -> Source:
         bits = rest.split("/")
         if len(bits) < 3 or bits[0] in ("datasets", "spaces"):
             raise BackendError(
-                f"source {url}: use hf://org/repo/file.gguf or hf://org/repo@revision/file.gguf "
-                "(model repositories only)"
+                f"source {httpsafe.redact(url)}: use hf://org/repo/file.gguf or "
+                "hf://org/repo@revision/file.gguf (model repositories only)"
             )
         repo_name, _, revision = bits[1].partition("@")
         path = "/".join(bits[2:])
         if ".." in bits or not repo_name:
-            raise BackendError(f"source {url}: '..' and empty parts are not allowed")
+            raise BackendError(
+                f"source {httpsafe.redact(url)}: '..' and empty parts are not allowed"
+            )
         return Source(
             url, "hf", repo=f"{bits[0]}/{repo_name}", revision=unquote(revision) or None, path=path
         )
-    raise BackendError(f"source {url}: only hf://, https://, http:// and file:// are supported")
+    raise BackendError(
+        f"source {httpsafe.redact(url)}: only hf://, https://, http:// and file:// are supported"
+    )
 
 
 def _hub_remote(source: Source, http: httpx.Client) -> tuple[int | None, str | None, str, str]:
@@ -112,26 +135,33 @@ def _hub_remote(source: Source, http: httpx.Client) -> tuple[int | None, str | N
     try:
         meta = get_hf_file_metadata(url, endpoint=hub.endpoint())
     except hub.http_errors() as exc:
-        what = f"source {source.url}"
+        what = f"source {source.shown}"
         raise hub.error(what, source.repo, source.revision, source.path, exc) from exc
     except (httpx.TransportError, OSError) as exc:
-        raise TransientBackendError(f"source {source.url}: can't reach the hub ({exc})") from exc
+        raise TransientBackendError(
+            f"source {source.shown}: can't reach the hub ({httpsafe.redact(str(exc))})"
+        ) from exc
     etag = (meta.etag or "").strip('"').lower()
     sha = etag if _SHA256.match(etag) else None  # LFS files: the ETag is their SHA-256
     return meta.size, sha, f"{meta.commit_hash}:{etag}", url
 
 
 def _http_remote(source: Source, http: httpx.Client) -> tuple[int | None, str]:
+    shown = source.shown
     try:
         resp = http.head(source.url, follow_redirects=True)
+    except httpx.TimeoutException as exc:
+        raise TransientBackendError(f"source {shown}: no answer in time ({exc})") from exc
     except httpx.TransportError as exc:
-        raise TransientBackendError(f"source {source.url}: can't reach it ({exc})") from exc
+        raise TransientBackendError(
+            f"source {shown}: can't reach it ({httpsafe.redact(str(exc))})"
+        ) from exc
     if resp.status_code == 404:
-        raise ModelNotFound(f"source {source.url}: 404 Not Found; check the URL")
+        raise ModelNotFound(f"source {shown}: 404 Not Found; check the URL")
     if resp.status_code >= 500:
-        raise TransientBackendError(f"source {source.url}: the server answered {resp.status_code}")
+        raise TransientBackendError(f"source {shown}: the server answered {resp.status_code}")
     if resp.status_code >= 400:
-        raise BackendError(f"source {source.url}: the server answered {resp.status_code}")
+        raise BackendError(f"source {shown}: the server answered {resp.status_code}")
     length = resp.headers.get("content-length")
     size = int(length) if length and length.isdigit() else None
     validator = resp.headers.get("etag") or resp.headers.get("last-modified") or f"size:{size}"
@@ -143,7 +173,7 @@ def probe(source: Source, http: httpx.Client, *, metadata: bool = True) -> Remot
     if source.scheme == "file":
         path = Path(source.path)
         if not path.is_file():
-            raise ModelNotFound(f"source {source.url}: no such file")
+            raise ModelNotFound(f"source {source.shown}: no such file")
         st = path.stat()
         facts = ggufmeta.read_file(path) if metadata else ModelFacts(size=st.st_size)
         return Remote(st.st_size, None, f"{st.st_size}:{st.st_mtime_ns}", str(path), {}, facts)
@@ -200,6 +230,29 @@ def _hash_existing(path: Path, digest: Any) -> None:
             digest.update(block)
 
 
+class _Refused(PullFailed):
+    """A download stopped for good reason (a lying size, the disk reserve): its partial file
+    is deleted, never resumed."""
+
+
+def _announced(resp: httpx.Response, start: int, size: int | None, shown: str) -> None:
+    """Refuse an answer whose own length contradicts the size the source announced."""
+    if size is None:
+        return
+    got: int | None = None
+    if resp.status_code == 206:
+        total = resp.headers.get("content-range", "").rpartition("/")[2]
+        got = int(total) if total.isdigit() else None
+    else:
+        length = resp.headers.get("content-length", "")
+        got = int(length) if length.isdigit() else None
+    if got is not None and got != size:
+        raise _Refused(
+            f"{shown}: the download is {got} bytes, but the source announced {size} (what the "
+            "plan budgeted); the partial download was deleted"
+        )
+
+
 def _stream_http(
     http: httpx.Client,
     remote: Remote,
@@ -212,28 +265,32 @@ def _stream_http(
     if offset:
         headers["Range"] = f"bytes={offset}-"
     timeout = httpx.Timeout(stall_timeout, connect=10.0)
+    shown = httpsafe.redact(remote.url)
     try:
         with http.stream(
-            "GET", remote.url, headers=headers, timeout=timeout, follow_redirects=True
-        ) as resp:
+            "GET", remote.url, headers=headers, timeout=timeout, follow_redirects=True,
+            extensions=httpsafe.download(stall_timeout),
+        ) as resp:  # fmt: skip
             if resp.status_code == 404:
-                raise ModelNotFound(f"{remote.url}: 404 Not Found")
+                raise ModelNotFound(f"{shown}: 404 Not Found")
             if resp.status_code == 416:  # we already have it all
                 return
             if resp.status_code >= 500:
-                raise TransientBackendError(f"{remote.url}: the server answered {resp.status_code}")
+                raise TransientBackendError(f"{shown}: the server answered {resp.status_code}")
             if resp.status_code >= 400:
-                raise PullFailed(f"{remote.url}: the server answered {resp.status_code}")
+                raise PullFailed(f"{shown}: the server answered {resp.status_code}")
             start = offset if resp.status_code == 206 else 0
+            _announced(resp, start, remote.size, shown)
             for chunk in resp.iter_bytes(CHUNK):
                 yield start, chunk
     except httpx.TimeoutException as exc:
         raise TransientBackendError(
-            f"{remote.url}: no data for {stall_timeout:.0f}s; the download resumes on retry"
+            f"{shown}: less than {httpsafe.PROGRESS_BYTES // 1024} KiB in {stall_timeout:.0f}s "
+            "(stalled or trickling); the download resumes on retry"
         ) from exc
     except httpx.TransportError as exc:
         raise TransientBackendError(
-            f"{remote.url}: connection lost ({exc}); the download resumes on retry"
+            f"{shown}: connection lost ({httpsafe.redact(str(exc))}); the download resumes on retry"
         ) from exc
 
 
@@ -242,6 +299,23 @@ def _stream_file(path: str, offset: int) -> Iterator[tuple[int, bytes]]:
         src.seek(offset)
         while block := src.read(CHUNK):
             yield offset, block
+
+
+def _keep_reserve(dest: Path, reserve: int, remaining: int) -> None:
+    """Stop before the download eats into ``budget.disk_reserve`` (other writers share the
+    disk, so the plan's check alone can't promise it)."""
+    if reserve <= 0:
+        return
+    try:
+        free = shutil.disk_usage(dest.parent).free
+    except OSError:
+        return  # the write itself will say what is wrong
+    if free - remaining < reserve:
+        raise _Refused(
+            f"disk full at {dest.parent}: downloading {dest.name} would leave less than "
+            f"budget.disk_reserve ({reserve / (1 << 30):.2f} GiB) free; the partial download "
+            "was deleted: free space or lower the models kept"
+        )
 
 
 def fetch(
@@ -254,17 +328,19 @@ def fetch(
     progress: Progress,
     cancel: threading.Event,
     stall_timeout: float = 300.0,
+    reserve: int = 0,
 ) -> str:
     """Download ``source`` to ``dest`` by way of a temporary name; returns the file's SHA-256.
 
     Transport failures are ``TransientBackendError`` (the executor retries, and the retry
-    resumes); a checksum or GGUF failure discards the download.
+    resumes); a checksum or GGUF failure, a size other than the announced one, or free space
+    falling under ``reserve`` bytes discards the download.
     """
     part, side = partial_path(dest), _sidecar(dest)
     offset = partial_bytes(dest, remote.validator)
     if offset == 0:
         discard_partial(dest)
-    side.write_text(json.dumps({"source": source.url, "validator": remote.validator}))
+    side.write_text(json.dumps({"source": source.shown, "validator": remote.validator}))
     digest = hashlib.sha256()
     if offset:
         _hash_existing(part, digest)
@@ -278,6 +354,7 @@ def fetch(
     )
     out = part.open("ab")
     try:
+        _keep_reserve(dest, reserve, (total - done) if total is not None else 0)
         first = True
         for start, chunk in chunks:
             if first and start != done:  # the server sent the whole file again: start over
@@ -285,6 +362,12 @@ def fetch(
                 out.seek(0)
                 digest, done = hashlib.sha256(), 0
             first = False
+            if total is not None and done + len(chunk) > total:
+                raise _Refused(
+                    f"{source.shown}: sent more than the {total} bytes it announced (what the "
+                    "plan budgeted); the partial download was deleted"
+                )
+            _keep_reserve(dest, reserve, (total - done) if total is not None else len(chunk))
             out.write(chunk)
             digest.update(chunk)
             done += len(chunk)
@@ -293,6 +376,10 @@ def fetch(
                 raise PullFailed(f"download of {dest.name} cancelled; it resumes next time")
         out.flush()
         os.fsync(out.fileno())
+    except _Refused:
+        out.close()
+        discard_partial(dest)
+        raise
     except OSError as exc:
         out.close()
         discard_partial(dest)
@@ -313,22 +400,27 @@ def _finish(
     """Checks on the complete temporary file, then the rename that makes it visible."""
     part = partial_path(dest)
     if remote.size is not None and size != remote.size:
-        raise TransientBackendError(
-            f"{source.url}: got {size} of {remote.size} bytes; the download resumes on retry"
+        # The answer ended cleanly short of what was announced (a cut connection raises
+        # before this and keeps the file for a resume): nothing here can be trusted.
+        discard_partial(dest)
+        raise PullFailed(
+            f"{source.shown}: got {size} bytes, but the source announced {remote.size}; the "
+            "partial download was deleted and is fetched again on retry",
+            retryable=True,
         )
     for want, whose in ((expected, "the file's sha256"), (remote.sha256, "the hub's checksum")):
         if want and got != want:
             discard_partial(dest)
             raise PullFailed(
-                f"{source.url}: checksum mismatch: downloaded sha256 {got}, {whose} is {want}; "
-                "the download was discarded"
+                f"{source.shown}: checksum mismatch: downloaded sha256 {got}, {whose} is "
+                f"{want}; the download was discarded"
             )
     try:
         ggufmeta.read_file(part)
     except BackendError as exc:
         discard_partial(dest)
         raise PullFailed(
-            f"{source.url}: the downloaded file is not a valid GGUF model ({exc}); discarded"
+            f"{source.shown}: the downloaded file is not a valid GGUF model ({exc}); discarded"
         ) from exc
     os.replace(part, dest)
     with contextlib.suppress(FileNotFoundError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import time
 
+import httpx
 import pytest
 
 from tests.faults.conftest import (
@@ -31,6 +32,36 @@ MODELS = ["smollm2:135m", "qwen2.5:0.5b", "llama3.2:1b", "all-minilm:latest"]
 COUNT = trials(20)
 
 
+def _delete(node: Node, name: str) -> None:
+    resp = httpx.request(
+        "DELETE", f"{node.url}/api/delete", json={"model": name}, timeout=10, trust_env=False
+    )
+    resp.raise_for_status()
+
+
+def next_trial(rng: random.Random, before: set[str]) -> tuple[set[str], str | None]:
+    """A trial's target set, always with something to pull, and the installed model to delete
+    by hand first when everything is already installed (a long campaign gets there)."""
+    target = set(rng.sample(MODELS, rng.randint(1, 3)))
+    if target - before:
+        return target, None
+    missing = sorted(set(MODELS) - before)
+    if missing:
+        return target | {rng.choice(missing)}, None
+    return target, rng.choice(sorted(target))
+
+
+def test_a_trial_always_has_something_to_pull() -> None:
+    """The generator once asked ``random.choice`` for a model from an empty list (every model
+    installed), failing the full-size campaign on its own."""
+    rng = random.Random(1)
+    for before in (set(), set(MODELS), set(MODELS[:3]), {MODELS[0]}):
+        for _ in range(200):
+            target, delete = next_trial(rng, before)
+            have = before - {delete} if delete else before
+            assert target - have, (before, target, delete)
+
+
 @pytest.mark.timeout(budget(60, 8, COUNT))
 def test_backend_killed_mid_pull(fnode: Node) -> None:
     rng = random.Random(9001)
@@ -40,9 +71,10 @@ def test_backend_killed_mid_pull(fnode: Node) -> None:
     for _ in range(COUNT):
         ledger.trials += 1
         before = installed(fnode)
-        target = set(rng.sample(MODELS, rng.randint(1, 3)))
-        if not target - before:  # make sure there is something to pull
-            target.add(rng.choice(sorted(set(MODELS) - before)))
+        target, delete = next_trial(rng, before)
+        if delete is not None:
+            _delete(fnode, delete)
+            before = installed(fnode)
         kept = target & before
         write_config(fnode, sorted(target))
         server.reset_requests()

@@ -11,6 +11,7 @@ was lost: with no record left, it counts as unmanaged (README, ``state/database.
 from __future__ import annotations
 
 import random
+import sqlite3
 from pathlib import Path
 
 import ollama
@@ -31,8 +32,11 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 MODELS = ["smollm2:135m", "qwen2.5:0.5b", "llama3.2:1b", "all-minilm:latest"]
 BY_HAND = "llama3.2:1b-instruct-q8_0"
-KINDS = ["delete", "truncate", "random-bytes", "header", "wal-garbage", "zero-length"]
-COUNT = trials(6)  # one of each kind
+KINDS = ["delete", "truncate", "random-bytes", "header", "wal-garbage", "zero-length",
+         "row-garbage"]  # fmt: skip
+COUNT = trials(len(KINDS))  # one of each kind
+# Rows an apply always leaves, and the text columns they are read back through.
+ROWS = [("owned", "name"), ("applies", "summary"), ("cache", "value"), ("runs", "plan")]
 
 
 def damage(state: Path, kind: str, rng: random.Random) -> None:
@@ -59,6 +63,16 @@ def damage(state: Path, kind: str, rng: random.Random) -> None:
     elif kind == "wal-garbage":
         with wal.open("ab") as f:
             f.write(rng.randbytes(rng.randint(1, 4096)))
+    elif kind == "row-garbage":
+        # Random bytes inside stored values: the file stays a sound database (its integrity
+        # check passes), but the rows no longer decode (issue 13, item 25).
+        conn = sqlite3.connect(db, isolation_level=None)
+        try:
+            for table, column in ROWS:
+                garbage = rng.randbytes(rng.randint(1, 64)) + b"\xff"
+                conn.execute(f"UPDATE {table} SET {column} = CAST(? AS TEXT)", (garbage,))
+        finally:
+            conn.close()
 
 
 @pytest.mark.timeout(budget(60, 8, COUNT))

@@ -155,9 +155,9 @@ def test_mixed_ollama_and_vllm_plan_apply_heartbeat(
     )
     plan = _plan(node)
     assert plan["errors"] == [], plan["errors"]
-    ops = [(a["op"], a["model"]) for a in plan["actions"]]
-    assert ("pull", f"{REPO}@main") in ops and ("pin", f"{REPO}@main") in ops
-    pull = next(a for a in plan["actions"] if a["model"] == f"{REPO}@main" and a["op"] == "pull")
+    ops = [(a["op"], a["model"], a["revision"]) for a in plan["actions"]]
+    assert ("pull", REPO, "main") in ops and ("pin", REPO, "main") in ops  # name as written
+    pull = next(a for a in plan["actions"] if a["model"] == REPO and a["op"] == "pull")
     assert pull["download_bytes"] == wanted  # weights, config, tokenizer: not the .bin
     assert pull["source"] == f"hf://{REPO}@main"
     pin = next(a for a in plan["actions"] if a["op"] == "pin")
@@ -197,7 +197,7 @@ def test_engine_that_dies_is_started_again(hf: Hf, node: Node) -> None:
     engine.kill()
     engine.wait(10)
     plan = _plan(node)
-    assert [(a["op"], a["model"]) for a in plan["actions"]] == [("pin", f"{REPO}@main")]
+    assert [(a["op"], a["model"]) for a in plan["actions"]] == [("pin", REPO)]
     assert plan["advertised"] == [REPO]  # after the apply; not now:
     assert node.run("apply", "--yes").returncode == 0
     assert hf.served() == [REPO]
@@ -254,7 +254,7 @@ def test_cut_download_is_never_counted_installed_and_resumes(hf: Hf, node: Node)
     out = node.run("apply", "--yes")
     assert out.returncode == 1
     plan = _plan(node)
-    assert ("pull", f"{REPO}@main") in [(a["op"], a["model"]) for a in plan["actions"]]
+    assert ("pull", REPO) in [(a["op"], a["model"]) for a in plan["actions"]]
     assert plan["advertised"] == [REPO]  # once pulled; nothing is served now
     hf.hub.reset()
     # cut after the first 10 MiB chunk: the next try asks for the rest only

@@ -126,13 +126,31 @@ class ControlPlaneServer(Closing):
         result: dict[str, Any] = self._call("POST", f"/_test/commands/{command_id}/cancel")
         return result
 
-    def set_down(self, seconds: float | None, *, mode: str = "503") -> None:
+    def set_down(
+        self,
+        seconds: float | None,
+        *,
+        mode: str = "503",
+        interval: float | None = None,
+        size: int | None = None,
+    ) -> None:
         """Misbehave for ``seconds`` (None: behave again).
 
         ``mode``: ``503`` answers 503 JSON; ``close`` drops the connection unanswered;
-        ``garbage`` answers 200 with an HTML page; ``hang`` waits out the period, then 503.
+        ``garbage`` answers 200 with an HTML page; ``hang`` waits out the period, then 503;
+        ``trickle`` sends its answer one byte every ``interval`` seconds (headers included);
+        ``huge`` answers 200 JSON of ``size`` bytes without a Content-Length.
         """
-        self._call("POST", "/_test/down", {"seconds": seconds, "mode": mode})
+        body: dict[str, Any] = {"seconds": seconds, "mode": mode}
+        if interval is not None:
+            body["interval"] = interval
+        if size is not None:
+            body["size"] = size
+        self._call("POST", "/_test/down", body)
+
+    def ignore_poll_limit(self, ignore: bool = True) -> None:
+        """Hand out every pending command on a poll, whatever ``limit`` the node asked for."""
+        self._call("POST", "/_test/poll_limit", {"ignore": ignore})
 
     def set_clock_offset(self, seconds: float) -> None:
         """Run the server's clock ``seconds`` ahead (negative: behind) for the skew check."""

@@ -14,7 +14,15 @@ mistake there can't be mirrored here.
 Test routes (unsigned, never logged, never down): ``GET /_test/requests``,
 ``GET /_test/nodes``, ``POST /_test/reset``, ``POST /_test/commands {pubkey, command, args}``,
 ``GET /_test/commands/<id>``, ``POST /_test/commands/<id>/cancel``,
-``POST /_test/down {seconds|null, mode}`` and ``POST /_test/clock {offset}``.
+``POST /_test/down {seconds|null, mode, interval, size}``, ``POST /_test/clock {offset}`` and
+``POST /_test/poll_limit {ignore}``.
+
+Down modes (hostile peers included): ``503``; ``close`` (the connection dropped unanswered);
+``garbage`` (200 with an HTML page); ``hang`` (wait out the period, then 503); ``trickle``
+(the answer's bytes, headers first, one every ``interval`` seconds, 1.0 by default: a
+slow-loris that never trips a per-read timeout); ``huge`` (200 JSON of ``size`` bytes, 400 MB
+by default, streamed without a Content-Length). ``poll_limit {ignore: true}`` makes
+``/commands/poll`` hand out every pending command whatever ``limit`` the node sent.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from tests.servers.controlplane_store import ROLES, Refusal, Store
 
 REPLAY_WINDOW_S = 60
 NONCE_TTL_S = 2 * REPLAY_WINDOW_S
-DOWN_MODES = ("503", "close", "garbage", "hang")
+DOWN_MODES = ("503", "close", "garbage", "hang", "trickle", "huge")
 VERBOSE = bool(os.environ.get("CONTROLPLANE_TEST_SERVER_VERBOSE"))
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _COMMAND_ROUTE = re.compile(r"^/api/v1/node/commands/([^/]+)/(progress|complete)$")
@@ -65,6 +73,8 @@ class ControlPlaneState:
         self.clock_offset = 0.0
         self.down_until: float | None = None
         self.down_mode = "503"
+        self.trickle_interval = 1.0
+        self.huge_size = 400_000_000
 
     def now(self) -> float:
         return time.time() + self.clock_offset
@@ -237,6 +247,12 @@ class Handler(BaseHTTPRequestHandler):
             return
         if mode == "hang" and STATE.down_until is not None:
             time.sleep(max(0.0, min(STATE.down_until - time.monotonic(), 30.0)))
+        if mode == "trickle":
+            self._trickle(entry)
+            return
+        if mode == "huge":
+            self._huge(entry)
+            return
         if mode == "garbage":
             self._send(
                 200, None, raw=b"<html><body>Welcome to nginx!</body></html>", kind="text/html"
@@ -245,6 +261,43 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._send(503, {"error": "control plane unavailable (test: down)"})
         STATE.store.log({**entry, "status": 503, "error": "down"})
+
+    def _trickle(self, entry: dict[str, Any]) -> None:
+        """A 503 whose every byte, status line first, comes ``trickle_interval`` s apart."""
+        STATE.store.log({**entry, "status": 503, "error": "trickle (down)"})
+        body = b'{"error":"control plane unavailable (test: trickle)"}'
+        head = (
+            f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        self.close_connection = True
+        try:
+            for byte in head + body:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(STATE.trickle_interval)
+        except OSError:
+            pass  # the client gave up, as it should
+
+    def _huge(self, entry: dict[str, Any]) -> None:
+        """200 JSON of ``huge_size`` bytes, streamed with no Content-Length (read to close)."""
+        STATE.store.log({**entry, "status": 200, "error": "huge (down)"})
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        start, end = b'{"data":{"commands":[],"pad":"', b'"}}'
+        pad = STATE.huge_size - len(start) - len(end)
+        block = b"x" * (1 << 16)
+        try:
+            self.wfile.write(start)
+            while pad > 0:
+                self.wfile.write(block[: min(pad, len(block))])
+                pad -= len(block)
+            self.wfile.write(end)
+        except OSError:
+            pass  # the client stopped reading, as it should
 
     # test controls -----------------------------------------------------------------------------
 
@@ -265,7 +318,12 @@ class Handler(BaseHTTPRequestHandler):
             if mode not in DOWN_MODES:
                 raise Refusal(400, f"mode must be one of {DOWN_MODES}")
             STATE.down_mode = mode
+            STATE.trickle_interval = float(body.get("interval") or 1.0)
+            STATE.huge_size = int(body.get("size") or 400_000_000)
             STATE.down_until = None if seconds is None else time.monotonic() + float(seconds)
+            return {}
+        if path == "/_test/poll_limit":
+            store.ignore_poll_limit = bool(body.get("ignore"))
             return {}
         if path == "/_test/clock":
             STATE.clock_offset = float(body.get("offset", 0))

@@ -118,6 +118,7 @@ class Store:
             self.rows: dict[tuple[str, str], dict[str, Any]] = {}  # (role, node_id) → row
             self.commands: dict[str, dict[str, Any]] = {}
             self.requests: list[dict[str, Any]] = []
+            self.ignore_poll_limit = False
 
     # node rows ---------------------------------------------------------------------------------
 
@@ -226,7 +227,9 @@ class Store:
                 if r["pubkey"] == pubkey and r["status"] == "pending"
             ]
             claimed = []
-            for row in pending[:safe]:  # dicts keep insertion order: oldest issued first
+            # A hostile control plane (the poll_limit test route) hands out more than asked.
+            handed = pending if self.ignore_poll_limit else pending[:safe]
+            for row in handed:  # dicts keep insertion order: oldest issued first
                 row.update(status="running", started_at=now_iso())
                 claimed.append({"id": row["id"], "command": row["command"], "args": row["args"]})
             return {"commands": claimed}

@@ -184,12 +184,16 @@ class HubServer(Closing):
         rate: int | None = None,
         status: int | None = None,
         method: str | None = None,
+        message: str | None = None,
     ) -> int:
         """Make requests whose decoded path matches ``path`` (fnmatch) misbehave; the fault id.
 
         ``cut`` closes the connection after ``after_bytes`` of the body; ``error`` answers
-        ``status`` (500); ``slow`` sends at ``rate`` bytes/s; ``stall`` stops after
-        ``after_bytes`` until :meth:`clear_faults`. ``cut`` and ``error`` apply once unless
+        ``status`` (500) with ``{"error": message}``; ``slow`` sends at ``rate`` bytes/s;
+        ``stall`` stops after ``after_bytes`` until :meth:`clear_faults`. Hostile sources:
+        ``grow`` sends ``after_bytes`` more than the file (HEAD stays truthful), ``short`` only
+        ``after_bytes`` of it, both ending cleanly without a Content-Length; ``trickle`` sends
+        headers one byte every ``1/rate`` s, forever. ``cut`` and ``error`` apply once unless
         ``times`` says otherwise; the others until cleared. ``method`` limits ``error`` to one
         method (``HEAD`` or ``GET``); body faults act on GETs only.
         """
@@ -202,6 +206,8 @@ class HubServer(Closing):
             body["status"] = status
         if method is not None:
             body["method"] = method
+        if message is not None:
+            body["message"] = message
         return int(self._call("POST", "/_test/faults", body)["id"])
 
     def clear_faults(self) -> None:

@@ -43,9 +43,14 @@ and faults), ``POST /_test/faults {path, kind, after_bytes, times, rate, status,
 | kind | effect | default ``times`` |
 |---|---|---|
 | ``cut`` | the body stops after ``after_bytes`` and the connection closes | 1 |
-| ``error`` | answer ``status`` (500) with ``{"error": …}`` instead | 1 |
+| ``error`` | answer ``status`` (500) with ``{"error": message}`` instead | 1 |
 | ``slow`` | the body trickles at ``rate`` bytes/s | until cleared |
 | ``stall`` | the body stops after ``after_bytes`` until the fault is cleared | until cleared |
+| ``grow`` | a GET sends the file and ``after_bytes`` more (HEAD tells the truth) | until cleared |
+| ``short`` | a GET sends only ``after_bytes`` bytes and ends cleanly | until cleared |
+| ``trickle`` | status line and headers, a byte every ``1/rate`` s, never ending | until cleared |
+
+``grow`` and ``short`` answers have no Content-Length: they are read to the connection's close.
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 VERBOSE = bool(os.environ.get("HUB_TEST_SERVER_VERBOSE"))
-FAULT_KINDS = ("cut", "error", "slow", "stall")
+FAULT_KINDS = ("cut", "error", "slow", "stall", "grow", "short", "trickle")
 _ONCE_BY_DEFAULT = ("cut", "error")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
 _GIT_SUFFIXES = {".md", ".json", ".txt", ".py", ".yaml", ".yml", ".jinja", ".gitattributes"}
@@ -324,6 +329,7 @@ class Fault:
     rate: int = 50_000
     status: int = 500
     method: str | None = None
+    message: str | None = None
     id: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -358,6 +364,7 @@ class State:
                 rate=int(body.get("rate") or 50_000),
                 status=int(body.get("status") or 500),
                 method=body.get("method"),
+                message=body.get("message"),
                 id=self.next_fault,
             )
             self.next_fault += 1
@@ -515,9 +522,13 @@ class Handler(BaseHTTPRequestHandler):
         faults: list[Fault] = []
         if self.command == "GET":
             path = unquote(urlsplit(self.path).path)
-            faults = self.state.take_faults("GET", path, ("cut", "slow", "stall"))
+            faults = self.state.take_faults("GET", path, ("cut", "slow", "stall", "grow", "short"))
         if faults:
             self._log(fault=",".join(sorted({f.kind for f in faults})))
+        lying = next((f for f in faults if f.kind in ("grow", "short")), None)
+        if lying is not None:
+            self._send_lying(file, start, length, lying, headers)
+            return
         self.send_response(206 if isinstance(span, tuple) else 200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(length))
@@ -563,6 +574,46 @@ class Handler(BaseHTTPRequestHandler):
                     if ahead > 0:
                         time.sleep(ahead)
 
+    def _send_lying(
+        self, file: Path, start: int, length: int, fault: Fault, headers: dict[str, str]
+    ) -> None:
+        """A body of another size than the file's, read to the connection's close."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Connection", "close")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.close_connection = True
+        with file.open("rb") as f:
+            f.seek(start)
+            data = f.read(length)
+        if fault.kind == "short":
+            data = data[: fault.after_bytes]
+        self.wfile.write(data)
+        self.sent = len(data)
+        extra = fault.after_bytes if fault.kind == "grow" else 0
+        block = b"\0" * _CHUNK
+        while extra > 0:
+            self.wfile.write(block[: min(extra, _CHUNK)])
+            self.sent += min(extra, _CHUNK)
+            extra -= _CHUNK
+        self._log(bytes=self.sent)
+
+    def _trickle(self, fault: Fault) -> None:
+        """A status line and headers that never end, one byte at a time (a slow-loris)."""
+        self.close_connection = True
+        head = b"HTTP/1.1 200 OK\r\nX-Trickle: " + b"a" * 100_000
+        try:
+            for byte in head:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(1 / max(fault.rate, 1))
+                if not self.state.active(fault):
+                    return
+        except OSError:
+            pass  # the client gave up, as it should
+
     def _cut(self) -> None:
         self.wfile.flush()
         self.close_connection = True
@@ -585,11 +636,16 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self, seg: list[str], query: str, raw: bytes) -> None:
         method = self.command
         # An HTTP error fault replaces the answer before anything else is looked at.
-        failing = self.state.take_faults(method, "/" + "/".join(seg), ("error",))
+        failing = self.state.take_faults(method, "/" + "/".join(seg), ("error", "trickle"))
+        trickle = next((f for f in failing if f.kind == "trickle"), None)
+        if trickle is not None:
+            self._log(fault="trickle")
+            self._trickle(trickle)
+            return
         if failing:
             self._log(fault="error")
             status = failing[0].status
-            self._json(status, {"error": f"injected {status}"})
+            self._json(status, {"error": failing[0].message or f"injected {status}"})
             return
         if seg[:1] == ["files"] and method in ("GET", "HEAD"):
             self._plain_file("/".join(seg[1:]))

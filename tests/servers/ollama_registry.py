@@ -7,10 +7,14 @@ part of a name plays no role: this registry stands in for every host.
 Faults (set through the Ollama port's ``/_test/faults``) act where a real outage would:
 ``not_found`` and ``requires`` on the manifest, the others on the weights blob's bytes at the CDN.
 A fault lasts until cleared, or, with ``times=N``, until the (N+1)-th pull of that model starts.
+Hostile registries: ``trickle`` sends the manifest one byte every ``1/rate`` seconds;
+``huge_config`` serves the config blob as ``after_bytes`` bytes (64 MiB when 0) with no
+Content-Length; ``bad_config`` serves it as an HTML page, not JSON.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -22,8 +26,12 @@ from tests.servers.ollama_catalogue import Catalogue
 from tests.servers.ollama_http import Handler, Route, route
 from tests.servers.ollama_names import Name
 
-FAULT_KINDS = ("stall", "error_mid", "not_found", "requires", "digest_mismatch", "slow")
+FAULT_KINDS = (
+    "stall", "error_mid", "not_found", "requires", "digest_mismatch", "slow", "trickle",
+    "huge_config", "bad_config",
+)  # fmt: skip
 BLOB_FAULTS = ("stall", "error_mid", "digest_mismatch", "slow")
+CONFIG_FAULTS = ("huge_config", "bad_config")
 REQUIRES_TEXT = (
     "\nThe model you are attempting to pull requires a newer version of Ollama.\n\n"
     "Please download the latest version at:\n\n\thttps://ollama.com/download\n\n"
@@ -95,6 +103,24 @@ class Registry:
                 return fault
         return None
 
+    def config_fault(self, digest: str) -> Fault | None:
+        """The fault on the model whose config blob is ``digest``, if any."""
+        with self._lock:
+            faults = [f for f in self._faults.values() if f.kind in CONFIG_FAULTS]
+        for fault in faults:
+            entry = self.catalogue.resolve(*fault.key)
+            if entry is None:
+                continue
+            manifest = json.loads(self.catalogue.build(entry).manifest)
+            if manifest["config"]["digest"] == digest:
+                return fault
+        return None
+
+    def trickle(self, key: tuple[str, str, str]) -> Fault | None:
+        with self._lock:
+            fault = self._faults.get(key)
+        return fault if fault is not None and fault.kind == "trickle" else None
+
     def record(self, handler: Handler) -> None:
         with self._lock:
             self.log.append(
@@ -145,6 +171,14 @@ def _manifest(handler: RegistryHandler, ns: str, model: str, tag: str) -> None:
         "Ollama-Push-Time": str(int(time.time())),
     }
     handler.start_chunked(200, "text/plain; charset=utf-8", headers)
+    trickle = reg.trickle((ns.lower(), model.lower(), tag.lower()))
+    if trickle is not None:  # a slow-loris registry: every byte its own chunk, far apart
+        for byte in built.manifest:
+            time.sleep(1 / max(trickle.rate, 1))
+            if not handler.write_chunk(bytes([byte])):
+                return
+        handler.end_chunked()
+        return
     if handler.write_chunk(built.manifest):
         handler.end_chunked()
 
@@ -172,6 +206,10 @@ def _cdn(handler: RegistryHandler, digest: str) -> None:
     if data is None:
         handler.reply(404, b"NoSuchKey", "text/plain")
         return
+    config_fault = reg.config_fault(digest)
+    if config_fault is not None:
+        _bad_config(handler, config_fault)
+        return
     size = len(data)
     headers = {"Accept-Ranges": "bytes", "ETag": f'"{digest[7:39]}"'}
     status, start, end = 200, 0, size - 1
@@ -191,6 +229,21 @@ def _cdn(handler: RegistryHandler, digest: str) -> None:
     if handler.command == "HEAD":
         return
     _send_blob(handler, data, start, end + 1, reg.blob_fault(digest))
+
+
+def _bad_config(handler: RegistryHandler, fault: Fault) -> None:
+    """A config blob from a hostile or broken registry."""
+    if fault.kind == "bad_config":
+        handler.reply(200, b"<html><body>Welcome to nginx!</body></html>", "text/html")
+        return
+    handler.start_chunked(200, "application/octet-stream")
+    left = fault.after_bytes or 64 << 20
+    block = b'{"pad":"' + b"x" * (1 << 16)
+    while left > 0:
+        if not handler.write_chunk(block[: min(left, len(block))]):
+            return
+        left -= len(block)
+    handler.end_chunked()
 
 
 def _send_blob(

@@ -30,7 +30,7 @@ _SPECIAL = ("<unk>", "<s>", "</s>")
 _NORM_EPS = 1e-5
 GGUF_MAGIC = b"GGUF"
 
-CorruptKind = Literal["garbage", "truncated"]
+CorruptKind = Literal["garbage", "truncated", "nested"]
 
 
 def _shape(hidden: int, ff: int | None, heads: int, kv_heads: int | None) -> tuple[int, int, int]:
@@ -180,11 +180,15 @@ def corrupt_gguf(
 
     ``garbage``: the ``GGUF`` magic followed by ``size - 4`` random bytes (the header fails to
     parse). ``truncated``: the first half of ``source`` (default: a fresh tiny model), so the
-    header parses but tensor data lies past the end of the file.
+    header parses but tensor data lies past the end of the file. ``nested``: a well-formed
+    GGUF v3 header whose second key holds arrays nested ``size`` deep (an attacker's header:
+    a recursive reader runs out of stack), before any model key.
     """
     path = Path(path)
     if kind == "garbage":
         data = GGUF_MAGIC + random_bytes(max(size - len(GGUF_MAGIC), 0), seed)
+    elif kind == "nested":
+        data = nested_gguf(size)
     elif kind == "truncated":
         if source is None:
             whole = _partial_name(path)
@@ -201,6 +205,22 @@ def corrupt_gguf(
     tmp = _partial_name(path)
     tmp.write_bytes(data)
     return _replace_atomically(tmp, path)
+
+
+def nested_gguf(depth: int) -> bytes:
+    """A GGUF v3 file (no tensors): ``general.architecture = llama``, then ``general.deep``,
+    an array holding an array … ``depth`` levels down."""
+    import struct
+
+    def text(value: str) -> bytes:
+        raw = value.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    array, string, uint32 = 9, 8, 4
+    nested = struct.pack("<IQ", array, 1) * (depth - 1) + struct.pack("<IQ", uint32, 0)
+    arch = text("general.architecture") + struct.pack("<I", string) + text("llama")
+    deep = text("general.deep") + struct.pack("<I", array) + nested
+    return GGUF_MAGIC + struct.pack("<IQQ", 3, 0, 2) + arch + deep
 
 
 def random_bytes(n: int, seed: int = 0) -> bytes:
@@ -223,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--f16", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--file-type", type=int)
-    parser.add_argument("--corrupt", choices=["garbage", "truncated"])
+    parser.add_argument("--corrupt", choices=["garbage", "truncated", "nested"])
     args = parser.parse_args(argv)
     try:
         if args.corrupt:

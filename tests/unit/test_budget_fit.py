@@ -140,10 +140,12 @@ def test_file_type_fills_in_a_missing_quantization() -> None:
 
 # --------------------------------------------------------------------------- llama.cpp
 
-# The bench's ~100M model (bench/accuracy.py "m100"): 12 layers, 768 wide, 4 KV heads of 64.
+# The bench's ~100M model (bench/accuracy.py "m100"): 12 layers, 768 wide, 4 KV heads of 64,
+# a feed-forward of 2048, Llama 2's 32000-token SentencePiece vocabulary (no merges).
 M100 = ModelFacts(
     size=201_000_000, weights_bytes=201_000_000, block_count=12, head_count=12, head_count_kv=4,
-    embedding_length=768, context_length=16384, file_type=1,
+    embedding_length=768, context_length=16384, file_type=1, feed_forward_length=2048,
+    vocab_size=32000, vocab_merges=0,
 )  # fmt: skip
 LLAMA = ModelSpec("m100.gguf", BackendKind.LLAMACPP, "m100.gguf", "m100")
 
@@ -172,21 +174,22 @@ def test_llamacpp_estimate_runs_at_the_backends_context_and_parallel() -> None:
     short = budget.estimate(LLAMA, _with(run_context=256), None, None)
     short2 = budget.estimate(LLAMA, _with(run_context=256, parallel=2), None, None)
     assert short.bytes is not None and short2.bytes is not None
-    # at 256 tokens a sequence, two of them fill a micro-batch twice as long
-    assert short2.bytes - short.bytes == _kv(256) + 256 * (3 * 4 * 768 + 5 * 768) * 4 + (
-        256 * 256 * 2
-    )
+    # at 256 tokens a sequence, two of them fill a micro-batch twice as long (the GGUF's own
+    # feed-forward width, 2048)
+    assert short2.bytes - short.bytes == _kv(256) + 256 * (3 * 2048 + 5 * 768) * 4 + (256 * 256 * 2)
 
 
-def test_llamacpp_context_comes_from_the_file_then_the_backend_then_the_gguf() -> None:
+def test_llamacpp_context_comes_from_the_router_then_the_file_then_the_gguf() -> None:
     def kv_of(spec: ModelSpec, facts: ModelFacts) -> int:
         parts = budget.llamacpp_parts(facts, budget.run_context(spec, facts, None), 1)
         assert parts is not None
         return parts["kv"]
 
     with_ctx = ModelSpec("m100.gguf", BackendKind.LLAMACPP, "m100.gguf", "m100", context=1024)
-    assert kv_of(with_ctx, _with(run_context=8192)) == _kv(1024)
+    # the router's -c is what its children run, whatever the file says (issue 13)
+    assert kv_of(with_ctx, _with(run_context=8192)) == _kv(8192)
     assert kv_of(LLAMA, _with(run_context=8192)) == _kv(8192)
+    assert kv_of(with_ctx, M100) == _kv(1024)  # the router could not be asked
     # llama-server without -c allocates the trained context, not Ollama's default
     assert kv_of(LLAMA, M100) == _kv(16384)
 
@@ -198,8 +201,11 @@ def test_llamacpp_on_cpu_pays_no_cuda_context_but_its_slots_host_memory() -> Non
     assert gpu_parts["runtime"] == budget.LLAMACPP_RUNTIME_GPU + int(
         201_000_000 * budget.LLAMACPP_RUNTIME_GPU_PER_WEIGHT
     )
-    slot = budget.LLAMACPP_SLOT_CPU + 2048 * budget.LLAMACPP_TOKEN_CPU
-    assert cpu_parts["runtime"] == budget.LLAMACPP_RUNTIME_CPU + 2 * slot
+    vocab = 32000
+    slot = budget.LLAMACPP_SLOT_CPU + vocab * (budget.LLAMACPP_SLOT_VOCAB_CPU + 4)
+    tokenizer = vocab * budget.LLAMACPP_VOCAB_CPU  # SentencePiece: no merge rules
+    heap = 4096 * budget.LLAMACPP_TOKEN_CPU  # two slots of 2048 cells; F16: no work buffer
+    assert cpu_parts["runtime"] == budget.LLAMACPP_RUNTIME_CPU + tokenizer + 2 * slot + heap
     assert {k: v for k, v in gpu_parts.items() if k != "runtime"} == {
         k: v for k, v in cpu_parts.items() if k != "runtime"
     }
@@ -219,7 +225,7 @@ def test_compute_buffer_matches_what_llama_server_logged(
     # "CPU compute buffer size" logged by llama-server 11434.0.0 for a llama model 64 wide
     # with a feed-forward of 4 × 64, vocabularies of 259 and 32000 alike (bench/accuracy.py,
     # 2026-11-27).
-    facts = ModelFacts(embedding_length=hidden)
+    facts = ModelFacts(embedding_length=hidden, feed_forward_length=4 * hidden)
     got = budget.llamacpp_compute_bytes(facts, context, parallel)
     assert got is not None and abs(got / MiB - logged_mib) < 0.1
 

@@ -355,9 +355,7 @@ def test_hf_install_on_a_vllm_node_adds_the_repo_advertised_as_the_model(node: N
     assert bad["status"] == "failed" and "file path" in bad["error"]
 
 
-def test_remove_edits_the_file_and_forces_the_removal(node: Node) -> None:
-    key = names.key(OLLAMA, names.canonical(OLLAMA, "llama3.2:3b"))
-
+def test_remove_edits_the_file_and_lets_the_prune_policy_decide(node: Node) -> None:
     def remove(progress: Progress, cancel: threading.Event) -> None:
         canonical = names.canonical(OLLAMA, "llama3.2:3b")
         action = Action(Op.REMOVE, "llama3.2:3b", OLLAMA, canonical, "removed by name")
@@ -372,7 +370,7 @@ def test_remove_edits_the_file_and_forces_the_removal(node: Node) -> None:
         "removed": ["llama3.2:3b"],
         "advertised": ["qwen2.5:0.5b"],
     }
-    assert node.reconcile.calls == [frozenset({key})]
+    assert node.reconcile.calls == [frozenset()]  # nothing forced: a plain edit of the file
     text = node.config.read_text()
     assert "llama3.2" not in text and text.startswith("# the node's models")
     _answered(node, row["id"])
@@ -382,11 +380,12 @@ def test_remove_of_an_unknown_model_is_a_noop_answered_completed(node: Node) -> 
     before = node.config.read_text()
     row = node.run("model_remove", model="mistral:7b")
     assert row["status"] == "completed"
-    assert row["result"]["note"] == "mistral:7b is not in infernet.yaml and not installed; " + (
-        "nothing to remove"
+    assert row["result"]["note"] == (
+        "mistral:7b is not in infernet.yaml; nothing deleted (infernet did not install it, "
+        "and policy.prune: managed deletes only what it did)"
     )
     assert node.config.read_text() == before
-    assert node.reconcile.calls == [frozenset({"ollama:registry.ollama.ai/library/mistral:7b"})]
+    assert node.reconcile.calls == [frozenset()]
 
 
 def test_protected_models_are_never_removed_remotely(node: Node) -> None:
@@ -518,3 +517,58 @@ def test_an_answer_the_control_plane_has_no_row_for_is_dropped(node: Node) -> No
     node.store.set_command_state("gone-1", state="completed", result={"model": "x"})
     assert node.runner().deliver_pending() == 1
     assert node.store.unreported_commands() == []
+
+
+# --------------------------------------------------------------------------- undoing an install
+
+
+class Killed(BaseException):
+    """What a SIGKILL looks like from inside: nothing after it runs."""
+
+
+def _killed_mid_install(node: Node, model: str) -> str:
+    def die(progress: Progress, cancel: threading.Event) -> None:
+        raise Killed
+
+    node.reconcile.script = die
+    command_id = node.send("model_install", model=model)
+    with pytest.raises(Killed):
+        node.runner().run_pending()
+    assert model in [m.name for m in desired.load(node.config).models]  # the edit happened
+    node.reconcile.script = None
+    return command_id
+
+
+def test_an_install_cut_off_by_a_crash_is_taken_back_out_of_the_file(node: Node) -> None:
+    before = node.config.read_bytes()
+    command_id = _killed_mid_install(node, "mistral:7b")
+    assert node.runner().run_pending() == []  # the restarted daemon's first tick
+    row = node.cp.command(command_id)
+    assert (row["status"], row["error"]) == ("failed", INTERRUPTED)
+    assert node.config.read_bytes() == before, "answered failed, so not in the file either"
+    assert node.reconcile.calls == [frozenset()], "never run again"
+    assert node.store.get_status(commands.UNDO) == {}
+    _answered(node, command_id)
+
+
+def test_undoing_a_cut_off_install_keeps_what_someone_edited_since(node: Node) -> None:
+    command_id = _killed_mid_install(node, "mistral:7b")
+    from reconciler import configedit
+
+    configedit.add_model(node.config, "phi3:mini")  # the owner edits the file meanwhile
+    edited = node.config.read_text()
+    assert commands.settle_interrupted(node.store, node.config) == [command_id]
+    text = node.config.read_text()
+    assert [m.name for m in desired.load(node.config).models] == [
+        "llama3.2:3b", "qwen2.5:0.5b", "phi3:mini",
+    ]  # fmt: skip
+    assert text == edited.replace("  - mistral:7b\n", "")
+
+
+def test_a_failed_install_restores_the_file_byte_for_byte(node: Node) -> None:
+    before = ("\ufeff" + CONFIG.format(policy="edit", extra="")).replace("\n", "\r\n").encode()
+    node.config.write_bytes(before)
+    node.reconcile.error = "'nosuch:1b' is not in the registry: file does not exist"
+    row = node.run("model_install", model="nosuch:1b")
+    assert row["status"] == "failed"
+    assert node.config.read_bytes() == before

@@ -65,7 +65,7 @@ def test_bad_cases_cover_the_brief() -> None:
     assert {
         "malformed", "tabs", "comments_only", "half_written_list", "half_written_missing",
         "top_level_list", "duplicate_key", "unknown_key", "bad_backend", "type_errors",
-        "invalid_names", "duplicate_models", "advertise_collision", "too_many",
+        "invalid_names", "duplicate_models", "advertise_collision",
         "source_on_ollama", "revision_non_hf", "empty_list", "reserve_vram",
     } <= names  # fmt: skip
 
@@ -252,7 +252,7 @@ def test_sizes_and_durations_are_converted() -> None:
     text = (
         "served_models: [{name: a, vram: 1.5GiB}]\n"
         "budget: {vram: 22GiB, reserve: 512MiB, disk_reserve: 50GB}\n"
-        "control_plane: {url: 'http://cp:8080', heartbeat_interval: 1m}\n"
+        "control_plane: {url: 'https://cp:8080', heartbeat_interval: 1m}\n"
     )
     got = desired.parse(text, path="f", env=NO_ENV)
     assert got.models[0].vram == 1_610_612_736
@@ -262,12 +262,35 @@ def test_sizes_and_durations_are_converted() -> None:
 
 
 def test_heartbeat_interval_must_be_positive() -> None:
-    text = "served_models: [a]\ncontrol_plane: {url: 'http://cp', heartbeat_interval: 0s}\n"
+    text = "served_models: [a]\ncontrol_plane: {url: 'https://cp', heartbeat_interval: 0s}\n"
     with pytest.raises(ValidationError) as caught:
         desired.parse(text, path="f", env=NO_ENV)
     assert str(caught.value) == (
-        "f:2:55: control_plane.heartbeat_interval: expected more than 0 seconds"
+        "f:2:56: control_plane.heartbeat_interval: expected more than 0 seconds"
     )
+
+
+@pytest.mark.parametrize("url", ["http://cp.example:8080", "http://10.0.0.7", "http://[fd00::1]"])
+def test_plain_http_control_plane_off_loopback_is_refused(url: str) -> None:
+    """Issue 13, item 15: commands could be injected on the path, and it was accepted."""
+    text = f"served_models: [a]\ncontrol_plane: {{url: '{url}'}}\n"
+    with pytest.raises(ValidationError) as caught:
+        desired.parse(text, path="f", env=NO_ENV)
+    message = str(caught.value)
+    assert message.startswith("f:2:") and "control_plane.url: plain http://" in message
+    assert "control_plane.insecure: true" in message
+    allowed = f"served_models: [a]\ncontrol_plane: {{url: '{url}', insecure: true}}\n"
+    got = desired.parse(allowed, path="f", env=NO_ENV).control_plane
+    assert got is not None and got.insecure is True
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8080", "http://localhost", "http://[::1]:9", "https://cp.example"]
+)
+def test_loopback_or_https_control_plane_needs_no_insecure(url: str) -> None:
+    text = f"served_models: [a]\ncontrol_plane: {{url: '{url}'}}\n"
+    got = desired.parse(text, path="f", env=NO_ENV).control_plane
+    assert got is not None and got.insecure is False
 
 
 def test_empty_list_allowed_when_policy_says_so() -> None:

@@ -10,7 +10,15 @@ import pytest
 
 from reconciler.backends import ollama_registry as registry
 from reconciler.backends.ollama import apply_gguf_header
-from reconciler.gguf_header import NotGGUF, has_essentials, parse_header
+from reconciler.gguf_header import (
+    GGML_TYPES,
+    MAX_ARRAY_DEPTH,
+    MERGE_COUNT,
+    TOKEN_COUNT,
+    NotGGUF,
+    has_essentials,
+    parse_header,
+)
 from reconciler.model import ModelFacts
 from reconciler.names import parse_ollama
 
@@ -67,7 +75,7 @@ def test_v3_keeps_wanted_keys_and_walks_the_rest() -> None:
         "general.file_type": 15, "llama.block_count": 16, "llama.context_length": 131072,
         "llama.embedding_length": 2048, "llama.attention.head_count": 32,
         "llama.attention.head_count_kv": 8, "llama.attention.key_length": 64,
-        "llama.attention.value_length": 64,
+        "llama.attention.value_length": 64, TOKEN_COUNT: 5000, MERGE_COUNT: 0,
     }  # fmt: skip
     assert has_essentials(header.metadata)
 
@@ -125,6 +133,46 @@ def test_garbage_is_not_gguf() -> None:
         parse_header(b"GGUF" + struct.pack("<IQQ", 1, 0, 0))
     with pytest.raises(NotGGUF):  # unknown value type
         parse_header(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _s("k") + struct.pack("<I", 99))
+
+
+def nested_arrays(depth: int) -> bytes:
+    """A value ``depth`` arrays deep: each array holds one array, the innermost none."""
+    return struct.pack("<IQ", 9, 1) * (depth - 1) + struct.pack("<IQ", 4, 0)
+
+
+def deep_gguf(depth: int) -> bytes:
+    pair = _s("general.deep") + struct.pack("<I", 9) + nested_arrays(depth)
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + pair
+
+
+@pytest.mark.parametrize("depth", [MAX_ARRAY_DEPTH + 1, 5000])
+def test_arrays_nested_too_deep_are_not_gguf_and_never_exhaust_the_stack(depth: int) -> None:
+    # 5000 levels used to raise RecursionError, which crashed plan and watch
+    for wanted in (None, lambda _key: True):
+        with pytest.raises(NotGGUF, match="nested"):
+            parse_header(deep_gguf(depth), **({"wanted": wanted} if wanted else {}))
+    assert parse_header(deep_gguf(MAX_ARRAY_DEPTH), wanted=lambda _key: True).complete
+
+
+def test_the_ggml_type_table_is_ggufs() -> None:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    theirs = {int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType}
+    assert theirs == GGML_TYPES
+
+
+def test_a_duplicate_key_is_not_gguf() -> None:
+    with pytest.raises(NotGGUF, match="duplicate key"):
+        parse_header(gguf([("x.block_count", 4, 4), ("x.block_count", 4, 5)]))
+
+
+def test_the_vocabulary_size_is_the_token_lists_length_even_cut_short() -> None:
+    data = gguf(LLAMA)
+    cut = data.index(b"tokenizer.ggml.tokens") + 200  # inside the token array
+    assert parse_header(data[:cut]).metadata[TOKEN_COUNT] == 5000
+    # the length itself cut off: unknown, not wrong
+    at = data.index(b"tokenizer.ggml.tokens") + len("tokenizer.ggml.tokens") + 4 + 6
+    assert TOKEN_COUNT not in parse_header(data[:at]).metadata
 
 
 def _client(blob: bytes, seen: list[str | None]) -> httpx.Client:

@@ -168,12 +168,21 @@ def test_close_stops_serving_and_frees_the_port() -> None:
     again.close()
 
 
-def test_empty_host_listens_on_every_ipv4_interface() -> None:
+def test_empty_host_listens_on_loopback_only() -> None:
+    """``--metrics-addr :PORT`` used to listen on every interface (issue 13, item 17)."""
     m = Metrics.start(":0")
     try:
         assert m.address is not None
-        assert m.address[0] == "0.0.0.0"
+        assert m.address[0] == "127.0.0.1"
         assert httpx.get(f"http://127.0.0.1:{m.address[1]}/metrics", timeout=5).status_code == 200
+    finally:
+        m.close()
+
+
+def test_every_interface_only_when_asked() -> None:
+    m = Metrics.start("0.0.0.0:0")
+    try:
+        assert m.address is not None and m.address[0] == "0.0.0.0"
     finally:
         m.close()
 

@@ -84,12 +84,14 @@ def test_document_has_the_contract_shape() -> None:
     assert doc["config"] == {"path": "infernet.yaml", "sha256": SHA, "git_commit": COMMIT}
     assert doc["observed"] == {"fingerprint": FULL.fingerprint}
     assert doc["actions"][0] == {
-        "op": "pull", "model": "qwen2.5:14b", "backend": "ollama",
+        "op": "pull", "model": "qwen2.5:14b", "revision": None, "backend": "ollama",
         "canonical": "registry.ollama.ai/library/qwen2.5:14b",
         "reason": "in served_models, not installed", "download_bytes": 8_988_124_069,
         "vram_bytes": 10_200_547_328, "keep_alive": None, "digest": "sha256:" + "12" * 32,
         "embedding": False, "context": 8192, "source": None, "advertise_as": None,
     }  # fmt: skip
+    hf = doc["actions"][4]
+    assert (hf["model"], hf["revision"]) == ("Qwen/Qwen2.5-7B-Instruct", "main")
     assert doc["budget"]["fits"] is True
     assert doc["errors"] == ["a plan error"]
     assert list(doc) == [
@@ -109,6 +111,13 @@ def test_schema_is_shipped_and_valid() -> None:
     assert plandoc.schema_text() == (REPO / "schemas" / "plan.schema.json").read_text()
     Draft202012Validator.check_schema(plandoc.schema())
     assert plandoc.schema()["$defs"]["action"]["properties"]["op"]["enum"] == [o.value for o in Op]
+
+
+def test_a_saved_plan_without_revision_fields_still_reads() -> None:
+    doc = plandoc.to_document(FULL)
+    for action in doc["actions"]:
+        del action["revision"]  # canonical carries it: a plan saved before the field existed
+    assert plandoc.from_document(doc, path="p") == FULL
 
 
 def test_keep_alive_written_as_an_integer_still_reads_as_seconds() -> None:

@@ -60,7 +60,8 @@ options:
   control_plane:
     description:
       - The file's C(control_plane) mapping (C(url), C(key_file), C(role), C(node_id),
-        C(heartbeat_interval), C(commands)).
+        C(heartbeat_interval), C(commands), C(ca_bundle), C(insecure)).
+      - A plain V(http://) C(url) off loopback is refused unless C(insecure=true).
       - Left out of the file when not given or empty - the node then sends no heartbeats.
     type: dict
   policy:
