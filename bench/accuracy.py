@@ -61,10 +61,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/accuracy.py
     sys.path.insert(0, str(ROOT))
 
-from reconciler import budget  # noqa: E402
-from reconciler.backends import ggufmeta  # noqa: E402
-from reconciler.backends.llamacpp import AUTO_PARALLEL, run_settings  # noqa: E402
+from reconciler.backends.gguf import meta as ggufmeta  # noqa: E402
+from reconciler.backends.llamacpp.backend import AUTO_PARALLEL, run_settings  # noqa: E402
 from reconciler.model import BackendKind, ModelFacts, ModelSpec  # noqa: E402
+from reconciler.planning import budget  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30

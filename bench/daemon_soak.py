@@ -37,7 +37,7 @@ DONE = b"reconcile done"
 def soak(reconciles: int = 1000, every: int = 100) -> dict[str, Any]:
     """RSS samples (reconciles done, bytes) and the time per reconcile."""
     sys.path.insert(0, str(ROOT))
-    from reconciler.identity import generate_key
+    from reconciler.controlplane.identity import generate_key
     from tests.servers.controlplane_harness import start_control_plane
     from tests.servers.harness import DEFAULT_CATALOGUE, start_ollama_server
 

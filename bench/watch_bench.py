@@ -69,7 +69,7 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=120.0)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from reconciler.identity import generate_key
+    from reconciler.controlplane.identity import generate_key
     from tests.servers.controlplane_harness import start_control_plane
     from tests.servers.harness import DEFAULT_CATALOGUE, start_ollama_server
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, cast
 
+from state.connection import Connection, dump_json, integer, load_dict, now_iso, text, text_or_none
 from state.records import ApplyRecord, JournalEntry
-from state.session import Session, dump_json, integer, load_dict, now_iso, text, text_or_none
 
 OUTCOMES = frozenset({"ok", "failed", "skipped"})
 INTERRUPTED = "interrupted"
@@ -19,7 +19,7 @@ KEEP_APPLIES = 100
 KEEP_RUNS = 100
 
 
-class Journal(Session):
+class Journal(Connection):
     """The store's history part; see :class:`state.store.Store`."""
 
     def record_apply(

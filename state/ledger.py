@@ -10,9 +10,8 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from state.records import CommandRecord, OutboxItem
-from state.session import (
-    Session,
+from state.connection import (
+    Connection,
     Unreadable,
     dump_json,
     integer,
@@ -21,6 +20,7 @@ from state.session import (
     text,
     text_or_none,
 )
+from state.records import CommandRecord, OutboxItem
 
 COMMAND_STATES = frozenset({"received", "running", "completed", "failed"})
 KEEP_COMMANDS = 1000  # reported commands remembered (a redelivered id is refused by them)
@@ -35,7 +35,7 @@ _COMMAND_NEXT = {
 }
 
 
-class Ledger(Session):
+class Ledger(Connection):
     """The store's control-plane part; see :class:`state.store.Store`."""
 
     def command_seen(self, command_id: str) -> CommandRecord | None:

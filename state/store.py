@@ -16,12 +16,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from state import clock
-from state.database import open_database
-from state.journal import Journal
-from state.ledger import Ledger
-from state.location import ensure_state_dir
-from state.records import OwnedRecord
-from state.session import (
+from state.connection import (
     dump_json,
     integer,
     integer_or_none,
@@ -31,6 +26,11 @@ from state.session import (
     text_or_none,
     timestamp,
 )
+from state.database import open_database
+from state.journal import Journal
+from state.ledger import Ledger
+from state.location import ensure_state_dir
+from state.records import OwnedRecord
 
 
 class Store(Journal, Ledger):
@@ -38,7 +38,7 @@ class Store(Journal, Ledger):
 
     ``rebuilt`` is a one-line notice when the database was unusable, moved aside and
     replaced by an empty one (during :meth:`open`, or by a later read that met damage, see
-    :mod:`state.session`); otherwise ``None``.
+    :mod:`state.connection`); otherwise ``None``.
     """
 
     def __init__(self, conn: sqlite3.Connection, *, state_dir: Path, rebuilt: str | None) -> None:

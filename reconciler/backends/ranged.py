@@ -11,7 +11,8 @@ from typing import Any
 
 import httpx
 
-from reconciler import gguf_header, httpsafe
+from reconciler import httpsafe
+from reconciler.backends.gguf import header as gguf_header
 
 MiB = 1024 * 1024
 HEADER_TIMEOUT = httpx.Timeout(10.0, connect=5.0, read=3.0)

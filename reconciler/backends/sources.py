@@ -46,7 +46,8 @@ from urllib.parse import unquote, urlsplit
 import httpx
 
 from reconciler import httpsafe
-from reconciler.backends import ggufmeta, hub, ranged
+from reconciler.backends import hub, ranged
+from reconciler.backends.gguf import meta as ggufmeta
 from reconciler.errors import BackendError, ModelNotFound, PullFailed, TransientBackendError
 from reconciler.model import ModelFacts
 

@@ -24,9 +24,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler import commandargs, desired
-from reconciler.commands import CommandRunner, ReconcileOutcome
-from reconciler.controlplane import RemoteCommand
+from reconciler.config import desired
+from reconciler.controlplane import args as commandargs
+from reconciler.controlplane.client import RemoteCommand
+from reconciler.daemon.commands import CommandRunner
+from reconciler.daemon.verbs import ReconcileOutcome
 from reconciler.errors import ConfigError, ValidationError
 from reconciler.events import Progress
 from state import Store

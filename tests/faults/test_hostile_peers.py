@@ -27,16 +27,17 @@ import httpx
 import pytest
 import yaml
 
-from reconciler import desired
 from reconciler.backends import sources
-from reconciler.commands import CommandRunner, ReconcileOutcome
-from reconciler.controlplane import ControlPlane, ControlPlaneError
-from reconciler.engines import Engines, EngineSpec
+from reconciler.backends.hf.engines import Engines, EngineSpec
+from reconciler.config import desired
+from reconciler.controlplane.client import ControlPlane, ControlPlaneError
+from reconciler.controlplane.identity import NodeKey, generate_key, load_key
+from reconciler.converge.session import Session
+from reconciler.daemon.commands import CommandRunner
+from reconciler.daemon.verbs import ReconcileOutcome
 from reconciler.errors import BackendError, PullFailed
 from reconciler.events import Progress
-from reconciler.identity import NodeKey, generate_key, load_key
 from reconciler.model import ControlPlaneSettings
-from reconciler.session import Session
 from state import Store
 from state.ledger import KEEP_COMMANDS
 from tests.faults.conftest import node_env, write_config

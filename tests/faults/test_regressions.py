@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from reconciler import desired, heartbeat
+from reconciler.config import desired
+from reconciler.controlplane import heartbeat
+from reconciler.controlplane.heartbeat import Heartbeater
 from reconciler.errors import BackendUnreachable, ValidationError
-from reconciler.heartbeat import Heartbeater
 from reconciler.model import ControlPlaneSettings
 from state import Store
 
@@ -98,8 +99,8 @@ def test_integrity_failure_moves_the_database_aside(tmp_path: Path) -> None:
 def test_a_non_finite_argument_is_answered_once(tmp_path: Path) -> None:
     """Found by the fuzz campaign: ``{"model": Infinity}`` (valid for Python's JSON parser) made
     the ledger raise, and the command was never answered."""
-    from reconciler.commands import CommandRunner
-    from reconciler.controlplane import RemoteCommand
+    from reconciler.controlplane.client import RemoteCommand
+    from reconciler.daemon.commands import CommandRunner
     from tests.faults.test_fuzz import _Client
 
     config = tmp_path / "infernet.yaml"

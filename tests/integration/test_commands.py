@@ -8,13 +8,14 @@ import threading
 
 import pytest
 
-from reconciler import desired
-from reconciler.commands import CommandRunner, Reconcile, ReconcileOutcome
-from reconciler.controlplane import ControlPlane
+from reconciler.config import desired
+from reconciler.controlplane.client import ControlPlane
+from reconciler.controlplane.identity import generate_key, load_key
+from reconciler.converge.session import Session
+from reconciler.daemon.commands import CommandRunner, Reconcile
+from reconciler.daemon.verbs import ReconcileOutcome
 from reconciler.events import Event, Kind, Progress
-from reconciler.identity import generate_key, load_key
 from reconciler.model import ControlPlaneSettings
-from reconciler.session import Session
 from state import Store
 from tests.integration.conftest import Node
 from tests.servers.controlplane_harness import ControlPlaneServer

@@ -1,4 +1,4 @@
-"""Engine processes (``reconciler.engines``) driven with the fake engine as a real process.
+"""Engine processes (``backends.hf.engines``) driven with the fake engine as a real process.
 
 Every engine here is ``tests/servers/fake_engine.py`` started through ``Engines`` exactly as
 vLLM would be: detached, in its own session, found again from its record. Each test's
@@ -24,7 +24,7 @@ import httpx
 import psutil
 import pytest
 
-from reconciler.engines import Engines, EngineSpec, EngineStatus, safe_name
+from reconciler.backends.hf.engines import Engines, EngineSpec, EngineStatus, safe_name
 from reconciler.errors import BackendError
 
 pytestmark = pytest.mark.integration
@@ -213,7 +213,7 @@ def test_engine_outlives_the_process_that_started_it(
 ) -> None:
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from reconciler.engines import EngineSpec, Engines
+        from reconciler.backends.hf.engines import EngineSpec, Engines
         with Engines(Path({str(folder)!r}), base_port={engines.base_port},
                      env={{"PYTHONPATH": {str(ROOT)!r}, {TAG!r}: {tag!r}}}) as eng:
             print(eng.start(EngineSpec({KEY!r}, "vllm", {TEMPLATE!r}, {str(model)!r},

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import yaml
 
-from reconciler import budget
-from reconciler.backends import ggufmeta
-from reconciler.backends.llamacpp import run_settings
+from reconciler.backends.gguf import meta as ggufmeta
+from reconciler.backends.llamacpp.backend import run_settings
 from reconciler.model import BackendKind, ModelSpec
+from reconciler.planning import budget
 from tests.integration.conftest import Node
 from tests.servers.llamacpp_harness import Router, start_router
 from tests.servers.tinygguf import corrupt_gguf, write_tiny_gguf

@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from reconciler import configedit, desired
-from reconciler.daemon import Daemon
-from reconciler.session import Session
+from reconciler.config import desired
+from reconciler.config import edit as configedit
+from reconciler.converge.session import Session
+from reconciler.daemon.loop import Daemon
 from state import NodeLock, Store
 from tests.integration.conftest import INFERNET, Node, keygen, needs_fake, verified_beats
 from tests.servers.controlplane_harness import ControlPlaneServer

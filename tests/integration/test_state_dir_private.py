@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engines import Engines
+from reconciler.backends.hf.engines import Engines
 from reconciler.errors import BackendError
 from tests.integration.conftest import Node
 from tests.integration.test_engines import KEY, ROOT, free_base, spec

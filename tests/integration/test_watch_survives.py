@@ -86,7 +86,7 @@ def test_a_file_nested_2000_deep_keeps_the_last_valid_state_also_across_a_restar
 
 _FAULT = """\
 import os
-from reconciler import session
+from reconciler.converge import session
 
 _observe_and_plan = session.Session.observe_and_plan
 
@@ -306,9 +306,9 @@ def test_sigterm_stops_within_5s_while_ollama_trickles_and_says_goodbye(
 def test_a_validator_bug_counts_as_an_invalid_file_and_the_kept_state_stays(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from reconciler import desired
-    from reconciler.daemon import Daemon
-    from reconciler.session import Session
+    from reconciler.config import desired
+    from reconciler.converge.session import Session
+    from reconciler.daemon.loop import Daemon
 
     node.write_config([SMALL])
     monkeypatch.setenv("INFERNET_NO_NVML", "1")

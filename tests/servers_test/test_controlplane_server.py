@@ -17,14 +17,13 @@ import httpx
 import pytest
 from coincurve import PublicKeyXOnly
 
-from reconciler.controlplane import (
+from reconciler.controlplane.client import (
     ControlPlane,
     ControlPlaneError,
     offline_body,
     specs_for,
 )
-from reconciler.errors import ConfigError
-from reconciler.identity import (
+from reconciler.controlplane.identity import (
     NodeKey,
     generate_key,
     hash_request,
@@ -32,6 +31,7 @@ from reconciler.identity import (
     load_key,
     sign_request,
 )
+from reconciler.errors import ConfigError
 from reconciler.model import ControlPlaneSettings, GpuInfo, GpuState
 from tests.servers.controlplane_harness import ControlPlaneServer, start_control_plane
 

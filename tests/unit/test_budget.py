@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler import budget
 from reconciler.model import (
     FOREVER,
     BackendKind,
@@ -15,6 +14,7 @@ from reconciler.model import (
     ModelFacts,
     ModelSpec,
 )
+from reconciler.planning import budget
 
 GiB = 1 << 30
 LLAMA8B = ModelFacts(

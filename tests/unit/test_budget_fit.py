@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler import budget
-from reconciler.gguf_header import FILE_TYPES, file_type_name
+from reconciler.backends.gguf.header import FILE_TYPES, file_type_name
 from reconciler.model import (
     BackendKind,
     BudgetSettings,
@@ -17,6 +16,7 @@ from reconciler.model import (
     ModelFacts,
     ModelSpec,
 )
+from reconciler.planning import budget
 
 GiB = 1 << 30
 MiB = 1 << 20

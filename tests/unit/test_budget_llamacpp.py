@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from reconciler import budget
-from reconciler.backends import ggufmeta
-from reconciler.backends.llamacpp import AUTO_PARALLEL, LlamacppBackend, run_settings
+from reconciler.backends.gguf import meta as ggufmeta
+from reconciler.backends.gguf.header import GGML_TYPES, MERGE_COUNT, TOKEN_COUNT, TensorInfo
+from reconciler.backends.llamacpp.backend import AUTO_PARALLEL, LlamacppBackend, run_settings
+from reconciler.converge.observe import _merge
 from reconciler.errors import BackendError
-from reconciler.gguf_header import GGML_TYPES, MERGE_COUNT, TOKEN_COUNT, TensorInfo
 from reconciler.model import (
     BackendKind,
     InstalledModel,
@@ -21,7 +21,7 @@ from reconciler.model import (
     ModelFacts,
     ModelSpec,
 )
-from reconciler.observe import _merge
+from reconciler.planning import budget
 from tests.servers.tinygguf import VOCAB_SIZE, corrupt_gguf, write_tiny_gguf
 
 MiB = 1 << 20

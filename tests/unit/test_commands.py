@@ -1,4 +1,4 @@
-"""Remote commands (reconciler.commands): strict names, policy, progress, cancel, exactly once.
+"""Remote commands (reconciler.daemon): strict names, policy, progress, cancel, exactly once.
 
 The runner talks to the real control-plane test server (which verifies every signature and
 keeps the command rows as the real one does), a real state store and a real infernet.yaml;
@@ -15,20 +15,16 @@ from typing import Any
 
 import pytest
 
-from reconciler import commands, desired, names
-from reconciler.commands import (
-    CANCELLED,
-    INTERRUPTED,
-    NO_HF,
-    REJECTED,
-    CommandRunner,
-    ReconcileOutcome,
-    model_problem,
-    name_problem,
-)
-from reconciler.controlplane import ControlPlane
+from reconciler import names
+from reconciler.config import desired
+from reconciler.controlplane.args import NO_HF, model_problem, name_problem
+from reconciler.controlplane.client import ControlPlane
+from reconciler.controlplane.identity import generate_key, load_key
+from reconciler.daemon import undo, verbs
+from reconciler.daemon.commands import REJECTED, CommandRunner
+from reconciler.daemon.undo import INTERRUPTED
+from reconciler.daemon.verbs import CANCELLED, ReconcileOutcome
 from reconciler.events import Event, Kind, Progress
-from reconciler.identity import generate_key, load_key
 from reconciler.model import Action, BackendKind, ControlPlaneSettings, Op
 from state import Store
 from tests.servers.controlplane_harness import ControlPlaneServer, start_control_plane
@@ -103,9 +99,9 @@ def test_length_limit_is_the_heartbeats() -> None:
 
 
 def test_protected_key_is_the_sessions() -> None:
-    from reconciler.session import PROTECTED
+    from reconciler.converge.session import PROTECTED
 
-    assert commands.PROTECTED == PROTECTED
+    assert verbs.PROTECTED == PROTECTED
 
 
 # --------------------------------------------------------------------------- the runner
@@ -394,7 +390,7 @@ def test_protected_models_are_never_removed_remotely(node: Node) -> None:
     assert row["status"] == "failed"
     assert "qwen2.5:0.5b is protect: true in infernet.yaml" in row["error"]
     # Still protected after it left the file (the session remembers it until it's gone).
-    node.store.put_status(commands.PROTECTED, ["ollama:registry.ollama.ai/library/gemma3:1b"])
+    node.store.put_status(verbs.PROTECTED, ["ollama:registry.ollama.ai/library/gemma3:1b"])
     row = node.run("model_remove", model="gemma3:1b")
     assert row["status"] == "failed" and "protect: true" in row["error"]
     assert node.reconcile.calls == []
@@ -547,17 +543,17 @@ def test_an_install_cut_off_by_a_crash_is_taken_back_out_of_the_file(node: Node)
     assert (row["status"], row["error"]) == ("failed", INTERRUPTED)
     assert node.config.read_bytes() == before, "answered failed, so not in the file either"
     assert node.reconcile.calls == [frozenset()], "never run again"
-    assert node.store.get_status(commands.UNDO) == {}
+    assert node.store.get_status(undo.UNDO) == {}
     _answered(node, command_id)
 
 
 def test_undoing_a_cut_off_install_keeps_what_someone_edited_since(node: Node) -> None:
     command_id = _killed_mid_install(node, "mistral:7b")
-    from reconciler import configedit
+    from reconciler.config import edit as configedit
 
     configedit.add_model(node.config, "phi3:mini")  # the owner edits the file meanwhile
     edited = node.config.read_text()
-    assert commands.settle_interrupted(node.store, node.config) == [command_id]
+    assert undo.settle_interrupted(node.store, node.config) == [command_id]
     text = node.config.read_text()
     assert [m.name for m in desired.load(node.config).models] == [
         "llama3.2:3b", "qwen2.5:0.5b", "phi3:mini",

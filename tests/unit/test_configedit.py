@@ -1,4 +1,4 @@
-"""Comment- and layout-preserving edits of infernet.yaml (reconciler.configedit).
+"""Comment- and layout-preserving edits of infernet.yaml (reconciler.config.edit).
 
 The cases are data (``configs/edits/cases.yaml``); the tests below them cover what a table
 cannot: line endings, file modes, symlinks and a write that fails half-way.
@@ -17,7 +17,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler import configedit, desired
+from reconciler.config import desired
+from reconciler.config import edit as configedit
 from reconciler.errors import ConfigError
 from reconciler.model import FOREVER, BackendKind
 

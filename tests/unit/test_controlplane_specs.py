@@ -1,4 +1,4 @@
-"""The heartbeat's ``specs`` object (reconciler.nodespecs, re-exported by controlplane)."""
+"""The heartbeat's ``specs`` object (reconciler.controlplane.specs, re-exported by controlplane)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from reconciler.controlplane import offline_body, specs_for
+from reconciler.controlplane.client import offline_body, specs_for
+from reconciler.controlplane.specs import CLI_VERSION, vram_tier
 from reconciler.model import GpuInfo, GpuState
-from reconciler.nodespecs import CLI_VERSION, vram_tier
 from tests.servers.controlplane_store import sanitize_specs
 from tests.servers.controlplane_store import vram_tier as server_vram_tier
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reconciler.daemon import Backoff
+from reconciler.daemon.backoff import Backoff
 from reconciler.model import (
     Action,
     BackendKind,

@@ -1,4 +1,4 @@
-"""Loading and validating infernet.yaml (reconciler.desired).
+"""Loading and validating infernet.yaml (reconciler.config.desired).
 
 Bad inputs are data: each ``configs/bad/<case>.yaml`` starts with one ``# expect: LINE:COL:
 message`` comment per problem, in order, and the one parametrized test below checks them.
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from reconciler import desired
+from reconciler.config import desired, rules
 from reconciler.errors import ConfigError, Problem, ValidationError
 from reconciler.model import (
     FOREVER,
@@ -342,7 +342,7 @@ def test_merge_keys_fill_in_entries() -> None:
     ],
 )
 def test_ollama_host_normalised_like_the_client(host: str, url: str) -> None:
-    assert desired.ollama_host(host) == url
+    assert rules.ollama_host(host) == url
     got = desired.parse("served_models: [a]\n", path="f", env={"OLLAMA_HOST": host})
     assert got.ollama.url == url
 
@@ -497,7 +497,8 @@ def test_schema_lists_the_backends_of_the_model() -> None:
 
 def test_import_is_lazy() -> None:
     code = (
-        "import sys, reconciler.desired, reconciler.configedit, reconciler.plandoc; "
+        "import sys, reconciler.config.desired, reconciler.config.edit, "
+        "reconciler.planning.document; "
         "print(json.dumps(sorted(m for m in ('jsonschema', 'ruamel') if m in sys.modules)))"
     )
     done = subprocess.run(

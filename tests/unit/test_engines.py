@@ -1,4 +1,4 @@
-"""The pure parts of ``reconciler.engines``: file names, command templates, exit codes."""
+"""The pure parts of the engine supervisor: file names, command templates, exit codes."""
 
 from __future__ import annotations
 
@@ -7,14 +7,10 @@ import sys
 
 import pytest
 
-from reconciler.engines import (
-    DEFAULT_COMMANDS,
-    EngineSpec,
-    describe_exit,
-    format_command,
-    safe_name,
-)
+from reconciler.backends.hf.engines.launch import format_command
+from reconciler.backends.hf.engines.records import EngineSpec, describe_exit, safe_name
 from reconciler.errors import BackendError
+from reconciler.model import ENGINE_COMMANDS
 
 
 def spec(command: str, **kw: object) -> EngineSpec:
@@ -47,7 +43,7 @@ def test_safe_name_is_a_plain_file_name_and_keeps_keys_apart() -> None:
     ],
 )
 def test_default_commands_fill_every_engine_flag(kind: str, flags: list[str]) -> None:
-    argv = format_command(spec(DEFAULT_COMMANDS[kind], kind=kind), 8001)
+    argv = format_command(spec(ENGINE_COMMANDS[kind], kind=kind), 8001)
     assert all(flag in argv for flag in flags)
     assert argv[argv.index("--served-model-name") + 1] == "qwen2.5-7b"
     assert argv[argv.index("--port") + 1] == "8001"

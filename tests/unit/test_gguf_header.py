@@ -8,9 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from reconciler.backends import ollama_registry as registry
-from reconciler.backends.ollama import apply_gguf_header
-from reconciler.gguf_header import (
+from reconciler.backends.gguf.header import (
     GGML_TYPES,
     MAX_ARRAY_DEPTH,
     MERGE_COUNT,
@@ -19,6 +17,8 @@ from reconciler.gguf_header import (
     has_essentials,
     parse_header,
 )
+from reconciler.backends.ollama import registry
+from reconciler.backends.ollama.backend import apply_gguf_header
 from reconciler.model import ModelFacts
 from reconciler.names import parse_ollama
 

@@ -1,4 +1,4 @@
-"""The node key file and the signed-request envelope (reconciler.identity)."""
+"""The node key file and the signed-request envelope (reconciler.controlplane.identity)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 from coincurve import PublicKeyXOnly
 
-from reconciler.errors import ConfigError, InfernetError
-from reconciler.identity import (
+from reconciler.controlplane.identity import (
     KeyFileError,
     generate_key,
     hash_request,
@@ -22,6 +21,7 @@ from reconciler.identity import (
     load_key,
     sign_request,
 )
+from reconciler.errors import ConfigError, InfernetError
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # BIP-340 test vector 1 (bips/bip-0340/test-vectors.csv).

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from reconciler.backends import sources
-from reconciler.backends.llamacpp_router import parse_models
+from reconciler.backends.gguf.header import file_type_name
+from reconciler.backends.llamacpp.router import parse_models
 from reconciler.errors import BackendError, PullFailed
-from reconciler.gguf_header import file_type_name
 from reconciler.model import ModelFacts
 
 

@@ -1,4 +1,4 @@
-"""Daemon log lines on stderr, text or JSON, one line per record (reconciler.logs)."""
+"""Daemon log lines on stderr, text or JSON, one line per record (reconciler.daemon.logs)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from reconciler import logs
+from reconciler.daemon import logs
 from reconciler.errors import ConfigError
 
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (DEBUG|INFO|WARNING|ERROR) \S+: .*$")

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the daemon (reconciler.metrics), scraped over real HTTP."""
+"""Prometheus metrics of the daemon (reconciler.daemon.metrics), scraped over real HTTP."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from reconciler.daemon.metrics import Metrics
 from reconciler.errors import ConfigError
-from reconciler.metrics import Metrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -255,7 +255,7 @@ def test_metrics_off_never_imports_prometheus_client() -> None:
     code = textwrap.dedent(
         """
         import sys
-        from reconciler.metrics import Metrics
+        from reconciler.daemon.metrics import Metrics
         m = Metrics.disabled()
         m.reconcile(outcome="converged", seconds=0.1)
         m.action(op="pull", outcome="ok")

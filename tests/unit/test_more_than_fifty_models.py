@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler import desired
-from reconciler.desired import MAX_ADVERTISED
+from reconciler.config import desired
+from reconciler.config.desired import MAX_ADVERTISED
+from reconciler.controlplane.specs import MAX_SERVED_MODELS, specs_for
 from reconciler.model import GpuState
-from reconciler.nodespecs import MAX_SERVED_MODELS, specs_for
 
 NAMES = [f"m{i}:latest" for i in range(1, 53)]
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import desired, plandoc, render
-from reconciler.configedit import refers_to
+from reconciler.cli import render
+from reconciler.cli.status import model_rows
+from reconciler.config import desired
+from reconciler.config.edit import refers_to
 from reconciler.model import (
     BackendKind,
     BackendState,
@@ -23,8 +25,8 @@ from reconciler.model import (
     Upstream,
 )
 from reconciler.names import key
-from reconciler.plan import plan
-from reconciler.status import model_rows
+from reconciler.planning import document as plandoc
+from reconciler.planning.plan import plan
 from state import Store
 
 VLLM = BackendKind.VLLM

@@ -6,9 +6,9 @@ import os
 import subprocess
 import sys
 
+from reconciler.converge.observe import _on_gpu
 from reconciler.gpu import GpuUse, ProcessSeen, classify
 from reconciler.model import BackendKind, LoadedModel
-from reconciler.observe import _on_gpu
 
 GiB = 1 << 30
 
@@ -50,7 +50,7 @@ def test_hub_cache_is_walked_once_per_observation_and_again_after_a_change(
 ) -> None:
     from pathlib import Path
 
-    from reconciler.backends.hf import CacheScanner
+    from reconciler.backends.hf.cache import CacheScanner
 
     scanner = CacheScanner(Path(tmp_path), ttl=60)
     first = scanner.scan()

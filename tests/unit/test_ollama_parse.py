@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reconciler.backends.ollama import (
+from reconciler.backends.ollama.backend import (
     parse_config_blob,
     parse_parameter_size,
     parse_ps,
     parse_show,
     parse_tags,
 )
-from reconciler.backends.ollama_registry import parse_manifest
+from reconciler.backends.ollama.registry import parse_manifest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ollama"
 

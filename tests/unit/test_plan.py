@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from reconciler import desired
+from reconciler.config import desired
 from reconciler.model import (
     BackendKind,
     BackendState,
@@ -27,7 +27,7 @@ from reconciler.model import (
     Upstream,
 )
 from reconciler.names import canonical, key
-from reconciler.plan import plan
+from reconciler.planning.plan import plan
 from reconciler.units import parse_size
 
 CASES = sorted((Path(__file__).parent / "plans").glob("*.yaml"))

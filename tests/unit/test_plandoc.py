@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler import _schemacheck, plandoc
+from reconciler.config import schemacheck
 from reconciler.errors import ConfigError
 from reconciler.model import (
     FOREVER,
@@ -23,6 +23,7 @@ from reconciler.model import (
     Op,
     Plan,
 )
+from reconciler.planning import document as plandoc
 
 REPO = Path(__file__).parents[2]
 SHA = "ab" * 32
@@ -102,7 +103,7 @@ def test_document_has_the_contract_shape() -> None:
 
 def test_documents_we_write_validate_against_the_plan_schema() -> None:
     for plan in (FULL, EMPTY):
-        assert _schemacheck.check(plandoc.to_document(plan), plandoc.SCHEMA_FILE) == []
+        assert schemacheck.check(plandoc.to_document(plan), plandoc.SCHEMA_FILE) == []
 
 
 def test_schema_is_shipped_and_valid() -> None:

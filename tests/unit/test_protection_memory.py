@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reconciler import desired
+from reconciler.config import desired
+from reconciler.converge.session import PROTECTED, remember_protected
 from reconciler.model import (
     BackendKind,
     BackendState,
@@ -16,7 +17,6 @@ from reconciler.model import (
     Observed,
 )
 from reconciler.names import canonical, key
-from reconciler.session import PROTECTED, remember_protected
 from state import Store
 
 OLLAMA = BackendKind.OLLAMA

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler import desired
+from reconciler.config import desired
 from reconciler.errors import ValidationError
 from reconciler.redact import redact
 

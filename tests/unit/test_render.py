@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from reconciler.cli.render import ProgressPrinter, human_bytes
 from reconciler.events import Event, Kind
 from reconciler.model import Action, BackendKind, Op
-from reconciler.render import ProgressPrinter, human_bytes
 
 PULL = Action(Op.PULL, "qwen2.5:14b", BackendKind.OLLAMA, "c", "r")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import logs
-from reconciler.cli import build_parser
+from reconciler.cli.parser import build_parser
+from reconciler.daemon import logs
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "examples" / "systemd"

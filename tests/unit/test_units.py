@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from reconciler import desired
+from reconciler.config import desired
 from reconciler.model import FOREVER
 from reconciler.units import (
     format_bytes,

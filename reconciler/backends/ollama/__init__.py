@@ -1,0 +1,1 @@
+"""The Ollama backend: the server's API through the official client, and its registry."""

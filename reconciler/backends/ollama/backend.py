@@ -1,0 +1,457 @@
+"""The Ollama backend, on the official ``ollama`` client.
+
+Fetch and parse are separate: ``parse_*`` are pure functions of the server's JSON (tested from
+recorded responses); ``OllamaBackend`` does the I/O. Facts that shape the code:
+
+* ``DELETE /api/delete`` never unloads a runner, so ``remove`` unloads first (``keep_alive: 0``),
+  as the ``ollama rm`` CLI has done since 0.3.13.
+* A pull answers HTTP 200 and then may fail on any later line, so every line is checked (the
+  client raises ``ResponseError`` with status -1), and a watchdog fails a pull whose summed
+  ``completed`` stops growing: Ollama keeps sending identical lines while parts stall.
+* Embedding-only models refuse ``/api/generate``; they are loaded and unloaded through embed.
+* Every request has an overall deadline and a body cap (``reconciler.httpsafe``): API calls
+  ``INFERNET_HTTP_TIMEOUT`` (30 s), a load the stall timeout (a big model takes minutes to
+  load and Ollama answers only then), a pull none but its stall watchdog; the registry's
+  manifests and config blobs are read up to 4 MiB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+
+from reconciler import httpsafe
+from reconciler.backends.base import Cache, PullProgress
+from reconciler.backends.gguf import header as gguf_header
+from reconciler.backends.gguf import meta as ggufmeta
+from reconciler.backends.ollama import registry
+from reconciler.errors import (
+    BackendError,
+    BackendUnreachable,
+    ModelNotFound,
+    PullFailed,
+    PullStalled,
+    TransientBackendError,
+)
+from reconciler.model import (
+    BackendKind,
+    BackendState,
+    InstalledModel,
+    LoadedModel,
+    ModelFacts,
+    ModelSpec,
+    OllamaSettings,
+    Upstream,
+)
+from reconciler.names import OllamaName, parse_ollama
+
+if TYPE_CHECKING:
+    import ollama
+
+_T = TypeVar("_T")
+log = logging.getLogger(__name__)
+PINNED_YEAR = 2200  # keep_alive forever shows as now + ~292 years (year 2318 in 2026)
+_FROM_BLOB = re.compile(r"^FROM\s+\S*sha256[-:]([0-9a-f]{64})\s*$", re.MULTILINE)
+_HUMAN = re.compile(r"^\s*([0-9.]+)\s*([KMBT]?)\s*$", re.IGNORECASE)
+_SCALE = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+_RETRYABLE_PULL = ("max retries exceeded", "digest mismatch", "connection reset", "timeout")
+
+
+# --------------------------------------------------------------------------- parse (pure)
+
+
+def parse_parameter_size(text: str | None) -> int | None:
+    """``'7.6B'`` → 7_600_000_000; None when absent or unreadable."""
+    match = _HUMAN.match(text or "")
+    if not match:
+        return None
+    return int(float(match.group(1)) * _SCALE[match.group(2).upper()])
+
+
+def parse_details(details: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``details`` object of tags/ps/show as ``ModelFacts`` keyword arguments."""
+    d = details or {}
+    return {
+        "quantization": (str(d["quantization_level"]).upper() or None)
+        if d.get("quantization_level")
+        else None,
+        "parameter_size": d.get("parameter_size") or None,
+        "parameter_count": parse_parameter_size(d.get("parameter_size")),
+        "family": d.get("family") or None,
+        "format": d.get("format") or None,
+    }
+
+
+def parse_tags(raw: Mapping[str, Any]) -> list[InstalledModel]:
+    """``/api/tags`` → installed models (cloud stubs skipped: they hold no weights here)."""
+    out = []
+    for item in raw.get("models") or []:
+        if item.get("remote_host") or item.get("remote_model"):
+            continue
+        name = str(item.get("model") or item.get("name"))
+        facts = ModelFacts(
+            digest=item.get("digest"), size=int(item.get("size") or 0),
+            weights_bytes=int(item.get("size") or 0), **parse_details(item.get("details")),
+        )  # fmt: skip
+        out.append(InstalledModel(BackendKind.OLLAMA, name, parse_ollama(name).canonical, facts))
+    return out
+
+
+def parse_ps(raw: Mapping[str, Any]) -> list[LoadedModel]:
+    """``/api/ps`` → loaded runners; a runner expiring centuries ahead is pinned."""
+    out = []
+    for item in raw.get("models") or []:
+        name = str(item.get("model") or item.get("name"))
+        expires = item.get("expires_at")
+        expires_text = expires.isoformat() if hasattr(expires, "isoformat") else expires
+        year = int(str(expires_text)[:4]) if expires_text and str(expires_text)[:4].isdigit() else 0
+        out.append(
+            LoadedModel(
+                backend=BackendKind.OLLAMA, name=name, canonical=parse_ollama(name).canonical,
+                digest=item.get("digest"), size=int(item.get("size") or 0),
+                size_vram=int(item.get("size_vram") or 0), expires_at=expires_text,
+                pinned=year >= PINNED_YEAR, context_length=item.get("context_length"),
+            )
+        )  # fmt: skip
+    return out
+
+
+def parse_show(raw: Mapping[str, Any], *, digest: str | None, size: int | None) -> ModelFacts:
+    """``/api/show`` → facts for the VRAM estimate (the GGUF keys of ``model_info``, read as
+    for any GGUF file), with ``details`` and ``capabilities`` on top."""
+    info: Mapping[str, Any] = raw.get("model_info") or raw.get("modelinfo") or {}
+    base = parse_details(raw.get("details"))
+    if isinstance(info.get("general.parameter_count"), int):
+        base["parameter_count"] = int(info["general.parameter_count"])
+    facts = ggufmeta.facts_from_metadata(info, size=size, digest=digest)
+    capabilities = tuple(str(c) for c in raw.get("capabilities") or ())
+    return dataclasses.replace(facts, capabilities=capabilities, **base)
+
+
+def parse_config_blob(config: Mapping[str, Any], manifest: registry.Manifest) -> ModelFacts:
+    """The registry config blob (``ConfigV2``) → facts known before pulling."""
+    quant = config.get("file_type")
+    return ModelFacts(
+        digest=manifest.digest, size=manifest.total_bytes, weights_bytes=manifest.weights_bytes,
+        quantization=str(quant).upper() if quant else None,
+        parameter_size=config.get("model_type") or None,
+        parameter_count=parse_parameter_size(config.get("model_type")),
+        family=config.get("model_family") or None, format=config.get("model_format") or None,
+    )  # fmt: skip
+
+
+def apply_gguf_header(facts: ModelFacts, header: Mapping[str, Any]) -> ModelFacts:
+    """Facts from the config blob, completed with the weights' GGUF metadata keys."""
+    if not header.get("general.architecture"):
+        return facts
+    meta = parse_show({"model_info": header}, digest=facts.digest, size=facts.size)
+    return dataclasses.replace(
+        facts, context_length=meta.context_length, block_count=meta.block_count,
+        head_count=meta.head_count, head_count_kv=meta.head_count_kv,
+        embedding_length=meta.embedding_length, key_length=meta.key_length,
+        value_length=meta.value_length,
+        parameter_count=facts.parameter_count or meta.parameter_count,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+class OllamaBackend:
+    """An Ollama server at ``settings.url``, and the registry it pulls from."""
+
+    kind = BackendKind.OLLAMA
+
+    def __init__(
+        self,
+        settings: OllamaSettings,
+        *,
+        cache: Cache | None = None,
+        stall_timeout: float = 300.0,
+    ) -> None:
+        import ollama  # deferred: pydantic makes it the slowest import on the plan path
+
+        self.url = settings.url.rstrip("/")
+        self.registry = settings.registry
+        self._cache = cache
+        self._stall = stall_timeout
+        self._ollama = ollama
+        api = httpsafe.default_deadline()
+        self._client: ollama.Client = self._ollama_client(
+            httpsafe.Limits(deadline=api, max_body=httpsafe.BACKEND_BODY)
+        )
+        self._http = httpsafe.client(
+            httpsafe.Limits(deadline=api, max_body=httpsafe.REGISTRY_BODY),
+            timeout=httpx.Timeout(30.0, connect=5.0),
+            follow_redirects=False,
+        )
+
+    def _ollama_client(self, limits: httpsafe.Limits) -> ollama.Client:
+        timeout = httpx.Timeout(30.0, read=max(self._stall, 30.0), connect=5.0)
+        return self._ollama.Client(
+            host=self.url, timeout=timeout, headers=httpsafe.identity(), trust_env=False,
+            transport=httpsafe.transport(limits),
+        )  # fmt: skip
+
+    @functools.cached_property
+    def _loader(self) -> ollama.Client:
+        """For loads: Ollama answers once the model is in memory, minutes for a big one."""
+        deadline = max(self._stall, httpsafe.default_deadline())
+        return self._ollama_client(
+            httpsafe.Limits(deadline=deadline, max_body=httpsafe.BACKEND_BODY)
+        )
+
+    @functools.cached_property
+    def _puller(self) -> ollama.Client:
+        """For pulls, which take hours: no deadline, but something every stall period (the
+        pull loop's watchdog judges whether that something is progress)."""
+        return self._ollama_client(
+            httpsafe.Limits(deadline=None, max_body=None, window=self._stall, min_bytes=1)
+        )
+
+    def close(self) -> None:
+        """Close the HTTP connection pools."""
+        self._client._client.close()
+        for made in ("_loader", "_puller"):
+            if made in self.__dict__:  # only if it was ever made
+                self.__dict__[made]._client.close()
+        self._http.close()
+
+    # ---- errors
+
+    def _unreachable(self, exc: BaseException) -> BackendUnreachable:
+        return BackendUnreachable(
+            f"can't reach Ollama at {self.url} ({type(exc).__name__}): start it, or point "
+            "backends.ollama.url / OLLAMA_HOST at it"
+        )
+
+    def _translate(self, exc: Exception, model: str) -> BackendError:
+        """Map client and httpx errors onto our tree; the message names model and server."""
+        if isinstance(exc, BackendError):
+            return exc
+        if isinstance(exc, ConnectionError | httpx.ConnectError | httpx.ConnectTimeout):
+            return self._unreachable(exc)
+        if isinstance(exc, self._ollama.ResponseError):
+            # Ollama's own words, one line and short: they reach heartbeats and dashboards.
+            flat = " ".join(str(exc.error).split())
+            text = flat if len(flat) <= 200 else flat[:199] + "…"
+            if exc.status_code == 404 or "file does not exist" in text or "not found" in text:
+                return ModelNotFound(f"Ollama has no model '{model}': {text}", model=model)
+            if exc.status_code >= 500 or exc.status_code in (429, 503):
+                return TransientBackendError(f"Ollama failed on '{model}': {text}", model=model)
+            return BackendError(f"Ollama refused '{model}': {text}", model=model)
+        if isinstance(exc, httpx.TransportError):
+            return TransientBackendError(
+                f"Ollama at {self.url} broke off on '{model}': {type(exc).__name__} {exc}",
+                model=model,
+            )
+        if isinstance(exc, ValueError):  # a line that is not JSON
+            return TransientBackendError(f"Ollama sent garbage for '{model}': {exc}", model=model)
+        raise exc
+
+    # ---- observe
+
+    @staticmethod
+    def _idempotent(call: Callable[[], _T]) -> _T:
+        """Run a read once more when a pooled keep-alive connection turned out to be closed."""
+        try:
+            return call()
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            return call()
+
+    def inventory(self) -> BackendState:
+        """``/api/tags`` and ``/api/ps``; never raises for an unreachable server."""
+        try:
+            tags = self._idempotent(lambda: self._client.list().model_dump())
+            ps = self._idempotent(lambda: self._client.ps().model_dump())
+        except (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            err = self._unreachable(exc)
+            return BackendState(BackendKind.OLLAMA, self.url, reachable=False, error=str(err))
+        except httpx.TransportError as exc:
+            msg = f"Ollama at {self.url} broke off the connection ({type(exc).__name__}: {exc})"
+            return BackendState(BackendKind.OLLAMA, self.url, reachable=False, error=msg)
+        except self._ollama.ResponseError as exc:
+            msg = f"Ollama at {self.url} answered {exc.status_code}: {exc.error}"
+            return BackendState(BackendKind.OLLAMA, self.url, reachable=False, error=msg)
+        return BackendState(
+            BackendKind.OLLAMA, self.url, reachable=True,
+            installed=tuple(parse_tags(tags)), loaded=tuple(parse_ps(ps)),
+        )  # fmt: skip
+
+    def details(self, name: str, digest: str | None) -> ModelFacts:
+        """``/api/show`` for ``name``, cached by manifest digest (a digest never changes)."""
+        cached = self._cache.get("ollama.show", digest) if self._cache and digest else None
+        if isinstance(cached, dict):
+            raw: dict[str, Any] = cached
+        else:
+            try:
+                raw = self._client.show(name).model_dump(by_alias=True, exclude={"modified_at"})
+            except Exception as exc:
+                raise self._translate(exc, name) from exc
+            raw = {k: raw.get(k) for k in ("model_info", "details", "capabilities", "modelfile")}
+            if self._cache and digest:
+                self._cache.put("ollama.show", digest, raw)
+        return parse_show(raw, digest=digest, size=None)
+
+    def upstream(self, spec: ModelSpec) -> Upstream:
+        """Registry manifest, config blob and GGUF header, and which blobs Ollama lacks."""
+        name = parse_ollama(spec.name)
+        try:
+            manifest = registry.fetch_manifest(self._http, name, self.registry)
+            missing = registry.missing_bytes(self._http, self.url, manifest)
+            header = self._gguf_header(name, manifest)
+        except BackendError as exc:
+            return Upstream(BackendKind.OLLAMA, spec.canonical, ModelFacts(), 0, 0, error=str(exc))
+        except httpx.TransportError as exc:
+            err = str(self._unreachable(exc))
+            return Upstream(BackendKind.OLLAMA, spec.canonical, ModelFacts(), 0, 0, error=err)
+        facts = apply_gguf_header(parse_config_blob(manifest.config, manifest), header)
+        return Upstream(BackendKind.OLLAMA, spec.canonical, facts, manifest.total_bytes, missing)
+
+    def _gguf_header(self, name: OllamaName, manifest: registry.Manifest) -> dict[str, Any]:
+        """The weights' GGUF metadata, cached by weights digest; empty when unreadable."""
+        layer = next((x for x in manifest.layers if x.media_type == registry.WEIGHTS_MEDIA), None)
+        if layer is None:
+            return {}
+        cached = self._cache.get("ollama.gguf", layer.digest) if self._cache else None
+        if isinstance(cached, dict):
+            return cached
+        try:
+            header = registry.fetch_gguf_header(self._http, name, self.registry, layer)
+        except (httpx.HTTPError, ValueError, OSError) as exc:
+            log.debug("no GGUF header for %s (%s): %s", name.display, layer.digest, exc)
+            return {}
+        if self._cache and gguf_header.has_essentials(header):  # not a stalled read's scraps
+            self._cache.put("ollama.gguf", layer.digest, header)
+        return header
+
+    # ---- change
+
+    def pull(
+        self,
+        name: str,
+        progress: PullProgress,
+        cancel: threading.Event,
+        *,
+        source: str | None = None,
+        digest: str | None = None,
+    ) -> None:
+        """Stream ``/api/pull``; fail on an error line, a stall, or ``cancel``.
+
+        ``source`` is unused (Ollama pulls from its registry); ``digest`` is checked by
+        ``verify`` afterwards."""
+        completed: dict[str, int] = {}
+        totals: dict[str, int] = {}
+        last_sum, last_move = -1, time.monotonic()
+        stream: Iterator[Any] | None = None
+        try:
+            stream = self._puller.pull(name, stream=True)
+            for part in stream:
+                if cancel.is_set():
+                    raise PullFailed(f"pull of '{name}' cancelled", model=name)
+                status = str(part.status or "")
+                if part.digest and part.total:
+                    totals[part.digest] = int(part.total)
+                    completed[part.digest] = int(part.completed or 0)
+                done, total = sum(completed.values()), sum(totals.values())
+                now = time.monotonic()
+                if done != last_sum or not status.startswith("pulling "):
+                    last_sum, last_move = done, now
+                elif now - last_move > self._stall:
+                    raise PullStalled(
+                        f"pull of '{name}' stalled at {done}/{total} bytes for "
+                        f"{self._stall:.0f}s; it will resume from there on the next try",
+                        model=name,
+                    )
+                progress(status, done if totals else None, total if totals else None)
+                if status == "success":
+                    return
+        except BackendError:
+            raise
+        except httpx.ReadTimeout as exc:
+            raise PullStalled(
+                f"pull of '{name}': Ollama sent nothing for {self._stall:.0f}s", model=name
+            ) from exc
+        except Exception as exc:
+            err = self._translate(exc, name)
+            text = str(err)
+            if isinstance(err, ModelNotFound):
+                raise ModelNotFound(
+                    f"'{name}' is not in the registry: {text.split(': ', 1)[-1]} "
+                    "(check the name and tag on ollama.com/library)",
+                    model=name,
+                ) from exc
+            retry = err.retryable or any(t in text for t in _RETRYABLE_PULL)
+            raise PullFailed(
+                f"pull of '{name}' failed: {text}", model=name, retryable=retry
+            ) from exc
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()  # drops the connection: Ollama cancels a download nobody awaits
+        raise PullFailed(f"pull of '{name}' ended without 'success'", model=name, retryable=True)
+
+    def verify(self, name: str, digest: str | None) -> ModelFacts:
+        """Installed under ``name`` (and ``digest`` when given), answering ``show``."""
+        state = self.inventory()
+        if not state.reachable:
+            raise BackendUnreachable(state.error or f"can't reach Ollama at {self.url}")
+        wanted = parse_ollama(name).canonical
+        for model in state.installed:
+            if model.canonical == wanted:
+                if digest and model.facts.digest and model.facts.digest != digest:
+                    raise PullFailed(
+                        f"'{name}' is installed with digest {model.facts.digest[:12]}, "
+                        f"expected {digest[:12]} (the tag moved during the pull?)",
+                        model=name,
+                    )
+                self.details(model.name, model.facts.digest)
+                return model.facts
+        raise PullFailed(f"'{name}' is not listed by Ollama after its pull", model=name)
+
+    def load(
+        self,
+        name: str,
+        *,
+        keep_alive: float,
+        embedding: bool,
+        context: int | None,
+        advertise_as: str | None = None,
+    ) -> None:
+        """Preload (or unload, with 0) through generate, or embed for embedding models."""
+        options = {"num_ctx": context} if context else None
+        try:
+            if embedding:
+                self._loader.embed(model=name, input="", keep_alive=keep_alive, options=options)
+            else:
+                self._loader.generate(model=name, keep_alive=keep_alive, options=options)
+        except self._ollama.ResponseError as exc:
+            if not embedding and "does not support generate" in str(exc.error):
+                self.load(name, keep_alive=keep_alive, embedding=True, context=context)
+                return
+            raise self._translate(exc, name) from exc
+        except Exception as exc:
+            raise self._translate(exc, name) from exc
+
+    def remove(self, name: str, *, embedding: bool) -> None:
+        """Unload (delete never does), then delete; an already-absent model is fine."""
+        try:
+            self.load(name, keep_alive=0, embedding=embedding, context=None)
+        except ModelNotFound:
+            return
+        try:
+            self._client.delete(name)
+        except self._ollama.ResponseError as exc:
+            if exc.status_code == 404:
+                return
+            raise self._translate(exc, name) from exc
+        except Exception as exc:
+            raise self._translate(exc, name) from exc

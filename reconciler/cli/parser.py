@@ -1,0 +1,96 @@
+"""The command line: every command, flag and choice of ``infernet``."""
+
+from __future__ import annotations
+
+import argparse
+
+from reconciler import __version__
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """-c and --state-dir are accepted before or after the command name."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument("-c", "--config", metavar="FILE", default=default,
+                        help="desired-state file (default: $INFERNET_CONFIG, ./infernet.yaml, "
+                        "/etc/infernet/infernet.yaml)")  # fmt: skip
+    parser.add_argument("--state-dir", metavar="DIR", default=default,
+                        help="state directory (default: $INFERNET_STATE_DIR, XDG)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    parser = argparse.ArgumentParser(
+        prog="infernet",
+        description="Keep this node's model inventory exactly as infernet.yaml declares.",
+    )
+    parser.add_argument("--version", action="version", version=f"infernet {__version__}")
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p, top=False)
+        return p
+
+    command("validate", "validate the file; print every error as FILE:LINE:COL: message")
+    p = command("plan", "show what apply would change")
+    p.add_argument("--out", metavar="PLAN", help="save the plan for 'infernet apply PLAN'")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON document")
+    p.add_argument("--detailed-exitcode", action="store_true", help="exit 2 when there are changes")
+    p.add_argument("--allow-destroy", action="store_true", help="allow more than max_removals")
+    p.add_argument("--refresh", action="store_true", help="check every model upstream for updates")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="also list models that need nothing"
+    )
+
+    p = command("apply", "bring the node to the file's state")
+    p.add_argument("plan_file", nargs="?", metavar="PLAN", help="a plan saved by plan --out")
+    p.add_argument("--yes", "-y", action="store_true", help="don't ask for confirmation")
+    p.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
+    p.add_argument("--allow-destroy", action="store_true", help="allow more than max_removals")
+    p.add_argument("--detailed-exitcode", action="store_true",
+                   help="exit 2 when changes were made and the node converged")  # fmt: skip
+    p.add_argument("--refresh", action="store_true", help="check every model upstream for updates")
+    p.add_argument("-v", "--verbose", action="store_true", help="progress lines with speed")
+
+    p = command("status", "desired vs installed vs loaded vs advertised")
+    p.add_argument("--json", action="store_true")
+
+    model = command("model", "list, install or remove one model")
+    msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    p = msub.add_parser("list", help="installed and desired models")
+    _common(p, top=False)
+    p.add_argument("--json", action="store_true")
+    p = msub.add_parser("install", help="add NAME to the file and apply")
+    _common(p, top=False)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--backend", choices=["ollama", "llamacpp", "vllm", "sglang", "max"])
+    p.add_argument("--pin", action="store_true", help="keep it loaded (keep_alive: forever)")
+    p.add_argument("--verbose", "-v", action="store_true", help="progress: percent, GB, speed")
+    p.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
+    p = msub.add_parser("remove", help="remove NAME from the file, withdraw it, delete it")
+    _common(p, top=False)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--backend", choices=["ollama", "llamacpp", "vllm", "sglang", "max"])
+    p.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
+
+    p = command("watch", "the daemon: reconcile on every change of the file and on drift")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="log lines on stderr as text or JSON lines")  # fmt: skip
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (:PORT alone = "
+                        "127.0.0.1; 0.0.0.0:PORT for every interface)")  # fmt: skip
+    p.add_argument("--tick", type=float, metavar="SECONDS",
+                   help="drift check / heartbeat / command poll period (default: "
+                   "control_plane.heartbeat_interval, else 30)")  # fmt: skip
+    p.add_argument("--once", action="store_true",
+                   help="one reconcile and one tick (heartbeat, commands), then exit")  # fmt: skip
+
+    command("schema", "print the JSON Schema of infernet.yaml")
+    p = command("keygen", "make this node's BIP-340 key (mode 0600); print its public key")
+    p.add_argument("--out", metavar="FILE",
+                   help="where to write it (default: control_plane.key_file, else "
+                   "~/.config/infernet/node.key)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace an existing key")
+    return parser

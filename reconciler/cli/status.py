@@ -1,0 +1,199 @@
+"""``status`` and ``model list``: what is desired, installed, loaded and advertised."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from reconciler.cli.render import human_bytes, table
+from reconciler.model import ENGINE_KINDS, BackendKind, Desired, Observed, Plan
+from reconciler.names import key
+from reconciler.planning.document import revision
+from reconciler.planning.plan import serving
+
+if TYPE_CHECKING:
+    from reconciler.converge.session import Session
+    from state import Store
+
+
+def model_rows(desired: Desired, observed: Observed, store: Store) -> list[dict[str, Any]]:
+    """One row per desired or installed model: Model, Size, Backend, Status.
+
+    ``model`` is the name as the file writes it (as installed, for models the file doesn't
+    list); an HF repository's revision is its own field, ``revision``, as in the plan.
+    """
+    owned = {(r.backend, r.canonical) for r in store.owned()}
+    wanted = {key(m.backend, m.canonical): m for m in desired.models}
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for kind, state in sorted(observed.backends.items()):
+        loaded = {m.canonical: m for m in state.loaded}
+        loaded_digests = {m.digest: m for m in state.loaded if m.digest}
+        for model in state.installed:
+            k = key(kind, model.canonical)
+            seen.add(k)
+            run = loaded.get(model.canonical) or loaded_digests.get(model.facts.digest or "")
+            if run is not None:
+                status = "pinned" if run.pinned else "loaded"
+            elif k in wanted or (kind.value, model.canonical) in owned:
+                status = "installed"
+            else:
+                status = "unmanaged"
+            spec = wanted.get(k)
+            name, rev = _name_and_revision(kind, model.canonical, model.name)
+            rows.append({
+                "model": spec.name if spec else name, "revision": rev,
+                "size": model.facts.size, "backend": kind.value,
+                "status": status, "desired": k in wanted,
+                "quantization": model.facts.quantization, "digest": model.facts.digest,
+                "size_vram": run.size_vram if run else None,
+            })  # fmt: skip
+    for k, spec in wanted.items():
+        if k not in seen:
+            rev = _name_and_revision(spec.backend, spec.canonical, spec.name)[1]
+            rows.append({
+                "model": spec.name, "revision": rev, "size": None,
+                "backend": spec.backend.value, "status": "missing", "desired": True,
+                "quantization": spec.quantization, "digest": None, "size_vram": None,
+            })  # fmt: skip
+    return rows
+
+
+def _name_and_revision(kind: BackendKind, canonical: str, name: str) -> tuple[str, str | None]:
+    """An HF repository (``org/repo@revision`` in canonical form) as name and revision."""
+    if kind in ENGINE_KINDS:
+        repo, _, revision = canonical.rpartition("@")
+        return name.partition("@")[0] or repo, revision
+    return name, None
+
+
+def engine_rows(session: Session) -> list[dict[str, Any]]:
+    """The vLLM/SGLang/MAX engines infernet started: state, port, restarts, and the end of the
+    log of one that is not running (why it died)."""
+    from reconciler.backends.hf.backend import HfBackend
+
+    engines = next((b.engines for b in session.backends.values() if isinstance(b, HfBackend)), None)
+    if engines is None:
+        return []
+    rows = []
+    for e in engines.list():
+        rows.append({
+            "model": e.key, "state": e.state, "pid": e.pid, "port": e.port,
+            "exit_code": e.exit_code, "restarts": e.restarts, "log": e.log_path,
+            "log_tail": engines.log_tail(e.key, 12) if e.state in ("exited", "stopped") else None,
+        })  # fmt: skip
+    return rows
+
+
+def build_status(session: Session, observed: Observed, plan: Plan) -> dict[str, Any]:
+    """The ``status --json`` document."""
+    store = session.store
+    last = store.last_apply()
+    return {
+        "config": {
+            "path": plan.source.path,
+            "sha256": plan.source.sha256,
+            "git_commit": plan.source.git_commit,
+        },
+        "backends": {
+            kind.value: {
+                "url": s.url,
+                "reachable": s.reachable,
+                "error": s.error,
+                "used": kind in session.desired.backends_used() or bool(s.installed),
+                "serving_error": s.serving_error,
+            }
+            for kind, s in observed.backends.items()
+        },
+        "models": model_rows(session.desired, observed, store),
+        "engines": engine_rows(session),
+        "advertised": list(serving(plan, session.desired)),  # what a heartbeat lists now
+        "drift": [
+            {"op": a.op.value, "model": a.model, "revision": revision(a), "reason": a.reason}
+            for a in plan.actions
+        ],
+        "errors": list(plan.errors),
+        "warnings": list(plan.warnings),
+        "budget": {
+            "vram_total_bytes": plan.budget.vram_total_bytes,
+            "vram_source": plan.budget.vram_source,
+            "vram_pinned_bytes": plan.budget.vram_pinned_bytes,
+            "fits": plan.budget.fits,
+        },
+        "last_apply": None
+        if last is None
+        else {
+            "at": last.at,
+            "config_sha256": last.config_sha256,
+            "git_commit": last.git_commit,
+            "converged": last.converged,
+            "actions": last.actions,
+            "failed": last.failed,
+        },
+        "last_heartbeat": store.get_status("last_heartbeat"),
+        "daemon": store.get_status("daemon"),
+        "state_notice": store.rebuilt,
+    }
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    """``status`` for a person."""
+    cfg = doc["config"]
+    lines = [f"Config: {cfg['path']} (sha256 {cfg['sha256'][:12]})"]
+    if doc.get("config_error"):
+        lines.append(f"Config INVALID now, showing the last valid version: {doc['config_error']}")
+    for name, b in doc["backends"].items():
+        if not b.get("used", True):
+            continue  # a backend the file doesn't use and that holds nothing is not news
+        state = "reachable" if b["reachable"] else f"UNREACHABLE: {b['error']}"
+        if b["reachable"] and b.get("serving_error"):
+            state = f"models readable, NOT SERVING: {b['serving_error']}"
+        lines.append(f"Backend {name}: {b['url']} {state}")
+    lines.append("")
+    rows = [
+        [r["model"], r["backend"], human_bytes(r["size"]) if r["size"] else "-", r["status"],
+         "yes" if r["desired"] else "no"]
+        for r in doc["models"]
+    ]  # fmt: skip
+    lines.append(table(rows, ["MODEL", "BACKEND", "SIZE", "STATUS", "DESIRED"]))
+    lines.append("")
+    for e in doc.get("engines") or []:
+        code = f", exit code {e['exit_code']}" if e["exit_code"] is not None else ""
+        lines.append(f"Engine {e['model']}: {e['state']} on port {e['port']} (PID {e['pid']}, "
+                     f"{e['restarts']} restarts{code}); log {e['log']}")  # fmt: skip
+        if e.get("log_tail"):
+            lines.extend(f"    {line}" for line in e["log_tail"].splitlines()[-12:])
+    lines.append(f"Advertised: {', '.join(doc['advertised']) or '(nothing)'}")
+    if doc["drift"]:
+        lines.append("Drift: " + "; ".join(f"{d['op']} {d['model']}" for d in doc["drift"]))
+    else:
+        lines.append("Drift: none")
+    last = doc["last_apply"]
+    if last:
+        verdict = "converged" if last["converged"] else "NOT converged"
+        lines.append(f"Last apply: {last['at']} ({verdict}, {last['actions']} actions, "
+                     f"{last['failed']} failed)")  # fmt: skip
+    else:
+        lines.append("Last apply: never")
+    daemon = doc.get("daemon")
+    if daemon:
+        state = "running" if daemon["running"] else "stopped"
+        lines.append(f"Daemon: {state} (PID {daemon['pid']}, {daemon['at']}), last reconcile "
+                     f"{daemon['last_outcome']}")  # fmt: skip
+        if not daemon["config_valid"]:
+            lines.append(f"Config INVALID (last valid state in force): {daemon['config_error']}")
+    hb = doc["last_heartbeat"]
+    if not hb:
+        lines.append("Last heartbeat: none")
+    elif hb.get("ok"):
+        listed = ", ".join(hb.get("served_models") or []) or "(nothing)"
+        lines.append(f"Last heartbeat: {hb['at']} to {hb['url']}: ok, advertised {listed}")
+    else:
+        lines.append(f"Last heartbeat: {hb['at']} FAILED: {hb.get('error')}")
+    for err in doc["errors"]:
+        lines.append(f"Error: {err}")
+    for warn in doc["warnings"]:
+        lines.append(f"Warning: {warn}")
+    return "\n".join(lines)
+
+
+__all__ = ["build_status", "model_rows", "render_status"]

@@ -1,0 +1,296 @@
+"""Observation: ask every backend, the registry, the GPUs and the disk; return ``Observed``.
+
+The expensive parts are asked only for models the file mentions: ``show`` details for desired
+models that are installed (cached by digest), registry manifests for desired models that are
+not (exact bytes to download), and update checks at most every ``UPDATE_CHECK_TTL`` unless
+forced. Backends are asked in parallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from reconciler.backends.base import Backend, Cache
+from reconciler.errors import BackendError
+from reconciler.gpu import read_gpus
+from reconciler.model import (
+    ENGINE_KINDS,
+    BackendKind,
+    BackendState,
+    Desired,
+    DiskState,
+    InstalledModel,
+    LoadedModel,
+    ModelFacts,
+    ModelSpec,
+    Observed,
+    Upstream,
+)
+from reconciler.names import key
+
+UPDATE_CHECK_TTL = 6 * 3600.0
+"""How long an upstream digest is trusted before ``policy.updates`` asks the registry again."""
+
+
+def make_backends(
+    desired: Desired, *, cache: Cache | None = None, state_dir: Path | None = None
+) -> dict[BackendKind, Backend]:
+    """Every backend, used or not: a backend whose last model left the file must still be
+    observed so that model can be pruned. An unused backend that isn't there (no llama.cpp
+    folder, no hub cache) is simply unreachable or empty, which the planner only reports for
+    backends the file uses. ``state_dir`` holds the engine records of the HF engines."""
+    from reconciler.backends.hf.backend import HfBackend
+    from reconciler.backends.hf.cache import CacheScanner
+    from reconciler.backends.hf.engines import Engines
+    from reconciler.backends.llamacpp.backend import LlamacppBackend
+    from reconciler.backends.ollama.backend import OllamaBackend
+
+    stall = float(os.environ.get("INFERNET_PULL_STALL_TIMEOUT", "300"))
+    backends: dict[BackendKind, Backend] = {
+        BackendKind.OLLAMA: OllamaBackend(desired.ollama, cache=cache, stall_timeout=stall),
+        BackendKind.LLAMACPP: LlamacppBackend(
+            desired.llamacpp,
+            cache=cache,
+            stall_timeout=stall,
+            disk_reserve=desired.budget.disk_reserve,
+        ),
+    }
+    if state_dir is not None:
+        engines = Engines(state_dir / "engines", base_port=_port(desired.hf.url))
+        scanner = CacheScanner(Path(desired.hf.cache_dir).expanduser())
+        for kind in sorted(ENGINE_KINDS):
+            backends[kind] = HfBackend(
+                kind, desired.hf, engines=engines, cache=cache, scanner=scanner
+            )
+    return backends
+
+
+def _port(url: str) -> int:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def share_hf_cache(
+    states: dict[BackendKind, BackendState],
+    desired: Desired,
+    owners: Mapping[str, BackendKind],
+) -> None:
+    """Give each cached revision to one engine kind: the one the file names, else the one that
+    installed it (``owners``: canonical → kind, from the state store), else vLLM. A revision
+    the file pins by commit is shown under the file's name for it."""
+    wanted = {m.canonical: m for m in desired.models if m.backend in ENGINE_KINDS}
+    by_commit = {m.revision: m for m in wanted.values() if m.revision and len(m.revision) == 40}
+    claimed: dict[str, list[InstalledModel]] = {kind.value: [] for kind in sorted(ENGINE_KINDS)}
+    seen_commits: set[str] = set()
+    pool = next((s.installed for k, s in states.items() if k in ENGINE_KINDS and s.reachable), ())
+    for cached in pool:
+        spec = wanted.get(cached.canonical) or by_commit.get(cached.facts.digest or "")
+        model = cached
+        if spec is not None:
+            model = dataclasses.replace(cached, canonical=spec.canonical, name=spec.canonical)
+            seen_commits.add(cached.facts.digest or "")
+        kind = spec.backend if spec else owners.get(model.canonical, BackendKind.VLLM)
+        claimed[kind.value].append(model)
+    served_as = {m.advertise_as: m for m in wanted.values()} | {m.name: m for m in wanted.values()}
+    for kind in sorted(ENGINE_KINDS):
+        state = states.get(kind)
+        if state is None or not state.reachable:
+            continue
+        # Another ref of a revision the file wants is the same files: never a removal.
+        mine = tuple(
+            m for m in claimed[kind.value]
+            if m.canonical in wanted or (m.facts.digest or "") not in seen_commits
+        )  # fmt: skip
+        loaded = []
+        for run in state.loaded:
+            if not run.foreign:
+                loaded.append(run)
+                continue
+            # Every kind sees an engine it didn't start at the same URL: keep it once, under
+            # the entry it serves (by served name), and call it by that entry's name.
+            spec = served_as.get(run.name)
+            if spec is not None and spec.backend is kind:
+                loaded.append(dataclasses.replace(run, canonical=spec.canonical))
+            elif spec is None:
+                # Serving a model that left the file: name it after the cached revision of
+                # that repo, so the planner sees it is in use and leaves it alone.
+                held = next((m for m in mine if m.canonical.partition("@")[0] == run.name), None)
+                if held is not None:
+                    loaded.append(dataclasses.replace(run, canonical=held.canonical))
+                elif kind is BackendKind.VLLM:
+                    loaded.append(run)
+        states[kind] = dataclasses.replace(state, installed=mine, loaded=tuple(loaded))
+
+
+def models_dir(desired: Desired, kind: BackendKind) -> str:
+    """Where ``kind`` keeps its weights (for the disk check)."""
+    if kind is BackendKind.OLLAMA:
+        return desired.ollama.models_dir
+    if kind is BackendKind.LLAMACPP:
+        return desired.llamacpp.models_dir
+    return desired.hf.cache_dir
+
+
+def read_disk(path: str) -> DiskState:
+    """Free bytes on the filesystem holding ``path`` (its nearest existing parent)."""
+    target = Path(path).expanduser()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError as exc:
+        return DiskState(str(target), None, f"can't read free space at {target}: {exc}")
+    note = None if probe == target else f"{target} does not exist yet; free space read at {probe}"
+    return DiskState(str(target), free, note)
+
+
+def fingerprint(backends: dict[BackendKind, BackendState], upstream: dict[str, Upstream]) -> str:
+    """A digest of what the plan depends on: installed and loaded sets, upstream digests.
+
+    Free VRAM and disk are left out on purpose: they move all the time, and the budget is
+    checked again when the plan is applied.
+    """
+    doc = {
+        kind.value: {
+            "reachable": state.reachable,
+            "installed": sorted((m.canonical, m.facts.digest or "") for m in state.installed),
+            "loaded": sorted((m.canonical, m.digest or "", m.pinned) for m in state.loaded),
+        }
+        for kind, state in sorted(backends.items())
+    }
+    ups = sorted((k, u.facts.digest or "", u.error is None) for k, u in upstream.items())
+    raw = json.dumps({"backends": doc, "upstream": ups}, sort_keys=True).encode()
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+RUN_FACTS = ("run_context", "parallel", "kv_unified", "ubatch")
+"""How the backend runs a model (a llama.cpp router's ``-c``, ``-np``…): the inventory's, which
+asked the server; the details describe the artifact alone and never replace them."""
+
+
+def _merge(installed: InstalledModel, shown: ModelFacts) -> InstalledModel:
+    """Show's GGUF keys on top of the tags entry (which has size and digest) and on top of
+    how the backend runs the model (``RUN_FACTS``)."""
+    run = {
+        name: getattr(installed.facts, name)
+        for name in RUN_FACTS
+        if getattr(installed.facts, name) is not None
+    }
+    facts = dataclasses.replace(
+        shown,
+        digest=installed.facts.digest,
+        size=installed.facts.size,
+        weights_bytes=installed.facts.weights_bytes,
+        quantization=shown.quantization or installed.facts.quantization,
+        **run,
+    )
+    return dataclasses.replace(installed, facts=facts)
+
+
+def observe(
+    desired: Desired,
+    backends: dict[BackendKind, Backend],
+    *,
+    cache: Cache | None = None,
+    refresh_upstream: bool = False,
+    owners: Mapping[str, BackendKind] | None = None,
+) -> Observed:
+    """Everything the planner needs, gathered with parallel requests (``owners``: which kind
+    installed each HuggingFace revision, from the state store)."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        states = dict(
+            zip(backends, pool.map(lambda b: b.inventory(), backends.values()), strict=True)
+        )
+        share_hf_cache(states, desired, owners or {})
+        detail_jobs = []
+        upstream_jobs = []
+        for spec in desired.models:
+            state = states.get(spec.backend)
+            backend = backends.get(spec.backend)
+            if state is None or backend is None or not state.reachable:
+                continue
+            found = next((m for m in state.installed if m.canonical == spec.canonical), None)
+            if found is None:
+                upstream_jobs.append((spec, pool.submit(backend.upstream, spec)))
+                continue
+            detail_jobs.append(
+                (spec, found, pool.submit(backend.details, found.name, found.facts.digest))
+            )
+            damaged = found.error is not None and spec.source is not None
+            if damaged or _update_due(spec, found.facts.digest, cache, refresh_upstream):
+                upstream_jobs.append((spec, pool.submit(backend.upstream, spec)))
+        enriched: dict[str, InstalledModel] = {}
+        for spec, found, job in detail_jobs:
+            try:
+                enriched[key(spec.backend, found.canonical)] = _merge(found, job.result())
+            except BackendError:
+                continue  # keep the tags facts; the estimate falls back to a rougher layer
+        upstream: dict[str, Upstream] = {}
+        for spec, pending in upstream_jobs:
+            up = pending.result()
+            upstream[key(spec.backend, spec.canonical)] = up
+            if cache is not None and up.error is None:
+                cache.put("upstream.digest", key(spec.backend, spec.canonical), up.facts.digest)
+    for kind, state in states.items():
+        installed = tuple(enriched.get(key(kind, m.canonical), m) for m in state.installed)
+        states[kind] = dataclasses.replace(state, installed=installed)
+    # An installed model's update check that failed is not a plan error: only a warning later.
+    upstream = {
+        k: u for k, u in upstream.items()
+        if u.error is None or not _installed(states, k)
+    }  # fmt: skip
+    gpu = read_gpus(desired.budget.vram)
+    for kind, state in states.items():
+        if any(m.pid for m in state.loaded) and gpu.backend_processes:
+            loaded = tuple(_on_gpu(m, gpu.backend_processes) for m in state.loaded)
+            states[kind] = dataclasses.replace(state, loaded=loaded)
+    return Observed(
+        backends=states,
+        upstream=upstream,
+        gpu=gpu,
+        disks={kind: read_disk(models_dir(desired, kind)) for kind in backends},
+        fingerprint=fingerprint(states, upstream),
+    )
+
+
+def _on_gpu(model: LoadedModel, by_pid: Mapping[int, int]) -> LoadedModel:
+    """A loaded model's VRAM from NVML, where its backend told us the process: that process
+    and its children (an engine's shell, its workers), in place of the resident memory."""
+    if model.pid is None:
+        return model
+    import psutil
+
+    try:
+        root = psutil.Process(model.pid)
+        pids = [model.pid, *(child.pid for child in root.children(recursive=True))]
+    except psutil.Error:
+        return model
+    held = sum(by_pid.get(pid, 0) for pid in pids)
+    return dataclasses.replace(model, size_vram=held) if held else model
+
+
+def _installed(states: dict[BackendKind, BackendState], k: str) -> bool:
+    kind, _, canonical = k.partition(":")
+    state = states.get(BackendKind(kind))
+    return bool(state and any(m.canonical == canonical for m in state.installed))
+
+
+def _update_due(spec: ModelSpec, digest: str | None, cache: Cache | None, refresh: bool) -> bool:
+    """Check an installed model upstream when forced, when the last check is stale, or when
+    it last saw other weights (so an update stays in the plan until it is pulled)."""
+    if refresh:
+        return True
+    if cache is None:
+        return False
+    seen = cache.get("upstream.digest", key(spec.backend, spec.canonical), UPDATE_CHECK_TTL)
+    return seen is None or seen != digest

@@ -1,0 +1,338 @@
+"""One reconciliation session: the desired state, the state store and the backends together.
+
+The CLI and (later) the daemon both go through here, so "observe, then plan" and "lock, then
+apply" are written once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from reconciler.backends.base import Backend
+from reconciler.controlplane.heartbeat import WITHDRAW_TIMEOUT, Heartbeater
+from reconciler.converge.executor import Executor, Result
+from reconciler.converge.observe import make_backends, observe
+from reconciler.errors import ConfigError
+from reconciler.events import Event, Kind, Progress, ignore
+from reconciler.model import (
+    BackendKind,
+    Desired,
+    Observed,
+    Op,
+    Owned,
+    OwnedModel,
+    Plan,
+)
+from reconciler.names import key
+from reconciler.planning.plan import plan, serving
+from reconciler.redact import redact
+from state import NodeLock, Store
+
+PROTECTED = "protected"  # status key: model keys declared protect: true, until removed
+LAST_VALID = "last_valid_config"  # status key: the text of the last valid file the daemon used
+
+
+def load_or_last_valid(path: Path, state_dir: Path) -> tuple[Desired, str | None]:
+    """The file, or, while it is broken, the last valid version ``watch`` kept in the store,
+    with the file's error; raises the error when no valid version was ever kept."""
+    from reconciler.config import desired
+
+    try:
+        return desired.load(path), None
+    except ConfigError as exc:
+        with Store.open(state_dir) as store:
+            kept = store.get_status(LAST_VALID)
+        if not kept:
+            raise
+        return desired.parse(kept["text"], path=str(path)), str(exc).splitlines()[0]
+
+
+class StoreCache:
+    """The state store's cache table behind the backends' ``Cache`` protocol."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def get(self, kind: str, key: str, max_age: float | None = None) -> object | None:
+        """A cached value younger than ``max_age`` seconds, or None."""
+        value: object | None = self._store.cache_get(kind, key, max_age=max_age)
+        return value
+
+    def put(self, kind: str, key: str, value: object) -> None:
+        """Remember ``value``."""
+        self._store.cache_put(kind, key, value)
+
+
+def retry_backoff() -> float:
+    """First retry delay in seconds (``INFERNET_RETRY_BACKOFF``); doubles per attempt."""
+    return float(os.environ.get("INFERNET_RETRY_BACKOFF", "2"))
+
+
+def lock_timeout() -> float:
+    """Seconds a second writer waits for the node lock (``INFERNET_LOCK_TIMEOUT``)."""
+    return float(os.environ.get("INFERNET_LOCK_TIMEOUT", "30"))
+
+
+def node_lock(state_dir: Path, purpose: str, timeout: float | None = None) -> NodeLock:
+    """The node lock (one writer per node), held: ``LockError`` names the holder when it is
+    not free within ``timeout`` seconds (default ``INFERNET_LOCK_TIMEOUT``). A writer takes it
+    before it reads the file, so what it applies is never older than what the last writer did."""
+    held = NodeLock(state_dir, purpose=purpose)
+    held.acquire(timeout=lock_timeout() if timeout is None else timeout)
+    return held
+
+
+def read_owned(store: Store) -> Owned:
+    """What we own, what was measured, and what is protected, from the store."""
+    models = {
+        key(r.backend, r.canonical): OwnedModel(
+            BackendKind(r.backend), r.canonical, r.name, r.pinned_by_us, r.measured_vram
+        )
+        for r in store.owned()
+        if r.backend in BackendKind._value2member_map_
+    }
+    measured = {key(b, c): v for (b, c), v in store.measured_vram().items()}
+    protected = store.get_status(PROTECTED) or []
+    return Owned(models=models, measured_vram=measured, protected=frozenset(protected))
+
+
+def _interrupted_pulls(
+    store: Store, observed: Observed, owned: Owned
+) -> list[tuple[OwnedModel, str | None]]:
+    """Models whose pull was cut off (a crash, a kill) but which the backend finished on its
+    own (Ollama goes on after the client dies), with their digests: they are ours, or they
+    would count as unmanaged and dropping them from the file would never remove them."""
+    found = []
+    for entry in store.unfinished_actions():
+        if entry.op not in (Op.PULL.value, Op.UPDATE.value):
+            continue
+        if entry.backend not in BackendKind._value2member_map_:
+            continue
+        state = observed.backends.get(BackendKind(entry.backend))
+        if state is None or key(entry.backend, entry.canonical) in owned.models:
+            continue
+        for model in state.installed:
+            if model.canonical == entry.canonical:
+                ours = OwnedModel(BackendKind(entry.backend), entry.canonical, entry.model)
+                found.append((ours, model.facts.digest))
+    return found
+
+
+def _protected(previous: frozenset[str], desired: Desired, observed: Observed) -> frozenset[str]:
+    """Protected keys stay protected after they leave the file, until the model is gone (seen
+    missing from a backend that answered: one that is down says nothing about what it has)."""
+    answered = {kind.value for kind, s in observed.backends.items() if s.reachable}
+    installed = {
+        key(kind, m.canonical) for kind, s in observed.backends.items() for m in s.installed
+    }
+
+    def gone(k: str) -> bool:
+        return k.partition(":")[0] in answered and k not in installed
+
+    now = {key(m.backend, m.canonical) for m in desired.models if m.protect}
+    declared = {key(m.backend, m.canonical) for m in desired.models}
+    return frozenset({k for k in previous if not gone(k) and k not in declared} | now)
+
+
+def remember_protected(store: Store, desired: Desired, observed: Observed) -> None:
+    """Keep in the store which models are protected now (see ``_protected``)."""
+    previous = frozenset(store.get_status(PROTECTED) or [])
+    keep = _protected(previous, desired, observed)
+    if keep != previous:
+        store.put_status(PROTECTED, sorted(keep))
+
+
+@dataclass
+class Session:
+    """Desired state + store + backends; ``close()`` releases connections."""
+
+    desired: Desired
+    store: Store
+    backends: dict[BackendKind, Backend] = field(default_factory=dict)
+    heartbeater: Heartbeater | None = None
+    config_error: str | None = None  # the file is broken now; the desired state is the last valid
+
+    @classmethod
+    def open(cls, desired: Desired, state_dir: Path) -> Session:
+        """Open the store (rebuilt when corrupt), the backends, and the control plane."""
+        store = Store.open(state_dir)
+        backends = make_backends(desired, cache=StoreCache(store), state_dir=store.state_dir)
+        return cls(desired, store, backends, _heartbeater(desired, store))
+
+    def with_desired(self, fresh: Desired, *, retired: list[Heartbeater] | None = None) -> Session:
+        """This session with a new desired state; adapters are rebuilt only if their
+        settings changed (a daemon keeps its connections across edits of served_models).
+
+        A heartbeater replaced by new control-plane settings is closed, or, with ``retired``,
+        put there for the caller to close once nothing uses its client any more (the
+        daemon's command runner may be answering a command with it right now)."""
+        backends, beats = self.backends, self.heartbeater
+        if (fresh.ollama, fresh.llamacpp, fresh.hf) != (
+            self.desired.ollama,
+            self.desired.llamacpp,
+            self.desired.hf,
+        ):
+            for backend in backends.values():
+                backend.close()
+            backends = make_backends(
+                fresh, cache=StoreCache(self.store), state_dir=self.store.state_dir
+            )
+        if fresh.control_plane != self.desired.control_plane:
+            if beats is not None and retired is not None:
+                retired.append(beats)
+            elif beats is not None:
+                beats.close()
+            beats = _heartbeater(fresh, self.store)
+        return Session(fresh, self.store, backends, beats)
+
+    def close(self) -> None:
+        """Close backends, the control-plane client and the store."""
+        for backend in self.backends.values():
+            backend.close()
+        if self.heartbeater is not None:
+            self.heartbeater.close()
+        self.store.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def observe_and_plan(
+        self,
+        *,
+        allow_destroy: bool = False,
+        refresh: bool = False,
+        force_remove: frozenset[str] = frozenset(),
+        record: bool = False,
+    ) -> tuple[Observed, Plan]:
+        """Observe the node and plan against the file (``force_remove``: removals by name).
+
+        ``record``: the caller holds the node lock and is about to act (``apply``, a daemon
+        reconcile), so what this observation establishes about ownership is kept in the store
+        whether or not the plan changes anything: protections the file declares, pulls a crash
+        cut off that the backend finished. Without it (``plan``, ``status``) nothing is
+        written; the plan is made from the same facts, held in memory.
+        """
+        owned = read_owned(self.store)
+        owners = {m.canonical: m.backend for m in owned.models.values()}
+        observed = observe(
+            self.desired, self.backends, cache=StoreCache(self.store), refresh_upstream=refresh,
+            owners=owners,
+        )  # fmt: skip
+        adopted = _interrupted_pulls(self.store, observed, owned)
+        if record:
+            for ours, digest in adopted:
+                self.store.record_installed(backend=ours.backend.value, canonical=ours.canonical,
+                                            name=ours.name, digest=digest)  # fmt: skip
+            remember_protected(self.store, self.desired, observed)
+            owned = read_owned(self.store)
+        else:
+            models = {**owned.models, **{key(o.backend, o.canonical): o for o, _ in adopted}}
+            protected = _protected(owned.protected, self.desired, observed)
+            owned = replace(owned, models=models, protected=protected)
+        allow = allow_destroy or bool(force_remove)
+        result = plan(self.desired, observed, owned, allow_destroy=allow, force_remove=force_remove)
+        if self.store.rebuilt:
+            result = _with_warning(result, self.store.rebuilt)
+        return observed, result
+
+    def apply(
+        self,
+        the_plan: Plan,
+        observed: Observed,
+        *,
+        progress: Progress = ignore,
+        cancel: threading.Event | None = None,
+    ) -> Result:
+        """Execute ``the_plan``, observe again, heartbeat; the caller holds the node lock."""
+        remember_protected(self.store, self.desired, observed)
+        withdraw = None
+        if self.heartbeater is not None:
+            beats = self.heartbeater
+
+            def withdraw(names: tuple[str, ...]) -> str | None:
+                extension = self.extension(the_plan, converged=False)
+                return beats.withdraw(names, observed.gpu, extension)
+
+        executor = Executor(
+            self.backends, self.store, progress=progress, withdraw=withdraw,
+            parallel=self.desired.policy.parallel_pulls, backoff=retry_backoff(),
+            cancel=cancel or threading.Event(),
+        )  # fmt: skip
+        result = executor.execute(the_plan, self.observe_and_plan)
+        if result.final is not None:
+            self.heartbeat(result.final, observed, converged=result.converged, progress=progress)
+        return result
+
+    def extension(self, the_plan: Plan, *, converged: bool) -> dict[str, Any]:
+        """``specs.reconciler``: how this node's reconciliation stands."""
+        last = self.store.last_apply()
+        return {
+            "config_sha256": the_plan.source.sha256,
+            "git_commit": the_plan.source.git_commit,
+            "converged": converged,
+            "drift": [f"{a.op.value} {a.model}" for a in the_plan.actions],
+            "errors": list(the_plan.errors) + ([self.config_error] if self.config_error else []),
+            "last_apply_at": last.at if last else None,
+            "estimates": [
+                {
+                    "model": e.model,
+                    "bytes": e.bytes,
+                    "source": e.source,
+                    "estimated_bytes": e.estimated_bytes,
+                    "measured_bytes": e.measured_bytes,
+                }
+                for e in the_plan.budget.estimates
+            ],
+        }
+
+    def heartbeat(
+        self, the_plan: Plan, observed: Observed, *, converged: bool, progress: Progress = ignore
+    ) -> None:
+        """Advertise what is served now (installed, verified, fitting); report the outcome."""
+        if self.heartbeater is None:
+            return
+        served = serving(the_plan, self.desired)
+        error = self.heartbeater.beat(
+            served, observed.gpu, self.extension(the_plan, converged=converged)
+        )
+        url = redact(self.heartbeater.settings.url)
+        message = error or f"heartbeat: {url} now lists {len(served)} models"
+        progress(Event(Kind.NOTE, outcome="failed" if error else "ok", message=message))
+
+    def lock(self, purpose: str) -> NodeLock:
+        """The node lock (one writer per node), acquired with the configured timeout."""
+        return self.lock_within(purpose, lock_timeout())
+
+    def lock_within(self, purpose: str, timeout: float) -> NodeLock:
+        """The node lock, waiting at most ``timeout`` seconds (``LockError`` names the holder)."""
+        return node_lock(self.store.state_dir, purpose, timeout)
+
+
+def _heartbeater(desired: Desired, store: Store) -> Heartbeater | None:
+    if desired.control_plane is None:
+        return None
+    timeout = float(os.environ.get("INFERNET_WITHDRAW_TIMEOUT", WITHDRAW_TIMEOUT))
+    return Heartbeater(desired.control_plane, store, withdraw_timeout=timeout)
+
+
+def _with_warning(p: Plan, text: str) -> Plan:
+    return replace(p, warnings=(*p.warnings, text))
+
+
+def summary(result: Result) -> dict[str, Any]:
+    """A JSON summary of an apply for ``--json`` and the state store."""
+    return {
+        "converged": result.converged,
+        "advertised": list(result.advertised),
+        "outcomes": [
+            {"op": o.action.op.value, "model": o.action.model, "result": o.result, "error": o.error}
+            for o in result.outcomes
+        ],
+    }

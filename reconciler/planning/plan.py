@@ -1,0 +1,455 @@
+"""The planner: ``plan(desired, observed, owned) -> Plan``, a pure function.
+
+No I/O and no clock, so it is tested from data tables (``tests/unit/plans/*.yaml``). Actions come
+out in execution order: pulls and updates first, then pins and unpins, removals last (make
+before break, contract §4.1). Every desired or installed model that needs nothing is recorded as
+a no-op with its reason, so ``plan -v`` can explain itself. Actions name a model as the file
+writes it; an HF repository's revision is in ``canonical`` (``org/repo@revision``), never in
+the name.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from reconciler.config.desired import MAX_ADVERTISED
+from reconciler.model import (
+    ENGINE_KINDS,
+    FOREVER,
+    Action,
+    BackendKind,
+    BackendState,
+    Desired,
+    DiskBudget,
+    Estimate,
+    InstalledModel,
+    LoadedModel,
+    ModelFacts,
+    ModelSpec,
+    Noop,
+    Observed,
+    Op,
+    Owned,
+    Plan,
+    Upstream,
+)
+from reconciler.names import key
+from reconciler.planning import budget
+
+_ORDER = {Op.PULL: 0, Op.UPDATE: 0, Op.PIN: 1, Op.UNPIN: 2, Op.REMOVE: 3}
+
+
+@dataclass
+class _Draft:
+    """The planner's inputs and what it has found so far; frozen into a ``Plan`` at the end."""
+
+    desired: Desired
+    observed: Observed
+    owned: Owned
+    actions: list[Action] = field(default_factory=list)
+    noops: list[Noop] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    estimates: list[Estimate] = field(default_factory=list)
+    servable: list[ModelSpec] = field(default_factory=list)
+    download: defaultdict[BackendKind, int] = field(default_factory=lambda: defaultdict(int))
+
+
+def _short(digest: str | None) -> str:
+    return (digest or "?")[:12]
+
+
+def _find_loaded(state: BackendState, model: InstalledModel) -> LoadedModel | None:
+    """The runner serving ``model``: same name, or same manifest (``ps`` shows the name
+    that loaded the runner, not the alias we asked about)."""
+    for loaded in state.loaded:
+        if loaded.canonical == model.canonical:
+            return loaded
+    for loaded in state.loaded:
+        if loaded.digest and loaded.digest == model.facts.digest:
+            return loaded
+    return None
+
+
+def _quant_mismatch(spec: ModelSpec, facts: ModelFacts, where: str) -> str | None:
+    actual = budget.quantization(facts)  # the backend's string, else the GGUF file type
+    if not spec.quantization or not actual:
+        return None
+    if spec.quantization.upper() == actual.upper():
+        return None
+    return (
+        f"{spec.name}: {where} is {actual}, but the file asserts quantization "
+        f"{spec.quantization}; pick the tag built with {spec.quantization} or change the assertion"
+    )
+
+
+def plan(
+    desired: Desired,
+    observed: Observed,
+    owned: Owned,
+    *,
+    allow_destroy: bool = False,
+    force_remove: frozenset[str] = frozenset(),
+) -> Plan:
+    """Diff the desired state against what was observed; refuse what breaks a safety rule.
+
+    ``force_remove`` holds model keys the operator asked to remove by name (``model remove``):
+    they go whatever the prune policy or ownership says.
+    """
+    draft = _Draft(desired, observed, owned)
+    for kind in sorted(desired.backends_used()):
+        state = observed.backends.get(kind)
+        if state is None:
+            draft.errors.append(f"backend {kind.value} is not supported by this version yet")
+        elif not state.reachable:
+            draft.errors.append(state.error or f"can't reach {kind.value} at {state.url}")
+        elif state.serving_error:
+            draft.warnings.append(
+                f"{state.serving_error}; its models stay installed but are not advertised"
+            )
+    for state in observed.backends.values():
+        if state.reachable:
+            draft.warnings.extend(state.warnings)
+
+    for spec in desired.models:
+        state = observed.backends.get(spec.backend)
+        if state is None or not state.reachable:
+            continue
+        k = key(spec.backend, spec.canonical)
+        installed = next((m for m in state.installed if m.canonical == spec.canonical), None)
+        if installed is None:
+            _plan_missing(draft, spec, observed.upstream.get(k))
+        else:
+            _plan_installed(draft, spec, installed, state)
+
+    desired_keys = {key(m.backend, m.canonical) for m in desired.models}
+    removals = _plan_removals(draft, desired_keys, force_remove)
+    if len(removals) > desired.policy.max_removals and not allow_destroy:
+        names = ", ".join(a.model for a in removals)
+        draft.errors.append(
+            f"the plan removes {len(removals)} models ({names}), more than "
+            f"policy.max_removals ({desired.policy.max_removals}); pass --allow-destroy "
+            "if you mean it"
+        )
+    draft.actions.extend(removals)
+    return _finish(draft)
+
+
+def _plan_missing(draft: _Draft, spec: ModelSpec, up: Upstream | None) -> None:
+    """A desired model that isn't installed: pull it (and pin it) if the registry has it."""
+    if up is None:
+        draft.errors.append(f"{spec.name}: nothing known upstream; can't plan its pull")
+        return
+    if up.error:
+        draft.errors.append(f"{spec.name}: {up.error}")
+        return
+    if mismatch := _quant_mismatch(spec, up.facts, "the registry's artifact"):
+        draft.errors.append(mismatch)
+        return
+    measured = draft.owned.measured_vram.get(key(spec.backend, spec.canonical))
+    est = _estimate(draft, spec, up.facts, measured)
+    draft.estimates.append(est)
+    if _can_serve(draft, spec):
+        draft.servable.append(spec)
+    draft.download[spec.backend] += up.download_bytes
+    draft.actions.append(
+        Action(
+            Op.PULL, spec.name, spec.backend, spec.canonical,
+            f"in served_models, not installed ({up.total_bytes} bytes, "
+            f"{up.download_bytes} to download)",
+            download_bytes=up.download_bytes, vram_bytes=est.bytes, digest=up.facts.digest,
+            context=spec.context, embedding="embedding" in up.facts.capabilities,
+            source=_source(spec),
+        )
+    )  # fmt: skip
+    _warn_context(draft, spec, up.facts)
+    if spec.backend in ENGINE_KINDS:
+        draft.actions.append(_engine_start(spec, est.bytes, "start its engine once pulled"))
+    elif spec.pinned:
+        draft.actions.append(
+            Action(
+                Op.PIN, spec.name, spec.backend, spec.canonical,
+                "keep_alive forever: load and pin once pulled", vram_bytes=est.bytes,
+                keep_alive=FOREVER, context=spec.context,
+            )
+        )  # fmt: skip
+
+
+def _plan_installed(
+    draft: _Draft, spec: ModelSpec, installed: InstalledModel, state: BackendState
+) -> None:
+    """A desired model that is installed: check it, follow updates, fix its pin."""
+    facts = installed.facts
+    if installed.error is not None:
+        _plan_broken(draft, spec, installed)
+        return
+    if mismatch := _quant_mismatch(spec, facts, "the installed artifact"):
+        draft.errors.append(mismatch)
+        return
+    k = key(spec.backend, spec.canonical)
+    measured = draft.owned.measured_vram.get(k)
+    est = _estimate(draft, spec, facts, measured)
+    draft.estimates.append(est)
+    if _can_serve(draft, spec):
+        draft.servable.append(spec)
+    _warn_context(draft, spec, facts)
+    embedding = "embedding" in facts.capabilities
+    up = draft.observed.upstream.get(k)
+    # An installed file of unknown checksum can't be compared with upstream: no false update.
+    if (
+        up is not None
+        and not up.error
+        and facts.digest
+        and up.facts.digest not in (None, facts.digest)
+    ):
+        moved = f"({_short(facts.digest)} → {_short(up.facts.digest)})"
+        if draft.desired.policy.updates == "follow":
+            draft.download[spec.backend] += up.download_bytes
+            draft.actions.append(
+                Action(
+                    Op.UPDATE, spec.name, spec.backend, spec.canonical,
+                    f"the tag now points at new weights upstream {moved}",
+                    download_bytes=up.download_bytes, vram_bytes=est.bytes,
+                    digest=up.facts.digest, embedding=embedding, context=spec.context,
+                )
+            )  # fmt: skip
+        else:
+            draft.warnings.append(
+                f"{spec.name}: the tag points at new weights upstream {moved}; set "
+                "policy.updates: follow to pull them"
+            )
+    loaded = _find_loaded(state, installed)
+    ours = draft.owned.models.get(k)
+    if spec.backend in ENGINE_KINDS:
+        if loaded is None:
+            draft.actions.append(_engine_start(spec, est.bytes, "installed, no engine serves it"))
+        else:
+            who = "an engine infernet did not start" if loaded.foreign else "its engine"
+            draft.noops.append(Noop(spec.name, spec.backend, f"installed, served by {who}"))
+    elif spec.pinned and not (loaded and loaded.pinned):
+        why = "not loaded" if loaded is None else "loaded but not pinned"
+        draft.actions.append(
+            Action(
+                Op.PIN, spec.name, spec.backend, spec.canonical, f"keep_alive forever, {why}",
+                vram_bytes=est.bytes, keep_alive=FOREVER, embedding=embedding,
+                context=spec.context,
+            )
+        )  # fmt: skip
+    elif not spec.pinned and loaded and loaded.pinned and ours and ours.pinned_by_us:
+        draft.actions.append(
+            Action(
+                Op.UNPIN, spec.name, spec.backend, spec.canonical,
+                "pinned by infernet, no longer keep_alive forever in the file",
+                keep_alive=spec.keep_alive if spec.keep_alive is not None else 0.0,
+                embedding=embedding, context=spec.context,
+            )
+        )  # fmt: skip
+    else:
+        pin = ", pinned" if spec.pinned else ""
+        reason = f"installed (digest {_short(facts.digest)}){pin}"
+        draft.noops.append(Noop(spec.name, spec.backend, reason))
+
+
+def _installed_name(kind: BackendKind, model: InstalledModel) -> str:
+    """An installed model's name as a file would write it: an HF cache entry is listed as
+    ``org/repo@revision``, and the revision is not part of the name."""
+    return model.name.partition("@")[0] if kind in ENGINE_KINDS else model.name
+
+
+def _source(spec: ModelSpec) -> str | None:
+    if spec.backend in ENGINE_KINDS:
+        return f"hf://{spec.canonical}"
+    return spec.source
+
+
+def _estimate(draft: _Draft, spec: ModelSpec, facts: ModelFacts, measured: int | None) -> Estimate:
+    gpu = draft.observed.gpu
+    return budget.estimate(
+        spec, facts, measured, gpu.total_bytes, accelerator=bool(gpu.gpus),
+        engine_share=draft.desired.hf.gpu_memory_utilization,
+    )  # fmt: skip
+
+
+def _can_serve(draft: _Draft, spec: ModelSpec) -> bool:
+    """Whether the backend can serve what it has (its server answers)."""
+    state = draft.observed.backends.get(spec.backend)
+    return state is not None and state.serving_error is None
+
+
+def _engine_start(spec: ModelSpec, vram: int | None, why: str) -> Action:
+    """A pin, for engine-served models: start the engine (it holds its claim while it runs)."""
+    return Action(
+        Op.PIN, spec.name, spec.backend, spec.canonical, why, vram_bytes=vram,
+        keep_alive=FOREVER, context=spec.context, advertise_as=spec.advertise_as,
+    )  # fmt: skip
+
+
+def _plan_broken(draft: _Draft, spec: ModelSpec, installed: InstalledModel) -> None:
+    """An installed artifact that can't be used: never advertised; fetched again when its
+    own header is damaged and the file says where it comes from."""
+    unreadable = installed.facts.family is None
+    k = key(spec.backend, spec.canonical)
+    up = draft.observed.upstream.get(k)
+    if unreadable and spec.source and up is not None and not up.error:
+        draft.download[spec.backend] += up.download_bytes
+        draft.actions.append(
+            Action(
+                Op.PULL, spec.name, spec.backend, spec.canonical,
+                f"installed file is damaged ({installed.error}); downloading it again",
+                download_bytes=up.download_bytes, digest=up.facts.digest,
+                context=spec.context, source=spec.source,
+            )
+        )  # fmt: skip
+        return
+    draft.warnings.append(f"{spec.name}: {installed.error}; not advertised until it is fixed")
+    draft.noops.append(Noop(spec.name, spec.backend, f"installed but unusable: {installed.error}"))
+
+
+def _warn_context(draft: _Draft, spec: ModelSpec, facts: ModelFacts) -> None:
+    """llama.cpp children run at the router's ``-c``: a per-model context can't be applied;
+    nor can a finite keep_alive there, nor any keep_alive for an engine."""
+    keep = spec.keep_alive
+    if spec.backend is BackendKind.LLAMACPP and keep is not None and keep > 0:
+        draft.warnings.append(
+            f"{spec.name}: keep_alive {keep:g}s can't be set per model on llama.cpp (the "
+            "router's --sleep-idle-seconds applies to all); only forever and 0 are applied"
+        )
+    if spec.backend in ENGINE_KINDS and keep is not None:
+        draft.warnings.append(
+            f"{spec.name}: keep_alive has no effect on {spec.backend.value}: its engine serves "
+            "it, holding its memory, for as long as it is in the file"
+        )
+    if spec.backend is not BackendKind.LLAMACPP:
+        return
+    stated = draft.desired.llamacpp.parallel
+    if stated and facts.run_context and facts.parallel and facts.parallel != stated:
+        # One router for every model: say it once. The estimate counts what really runs.
+        text = (
+            f"backends.llamacpp.parallel is {stated} but the router runs {facts.parallel} "
+            f"slots (its -np); the estimate counts {facts.parallel}"
+        )
+        if text not in draft.warnings:
+            draft.warnings.append(text)
+    if spec.context is not None and facts.run_context and facts.run_context != spec.context:
+        draft.warnings.append(
+            f"{spec.name}: context {spec.context} can't be set per model on llama.cpp; the "
+            f"router runs it at {facts.run_context} tokens a slot (its -c over its -np). The "
+            f"estimate uses {facts.run_context}, what runs"
+        )
+
+
+def _plan_removals(draft: _Draft, desired_keys: set[str], force: frozenset[str]) -> list[Action]:
+    """Installed models that left the file, filtered by the prune policy and ``protect``."""
+    out: list[Action] = []
+    prune = draft.desired.policy.prune
+    for kind, state in sorted(draft.observed.backends.items()):
+        if not state.reachable:
+            continue
+        for model in state.installed:
+            k = key(kind, model.canonical)
+            if k in desired_keys:
+                continue
+            mine = k in draft.owned.models
+            name = _installed_name(kind, model)
+            if k not in force and k in draft.owned.protected:
+                draft.warnings.append(
+                    f"{model.name} left the file but was declared protect: true; it stays "
+                    f"(to remove it, list it again without protect: true, then run: infernet "
+                    f"model remove {name})"
+                )
+                draft.noops.append(Noop(name, kind, "not in the file; protected"))
+                continue
+            if k not in force and prune == "none":
+                why = "not in the file; kept (policy.prune: none)"
+                draft.noops.append(Noop(name, kind, why))
+                continue
+            if k not in force and prune == "managed" and not mine:
+                why = "not installed by infernet; left alone (policy.prune: all would remove it)"
+                draft.noops.append(Noop(name, kind, why))
+                continue
+            if k in force:
+                reason = "removed by name"
+            else:
+                why = "installed by infernet" if mine else "policy.prune: all"
+                reason = f"not in served_models ({why})"
+            running = _find_loaded(state, model)
+            if running is not None and running.foreign:
+                draft.warnings.append(
+                    f"{model.name} left the file but an engine infernet did not start serves "
+                    "it; not removed (stop that engine first)"
+                )
+                draft.noops.append(Noop(name, kind, "served by a foreign engine; kept"))
+                continue
+            if running is not None:
+                reason += "; loaded: unloaded first"
+            embedding = "embedding" in model.facts.capabilities
+            out.append(Action(Op.REMOVE, name, kind, model.canonical, reason, embedding=embedding))
+    return out
+
+
+def _finish(draft: _Draft) -> Plan:
+    """Check the budget, order the actions, and freeze the plan."""
+    desired, observed = draft.desired, draft.observed
+    # The disks of the backends the file uses, and of any that downloads; a node whose file is
+    # empty still shows its default backend's.
+    used = desired.backends_used() | {k for k, n in draft.download.items() if n}
+    first = [desired.default_backend] if desired.default_backend in used or not used else []
+    kinds = first + sorted(used - {desired.default_backend})
+    disks = []
+    for kind in kinds:
+        disk = observed.disks.get(kind)
+        if disk is None and not draft.download.get(kind):
+            continue
+        disks.append(
+            DiskBudget(
+                kind, disk.path if disk else "?", disk.free_bytes if disk else None,
+                draft.download.get(kind, 0),
+            )
+        )  # fmt: skip
+        if disk and disk.error:
+            draft.warnings.append(disk.error)
+    # What the backends say their loaded models hold explains memory no process is named for.
+    loaded = sum(m.size_vram for s in observed.backends.values() if s.reachable for m in s.loaded)
+    fit = budget.check(
+        draft.estimates, gpu=observed.gpu, settings=desired.budget, disks=disks,
+        backend_loaded=loaded,
+    )  # fmt: skip
+    draft.errors.extend(fit.errors)
+    draft.warnings.extend(fit.warnings)
+    if observed.gpu.note and observed.gpu.source in ("cpu", "none"):
+        draft.warnings.append(observed.gpu.note)
+    draft.actions.sort(key=lambda a: _ORDER[a.op])
+    advertised = tuple(s.advertise_as for s in draft.servable if s.name not in fit.unfit)
+    if len(advertised) > MAX_ADVERTISED:
+        # The control plane keeps at most 50 names: the first 50 in file order go out; every
+        # model is still installed and served, and reachable by its name on the node.
+        left = advertised[MAX_ADVERTISED:]
+        draft.warnings.append(
+            f"{len(advertised)} models to advertise, but the control plane lists at most "
+            f"{MAX_ADVERTISED} per node: the first {MAX_ADVERTISED} in file order are "
+            f"advertised; {len(left)} are installed and served but not advertised "
+            f"({', '.join(left[:5])}{', …' if len(left) > 5 else ''})"
+        )
+        advertised = advertised[:MAX_ADVERTISED]
+    return Plan(
+        source=desired.source, fingerprint=observed.fingerprint, actions=tuple(draft.actions),
+        noops=tuple(draft.noops), budget=fit.budget, advertised=advertised,
+        errors=tuple(draft.errors), warnings=tuple(draft.warnings),
+    )  # fmt: skip
+
+
+def serving(the_plan: Plan, desired: Desired) -> tuple[str, ...]:
+    """What may be advertised right now: the plan's advertised names minus models whose pull
+    is still pending (a model is advertised only once installed and verified)."""
+    pending = {
+        (a.backend, a.canonical)
+        for a in the_plan.actions
+        if a.op is Op.PULL or (a.op is Op.PIN and a.backend in ENGINE_KINDS)
+    }
+    return tuple(
+        spec.advertise_as
+        for spec in desired.models
+        if spec.advertise_as in the_plan.advertised
+        and (spec.backend, spec.canonical) not in pending
+    )
