@@ -62,6 +62,7 @@ if str(ROOT) not in sys.path:  # run as a script: bench/accuracy.py
     sys.path.insert(0, str(ROOT))
 
 from reconciler.backends.gguf import meta as ggufmeta  # noqa: E402
+from reconciler.backends.llamacpp import estimate as llamacpp_estimate  # noqa: E402
 from reconciler.backends.llamacpp.backend import AUTO_PARALLEL, run_settings  # noqa: E402
 from reconciler.model import BackendKind, ModelFacts, ModelSpec  # noqa: E402
 from reconciler.planning import budget  # noqa: E402
@@ -352,7 +353,7 @@ def rescore(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _parts(facts: ModelFacts, *, accelerator: bool) -> dict[str, int]:
     context, parallel = facts.run_context or 0, facts.parallel or 1
-    return budget.llamacpp_parts(facts, context, parallel, accelerator=accelerator) or {}
+    return llamacpp_estimate.parts(facts, context, parallel, accelerator=accelerator) or {}
 
 
 def _ok(measured: int, estimate: int | None) -> bool:

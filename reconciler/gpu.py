@@ -8,7 +8,7 @@ Who holds the memory: NVML lists the processes running on each GPU (or MIG insta
 memory each uses. Each PID is looked up in our PID namespace (``psutil``) and sorted into
 
 * **backend** – an inference backend (Ollama and its runners, llama-server, vLLM, SGLang,
-  MAX; see ``backend_of``);
+  MAX: the registry's ``Driver.processes``; see ``backend_of``);
 * **foreign** – any other process we can see: a training job, a notebook, another server;
 * **unattributed** – memory in use that no visible process accounts for: PIDs from another
   namespace (a container), processes NVML gives no figure for, or not listed at all.
@@ -41,18 +41,6 @@ FOREIGN_SHOWN = 5
 _lock = threading.Lock()
 _nvml: Any = None
 _nvml_error: str | None = None
-
-# Executable or module names (lower case) of inference backends, matched as prefixes of a
-# process's name, of its first two command-line words' basenames, and of a ``-m`` module.
-_BACKENDS: tuple[tuple[str, str], ...] = (
-    ("ollama", "ollama"),  # the server, `ollama runner`, and the older ollama_llama_server
-    ("llama-server", "llamacpp"),  # also our cached llama-server-<version>-<key> builds
-    ("vllm", "vllm"),  # `vllm serve`, vllm.entrypoints..., VLLM::EngineCore workers
-    ("sglang", "sglang"),  # sglang.launch_server, sglang::scheduler
-    ("max-serve", "max"),
-    ("max.entrypoints", "max"),
-    ("max.serve", "max"),
-)
 
 
 def _init() -> Any:
@@ -109,15 +97,25 @@ def _basename(word: str) -> str:
 
 
 def backend_of(name: str, cmdline: Sequence[str]) -> str | None:
-    """The inference backend a process belongs to, or None for any other process."""
+    """The inference backend a process belongs to, or None for any other process.
+
+    The process names come from the backend registry (``Driver.processes``): executable or
+    module names (lower case), matched as prefixes of a process's name, of its first two
+    command-line words' basenames, and of a ``-m`` module; ``Driver.processes_exact`` only as
+    the whole executable name (a name too common to be a prefix)."""
+    from reconciler import backends
+
+    drivers = backends.drivers()
+    first = _basename(cmdline[0]) if cmdline else None
+    for driver in drivers:
+        if name.lower() in driver.processes_exact or first in driver.processes_exact:
+            return driver.kind.value
     words = [name.lower(), *(_basename(w) for w in cmdline[:2])]
     words += [cmdline[i + 1].lower() for i, w in enumerate(cmdline[:-1]) if w == "-m"]
-    if name.lower() == "max" or (cmdline and _basename(cmdline[0]) == "max"):
-        return "max"  # Modular's `max serve` CLI; "max" alone is too common a prefix
     for word in words:
-        for prefix, kind in _BACKENDS:
-            if word.startswith(prefix):
-                return kind
+        for driver in drivers:
+            if word.startswith(driver.processes):
+                return driver.kind.value
     return None
 
 

@@ -9,24 +9,48 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import ClassVar, NewType
 
 DEFAULT_KEY_FILE = "~/.config/infernet/node.key"
+ModelKey = NewType("ModelKey", str)
+"""``<kind>:<canonical name>`` (``names.key``): a model's key across desired, observed and
+owned maps and the state store."""
 FOREVER = -1.0
 """keep_alive meaning "pinned in VRAM": Ollama treats every negative duration as forever."""
 
 
-class BackendKind(StrEnum):
-    """Inference backends a model can be served by."""
+class BackendKind(str):
+    """A backend kind, such as ``ollama``: a name the backend registry (``reconciler.backends``)
+    has a driver for. The built-in kinds are class constants; a plugin's kind is
+    ``BackendKind(name)``. One object per name, so ``is`` compares kinds as ``==`` does."""
 
-    OLLAMA = "ollama"
-    LLAMACPP = "llamacpp"
-    VLLM = "vllm"
-    SGLANG = "sglang"
-    MAX = "max"
+    __slots__ = ()
+    _interned: ClassVar[dict[str, BackendKind]] = {}
+
+    OLLAMA: ClassVar[BackendKind]
+    LLAMACPP: ClassVar[BackendKind]
+    VLLM: ClassVar[BackendKind]
+    SGLANG: ClassVar[BackendKind]
+    MAX: ClassVar[BackendKind]
+
+    def __new__(cls, name: str) -> BackendKind:
+        found = cls._interned.get(name)
+        if found is None:
+            found = super().__new__(cls, name)
+            cls._interned[str.__str__(found)] = found
+        return found
+
+    @property
+    def value(self) -> str:
+        """The kind's name, as the file writes it."""
+        return str.__str__(self)
 
 
-ENGINE_KINDS = frozenset({BackendKind.VLLM, BackendKind.SGLANG, BackendKind.MAX})
-"""HuggingFace repositories in the hub cache, each served by an engine process of its own."""
+BackendKind.OLLAMA = BackendKind("ollama")
+BackendKind.LLAMACPP = BackendKind("llamacpp")
+BackendKind.VLLM = BackendKind("vllm")
+BackendKind.SGLANG = BackendKind("sglang")
+BackendKind.MAX = BackendKind("max")
 
 
 class Op(StrEnum):
@@ -64,54 +88,6 @@ class ModelSpec:
     def pinned(self) -> bool:
         """True when the file asks for the model to stay in VRAM forever."""
         return self.keep_alive is not None and self.keep_alive < 0
-
-
-@dataclass(frozen=True)
-class OllamaSettings:
-    """``backends.ollama``."""
-
-    url: str = "http://127.0.0.1:11434"
-    registry: str = "https://registry.ollama.ai"
-    models_dir: str = "~/.ollama/models"
-
-
-@dataclass(frozen=True)
-class LlamacppSettings:
-    """``backends.llamacpp``."""
-
-    models_dir: str = "/var/lib/infernet/models"
-    url: str = "http://127.0.0.1:8080"
-    parallel: int | None = None  # the router's -np, for the estimate while it can't be asked
-
-
-@dataclass(frozen=True)
-class HfSettings:
-    """``backends.hf``: the hub cache and the engines serving it (one per model)."""
-
-    cache_dir: str = "~/.cache/huggingface/hub"
-    url: str = "http://127.0.0.1:8000"  # engines listen from this port upward
-    gpu_memory_utilization: float = 0.9  # what each engine claims of the total VRAM
-    commands: Mapping[str, str] = field(default_factory=lambda: dict(ENGINE_COMMANDS))
-
-
-ENGINE_COMMANDS: Mapping[str, str] = {
-    "vllm": (
-        "vllm serve {path} --served-model-name {advertise_as} --host 127.0.0.1 --port {port} "
-        "--gpu-memory-utilization {fraction}"
-    ),
-    "sglang": (
-        "python3 -m sglang.launch_server --model-path {path} --served-model-name {advertise_as} "
-        "--host 127.0.0.1 --port {port} --mem-fraction-static {fraction}"
-    ),
-    "max": (
-        "max serve --model-path {path} --served-model-name {advertise_as} --port {port} "
-        "--device-memory-utilization {fraction}"
-    ),
-}
-"""Default engine command templates (the engines' documented flags); placeholders {path} (the
-snapshot folder), {advertise_as}, {port}, {fraction} (gpu_memory_utilization), {host} and
-{python}. vLLM and SGLang listen on all interfaces unless told: the defaults keep them on
-loopback, like every other backend here."""
 
 
 @dataclass(frozen=True)
@@ -165,9 +141,9 @@ class Desired:
     source: ConfigSource
     models: tuple[ModelSpec, ...]
     default_backend: BackendKind = BackendKind.OLLAMA
-    ollama: OllamaSettings = field(default_factory=OllamaSettings)
-    llamacpp: LlamacppSettings = field(default_factory=LlamacppSettings)
-    hf: HfSettings = field(default_factory=HfSettings)
+    backend_settings: Mapping[str, object] = field(default_factory=dict)
+    """Each backend family's own settings (``backends.<family>``), keyed by family name; the
+    family's code reads its own typed settings from here."""
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     control_plane: ControlPlaneSettings | None = None
     policy: Policy = field(default_factory=Policy)
@@ -324,7 +300,7 @@ class Observed:
     """Everything the planner may look at: backends, registry answers, GPUs and disks."""
 
     backends: Mapping[BackendKind, BackendState]
-    upstream: Mapping[str, Upstream]  # key: names.key(backend, canonical)
+    upstream: Mapping[ModelKey, Upstream]
     gpu: GpuState
     disks: Mapping[BackendKind, DiskState]
     fingerprint: str = ""
@@ -345,9 +321,9 @@ class OwnedModel:
 class Owned:
     """The state store's view of what we own; empty when the store was lost."""
 
-    models: Mapping[str, OwnedModel] = field(default_factory=dict)  # key: names.key(...)
-    measured_vram: Mapping[str, int] = field(default_factory=dict)  # key: names.key(...)
-    protected: frozenset[str] = frozenset()  # keys last declared with protect: true
+    models: Mapping[ModelKey, OwnedModel] = field(default_factory=dict)
+    measured_vram: Mapping[ModelKey, int] = field(default_factory=dict)
+    protected: frozenset[ModelKey] = frozenset()  # keys last declared with protect: true
 
 
 # --------------------------------------------------------------------------- plan

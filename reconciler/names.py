@@ -1,128 +1,58 @@
-"""Model references per backend: validation, canonical forms and comparison keys.
+"""Model names across backends: validation, canonical forms, comparison keys, and "which entry".
 
-Ollama's grammar is ``[scheme://][host/][namespace/]model[:tag]`` (``types/model/name.go``):
-defaults ``registry.ollama.ai``, ``library``, ``latest``. Storage keeps case, matching ignores
-it, so two spellings that differ only in case are the same model. We compare on the fully
-qualified lower-case form and keep the user's spelling for pulls and display.
+Each backend's own grammar lives with its driver (``reconciler.backends``); this module asks the
+driver of the kind at hand, so an unknown kind is an error here, never another backend's rule.
+A model is known everywhere (desired, observed, owned, the state store) by its ``ModelKey``:
+``<kind>:<canonical name>``.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
+from reconciler import backends
 from reconciler.errors import InvalidModelName
-from reconciler.model import BackendKind
-
-DEFAULT_HOST = "registry.ollama.ai"
-DEFAULT_NAMESPACE = "library"
-DEFAULT_TAG = "latest"
-
-_HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}$")
-_NAMESPACE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,79}$")
-_MODEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
-_GGUF = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}\.gguf$")
-_HF_REPO = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}$")
+from reconciler.model import BackendKind, ModelKey, ModelSpec
 
 
-@dataclass(frozen=True)
-class OllamaName:
-    """An Ollama model reference split into its parts, case as written."""
-
-    scheme: str
-    host: str
-    namespace: str
-    model: str
-    tag: str
-
-    @property
-    def canonical(self) -> str:
-        """The fully qualified lower-case form used for comparison."""
-        return f"{self.host}/{self.namespace}/{self.model}:{self.tag}".lower()
-
-    @property
-    def display(self) -> str:
-        """The shortest form, as ``/api/tags`` prints it (always with a tag)."""
-        if self.host.lower() != DEFAULT_HOST:
-            return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
-        if self.namespace.lower() != DEFAULT_NAMESPACE:
-            return f"{self.namespace}/{self.model}:{self.tag}"
-        return f"{self.model}:{self.tag}"
+def canonical(backend: str, name: str, revision: str | None = None) -> str:
+    """The comparison form of ``name`` on ``backend``; raises ``InvalidModelName`` when invalid
+    (and ``UnknownBackend`` for a kind no driver serves)."""
+    return backends.driver(backend).canonical(name, revision)
 
 
-def parse_ollama(name: str) -> OllamaName:
-    """Split an Ollama reference, filling in defaults; raise ``InvalidModelName`` when invalid."""
-    if not name or name != name.strip() or any(c.isspace() for c in name):
-        raise InvalidModelName(f"'{name}' is not a valid Ollama model name (no spaces allowed)")
-    scheme = "https"
-    rest = name
-    for prefix in ("https://", "http://"):
-        if rest.startswith(prefix):
-            scheme, rest = prefix[:-3], rest[len(prefix) :]
-            break
-    if "@" in rest:
-        raise InvalidModelName(
-            f"'{name}' is not a valid Ollama model name: '@digest' is not supported"
-        )
-    tag = DEFAULT_TAG
-    slash = rest.rfind("/")
-    colon = rest.rfind(":")
-    if colon > slash:
-        rest, tag = rest[:colon], rest[colon + 1 :]
-    parts = rest.split("/")
-    if len(parts) > 3:
-        raise InvalidModelName(f"'{name}' is not a valid Ollama model name: too many '/' parts")
-    host, namespace = DEFAULT_HOST, DEFAULT_NAMESPACE
-    if len(parts) == 3:
-        host, namespace, model = parts
-    elif len(parts) == 2:
-        namespace, model = parts
-    else:
-        (model,) = parts
-    checks = (
-        (_HOST, host, "host"),
-        (_NAMESPACE, namespace, "namespace"),
-        (_MODEL, model, "model"),
-        (_TAG, tag, "tag"),
-    )
-    for pattern, value, what in checks:
-        if not pattern.match(value):
-            raise InvalidModelName(
-                f"'{name}' is not a valid Ollama model name: bad {what} '{value}' "
-                "(letters, digits, '_', '-', '.'; must start with a letter, digit or '_')"
-            )
-    return OllamaName(scheme, host, namespace, model, tag)
-
-
-def canonical(backend: BackendKind, name: str, revision: str | None = None) -> str:
-    """The comparison form of ``name`` on ``backend``; raises ``InvalidModelName`` when invalid."""
-    if backend is BackendKind.OLLAMA:
-        return parse_ollama(name).canonical
-    if backend is BackendKind.LLAMACPP:
-        if not _GGUF.match(name) or ".." in name:
-            raise InvalidModelName(
-                f"'{name}' is not a valid llama.cpp model name: use a plain GGUF file name "
-                "like 'qwen2.5-7b-instruct-q4_k_m.gguf' (no '/' or '..')"
-            )
-        return name
-    if not _HF_REPO.match(name) or ".." in name:
-        raise InvalidModelName(
-            f"'{name}' is not a valid HuggingFace repo id: use 'org/repo' "
-            "(letters, digits, '_', '-', '.')"
-        )
-    return f"{name}@{revision or 'main'}"
-
-
-def key(backend: BackendKind | str, canonical_name: str) -> str:
+def key(backend: str, canonical_name: str) -> ModelKey:
     """The key that identifies a model across desired, observed and owned maps."""
-    return f"{BackendKind(backend).value}:{canonical_name}"
+    return ModelKey(f"{BackendKind(backend).value}:{canonical_name}")
 
 
-def is_valid(backend: BackendKind, name: str) -> str | None:
+def is_valid(backend: str, name: str) -> str | None:
     """None when ``name`` is valid on ``backend``, else the reason."""
     try:
         canonical(backend, name)
     except InvalidModelName as exc:
         return str(exc)
     return None
+
+
+def refers_to(spec: ModelSpec, name: str, backend: BackendKind | None = None) -> bool:
+    """Whether ``name``, as a person or the dashboard types it, means the file entry ``spec``.
+
+    It does when it is the entry's advertised name, or the same model once both are in
+    canonical form (Ollama's case and default tag, say). A repository at a revision is compared
+    at the entry's own revision (``org/repo`` means the entry whatever revision it pins)
+    unless ``name`` names one itself (``org/repo@v1``). ``backend`` narrows to one backend.
+    The CLI, remote commands and file edits all decide "which entry" here.
+    """
+    if backend is not None and spec.backend is not backend:
+        return False
+    if spec.advertise_as == name:
+        return True
+    repo, revision = name, spec.revision
+    if backends.driver(spec.backend).revisions and "@" in name:
+        repo, _, revision = name.partition("@")
+    try:
+        return canonical(spec.backend, repo, revision) == spec.canonical
+    except InvalidModelName:
+        return False
+
+
+__all__ = ["ModelKey", "canonical", "is_valid", "key", "refers_to"]

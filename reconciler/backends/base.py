@@ -1,4 +1,4 @@
-"""The Protocol every backend adapter implements.
+"""The Protocol every backend adapter implements, and what a family's adapters are opened with.
 
 Observation is split into ``inventory`` (cheap: what is installed and loaded) and
 ``details``/``upstream`` (per model, possibly slow or remote), so ``observe`` can ask for the
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from reconciler.model import BackendKind, BackendState, ModelFacts, ModelSpec, Upstream
 
@@ -27,6 +29,16 @@ class Cache(Protocol):
     def put(self, kind: str, key: str, value: object) -> None:
         """Remember a JSON value."""
         ...
+
+
+@dataclass(frozen=True)
+class AdapterContext:
+    """What every family's ``open_backends`` gets besides its own settings."""
+
+    cache: Cache | None = None  # the state store's cache table
+    state_dir: Path | None = None  # None: a caller without a state folder (no engine records)
+    stall_timeout: float = 300.0  # seconds without pull progress before a pull fails
+    disk_reserve: int = 0  # budget.disk_reserve, kept free while downloading
 
 
 class Backend(Protocol):
@@ -83,4 +95,13 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+        ...
+
+
+@runtime_checkable
+class Supervises(Protocol):
+    """An adapter that starts processes of its own (engines): ``status`` lists them."""
+
+    def supervised(self) -> list[dict[str, Any]]:
+        """One row per process: model, state, pid, port, exit_code, restarts, log, log_tail."""
         ...

@@ -37,7 +37,11 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``infernet`` console script."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except InfernetError as exc:  # a --backend choice is checked against the backend registry
+        err(str(exc))
+        return EXIT_ERROR
     try:
         try:
             code = COMMANDS[args.command](args)

@@ -256,18 +256,21 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def _backend_for(current: Desired, name: str, given: str | None) -> BackendKind:
-    """``--backend``, else the backend of the file's entry NAME refers to, else what the name
-    looks like (a ``*.gguf`` file is llama.cpp's), else the file's default."""
-    from reconciler.config.edit import refers_to
+    """``--backend``, else the backend of the file's entry NAME refers to, else the kind whose
+    driver claims the name by its look (a ``*.gguf`` file is llama.cpp's), else the file's
+    default."""
+    from reconciler import backends
     from reconciler.model import BackendKind
+    from reconciler.names import refers_to
 
     if given:
         return BackendKind(given)
     for spec in current.models:
         if refers_to(spec, name):
             return spec.backend
-    if name.endswith(".gguf"):
-        return BackendKind.LLAMACPP
+    for driver in backends.drivers():
+        if driver.claims is not None and driver.claims(name):
+            return driver.kind
     return current.default_backend
 
 
@@ -336,7 +339,7 @@ def _remove(args: argparse.Namespace, path: Path, current: Desired) -> int:
     from reconciler.model import BackendKind
 
     only = BackendKind(args.backend) if args.backend else None
-    matched = [m for m in current.models if configedit.refers_to(m, args.name, only)]
+    matched = [m for m in current.models if names.refers_to(m, args.name, only)]
     if not matched:
         raise PlanError(
             f"{args.name} is not in {path}; nothing removed (infernet model list shows the "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 
 from reconciler import __version__
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"infernet {__version__}")
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    kinds = _Kinds()
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -64,14 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("install", help="add NAME to the file and apply")
     _common(p, top=False)
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--backend", choices=["ollama", "llamacpp", "vllm", "sglang", "max"])
+    p.add_argument("--backend", choices=kinds, metavar="KIND", help=_KIND_HELP)
     p.add_argument("--pin", action="store_true", help="keep it loaded (keep_alive: forever)")
     p.add_argument("--verbose", "-v", action="store_true", help="progress: percent, GB, speed")
     p.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
     p = msub.add_parser("remove", help="remove NAME from the file, withdraw it, delete it")
     _common(p, top=False)
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--backend", choices=["ollama", "llamacpp", "vllm", "sglang", "max"])
+    p.add_argument("--backend", choices=kinds, metavar="KIND", help=_KIND_HELP)
     p.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
 
     p = command("watch", "the daemon: reconcile on every change of the file and on drift")
@@ -94,3 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "~/.config/infernet/node.key)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace an existing key")
     return parser
+
+
+_KIND_HELP = "the backend: %(choices)s"
+
+
+class _Kinds:
+    """The registry's backend kinds as ``--backend`` choices, read only when a choice is checked
+    or help is printed: building the parser must not load the registry (``infernet plan``
+    starts fast), so the usage line says ``KIND`` and the help lists them."""
+
+    def _all(self) -> list[str]:
+        from reconciler import backends
+
+        return [k.value for k in backends.kinds()]
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._all()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())

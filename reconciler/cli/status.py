@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from reconciler import backends
 from reconciler.cli.render import human_bytes, table
-from reconciler.model import ENGINE_KINDS, BackendKind, Desired, Observed, Plan
+from reconciler.model import BackendKind, Desired, Observed, Plan
 from reconciler.names import key
 from reconciler.planning.document import revision
 from reconciler.planning.plan import serving
@@ -59,29 +60,24 @@ def model_rows(desired: Desired, observed: Observed, store: Store) -> list[dict[
 
 
 def _name_and_revision(kind: BackendKind, canonical: str, name: str) -> tuple[str, str | None]:
-    """An HF repository (``org/repo@revision`` in canonical form) as name and revision."""
-    if kind in ENGINE_KINDS:
+    """A repository at a revision (``org/repo@revision`` in canonical form) as name and
+    revision; other models are their name alone."""
+    if backends.driver(kind).revisions:
         repo, _, revision = canonical.rpartition("@")
         return name.partition("@")[0] or repo, revision
     return name, None
 
 
 def engine_rows(session: Session) -> list[dict[str, Any]]:
-    """The vLLM/SGLang/MAX engines infernet started: state, port, restarts, and the end of the
-    log of one that is not running (why it died)."""
-    from reconciler.backends.hf.backend import HfBackend
+    """The processes infernet started to serve models (the engines of vLLM, SGLang, MAX):
+    state, port, restarts, and the end of the log of one that is not running (why it died).
+    Kinds sharing one supervisor list the same rows: the first that supervises answers."""
+    from reconciler.backends.base import Supervises
 
-    engines = next((b.engines for b in session.backends.values() if isinstance(b, HfBackend)), None)
-    if engines is None:
-        return []
-    rows = []
-    for e in engines.list():
-        rows.append({
-            "model": e.key, "state": e.state, "pid": e.pid, "port": e.port,
-            "exit_code": e.exit_code, "restarts": e.restarts, "log": e.log_path,
-            "log_tail": engines.log_tail(e.key, 12) if e.state in ("exited", "stopped") else None,
-        })  # fmt: skip
-    return rows
+    for backend in session.backends.values():
+        if isinstance(backend, Supervises):
+            return backend.supervised()
+    return []
 
 
 def build_status(session: Session, observed: Observed, plan: Plan) -> dict[str, Any]:

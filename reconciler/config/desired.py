@@ -92,8 +92,10 @@ def parse(text: str, *, path: str, env: Mapping[str, str] | None = None) -> Desi
 
 
 def schema_text() -> str:
-    """The JSON Schema of ``infernet.yaml`` as shipped (``infernet schema`` prints it)."""
-    return schemacheck.read_schema_text(SCHEMA_FILE)
+    """The JSON Schema of ``infernet.yaml`` (``infernet schema`` prints it): the shipped file
+    with the backend registry's kinds and settings sections, which is the shipped file itself
+    while only the built-in backends are registered."""
+    return schemacheck.shipped_or_assembled(SCHEMA_FILE)
 
 
 def schema() -> dict[str, Any]:
@@ -142,7 +144,7 @@ def _validate(text: str, *, file: str, env: Mapping[str, str]) -> Desired:
     # A value the YAML layer already complained about (bad tag, alias loop) is None here;
     # its schema error at the same spot would only repeat the first complaint.
     seen = {(f.mark.line, f.mark.column) for f in doc.findings}
-    for error in schemacheck.check(raw, SCHEMA_FILE, expectations=_EXPECTATIONS):
+    for error in schemacheck.check(raw, schema_text(), expectations=_EXPECTATIONS):
         mark = doc.locate(error.path, key=error.at_key)
         if (mark.line, mark.column) in seen:
             check.bad.add(error.path)

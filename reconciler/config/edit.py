@@ -27,35 +27,14 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from reconciler import names, units
 from reconciler.config import desired
 from reconciler.config.yamldoc import Loader
-from reconciler.errors import ConfigError, InvalidModelName, ValidationError
+from reconciler.errors import ConfigError, ValidationError
 from reconciler.files import write_atomically
-from reconciler.model import ENGINE_KINDS, BackendKind, Desired, ModelSpec
+from reconciler.model import BackendKind, Desired, ModelSpec
+from reconciler.names import refers_to
 
 BeforeWrite = Callable[[bytes, bytes], None]
 """Called with the file's bytes before and after an edit, just before the new bytes are
 written: what a caller needs to undo the edit after a crash (remote commands keep it)."""
-
-
-def refers_to(spec: ModelSpec, name: str, backend: BackendKind | None = None) -> bool:
-    """Whether ``name``, as a person or the dashboard types it, means the file entry ``spec``.
-
-    It does when it is the entry's advertised name, or the same model once both are in
-    canonical form (Ollama's case and default tag, say). A HuggingFace repository is compared
-    at the entry's own revision (``org/repo`` means the entry whatever revision it pins)
-    unless ``name`` names one itself (``org/repo@v1``). ``backend`` narrows to one backend.
-    The CLI, remote commands and file edits all decide "which entry" here.
-    """
-    if backend is not None and spec.backend is not backend:
-        return False
-    if spec.advertise_as == name:
-        return True
-    repo, revision = name, spec.revision
-    if spec.backend in ENGINE_KINDS and "@" in name:
-        repo, _, revision = name.partition("@")
-    try:
-        return names.canonical(spec.backend, repo, revision) == spec.canonical
-    except InvalidModelName:
-        return False
 
 
 def add_model(

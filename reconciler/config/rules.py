@@ -13,31 +13,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler import names, units
+from reconciler import backends, names, units
+from reconciler.backends.driver import describe_kinds
 from reconciler.config import yamldoc
 from reconciler.config.yamldoc import JsonPath, format_path
 from reconciler.errors import Problem
 from reconciler.model import (
-    ENGINE_COMMANDS,
-    ENGINE_KINDS,
     BackendKind,
     BudgetSettings,
     ConfigSource,
     ControlPlaneSettings,
     Desired,
-    HfSettings,
-    LlamacppSettings,
     ModelSpec,
-    OllamaSettings,
     Policy,
 )
-
-_OLLAMA_PORT = 11434
-
-_SAME_MODEL = {
-    BackendKind.OLLAMA: "same model after normalising case and default tag",
-    BackendKind.LLAMACPP: "same GGUF file",
-}
 
 
 @dataclass
@@ -74,14 +63,13 @@ def build(raw: dict[str, Any], check: Check, env: Mapping[str, str]) -> Desired:
         default_backend = BackendKind(raw["default_backend"])
     policy = Policy(**raw.get("policy", {})) if check.clean(("policy",)) else Policy()
     models = _models(raw, check, default_backend, allow_empty=policy.allow_empty)
-    backends = raw.get("backends", {}) if check.clean(("backends",)) else {}
+    sections = raw.get("backends", {}) if check.clean(("backends",)) else {}
+    families = backends.families()
     return Desired(
         source=ConfigSource("", ""),
         models=models,
         default_backend=default_backend,
-        ollama=_ollama(backends.get("ollama", {}), env),
-        llamacpp=LlamacppSettings(**backends.get("llamacpp", {})),
-        hf=_hf(backends.get("hf", {})),
+        backend_settings={f.name: f.parse(sections.get(f.name, {}), env) for f in families},
         budget=_budget(raw, check),
         control_plane=_control_plane(raw, check),
         policy=policy,
@@ -114,7 +102,7 @@ def _models(
             continue
         key = names.key(spec.backend, spec.canonical)
         if key in first_of:
-            why = _SAME_MODEL.get(spec.backend, "same repository and revision")
+            why = backends.driver(spec.backend).same_model
             check.report(
                 path,
                 f"{format_path(path)}: '{spec.name}' is a duplicate of "
@@ -147,24 +135,17 @@ def _model(entry: Any, path: JsonPath, check: Check, default: BackendKind) -> Mo
     if reason is not None:
         check.report(name_path, f"{format_path(name_path)}: {reason}")
         usable = False
-    if "source" in fields and backend is BackendKind.OLLAMA:
-        check.report(
-            (*path, "source"),
-            f"{format_path(path)}.source: Ollama models come from the registry, not a source "
-            "URL; remove source, or use backend: llamacpp for a GGUF file",
-            at_key=True,
-        )
+    driver = backends.driver(backend)  # the schema's enum is the registry's kinds
+    if "source" in fields and driver.source_refusal is not None:
+        refusal = driver.source_refusal.format(kind=backend.value)
+        check.report((*path, "source"), f"{format_path(path)}.source: {refusal}", at_key=True)
         usable = False
-    if "revision" in fields and backend not in ENGINE_KINDS:
-        where = (
-            " (a llamacpp hf:// source names it in the URL: hf://org/repo@revision/file.gguf)"
-            if backend is BackendKind.LLAMACPP
-            else ""
-        )
+    if "revision" in fields and not driver.revisions:
+        having = describe_kinds([d.kind for d in backends.drivers() if d.revisions])
         check.report(
             (*path, "revision"),
-            f"{format_path(path)}.revision: only vllm, sglang and max models (HuggingFace "
-            f"repositories) have a revision; remove it from this {backend.value} model{where}",
+            f"{format_path(path)}.revision: only {having} models (HuggingFace repositories) "
+            f"have a revision; remove it from this {backend.value} model{driver.revision_hint}",
             at_key=True,
         )
         usable = False
@@ -173,14 +154,6 @@ def _model(entry: Any, path: JsonPath, check: Check, default: BackendKind) -> Mo
             (*path, "sha256"),
             f"{format_path(path)}.sha256: a checksum checks a downloaded source; add source: "
             "or remove sha256",
-            at_key=True,
-        )
-        usable = False
-    if "source" in fields and backend in ENGINE_KINDS:
-        check.report(
-            (*path, "source"),
-            f"{format_path(path)}.source: {backend.value} models are HuggingFace repositories "
-            "named by name: and revision:; remove source",
             at_key=True,
         )
         usable = False
@@ -211,50 +184,9 @@ def _model(entry: Any, path: JsonPath, check: Check, default: BackendKind) -> Mo
     )
 
 
-def _hf(fields: Mapping[str, Any]) -> HfSettings:
-    """``backends.hf``; command templates the file doesn't set keep their defaults."""
-    commands = {**ENGINE_COMMANDS, **fields.get("commands", {})}
-    return HfSettings(**{**fields, "commands": commands})
-
-
 def _sha256(value: str | None) -> str | None:
     """The bare lower-case hex digest (the schema already checked its shape)."""
     return None if value is None else value.lower().removeprefix("sha256:")
-
-
-def _ollama(fields: Mapping[str, Any], env: Mapping[str, str]) -> OllamaSettings:
-    defaults = OllamaSettings()
-    url = fields.get("url")
-    if url is None:
-        url = ollama_host(env["OLLAMA_HOST"]) if env.get("OLLAMA_HOST") else defaults.url
-    return OllamaSettings(
-        url=url.rstrip("/"),
-        registry=fields.get("registry", defaults.registry).rstrip("/"),
-        models_dir=fields.get("models_dir") or env.get("OLLAMA_MODELS") or defaults.models_dir,
-    )
-
-
-def ollama_host(value: str) -> str:
-    """``$OLLAMA_HOST`` as the ollama client reads it: bare hosts get http:// and port 11434."""
-    # Mirrors ollama-python's _parse_host, so `infernet` talks to the server `ollama` talks to.
-    scheme, _, hostport = value.partition("://")
-    port = _OLLAMA_PORT
-    if not hostport:
-        scheme, hostport = "http", value
-    elif scheme == "http":
-        port = 80
-    elif scheme == "https":
-        port = 443
-    split = urllib.parse.urlsplit(f"{scheme}://{hostport}")
-    host = split.hostname or "127.0.0.1"
-    port = split.port or port
-    try:
-        if isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address):
-            host = f"[{host}]"
-    except ValueError:
-        pass
-    path = split.path.strip("/")
-    return f"{scheme}://{host}:{port}/{path}" if path else f"{scheme}://{host}:{port}"
 
 
 def _budget(raw: dict[str, Any], check: Check) -> BudgetSettings:

@@ -58,15 +58,37 @@ def read_schema_text(filename: str) -> str:
     return checkout.read_text(encoding="utf-8")
 
 
-@functools.cache
-def read_schema(filename: str) -> dict[str, Any]:
-    """A schema as a dict (cached: callers must not modify it)."""
-    value: dict[str, Any] = json.loads(read_schema_text(filename))
-    return value
+def with_backends(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` (a fresh dict, changed in place) with the backend registry's kinds as
+    ``$defs.backend``'s enum and, where it has a ``backends`` section, each family's settings
+    schema there and the ``$defs`` the families bring: what the file may name comes from the
+    registry, never from a list kept here."""
+    from reconciler import backends
+
+    defs = schema.setdefault("$defs", {})
+    defs.setdefault("backend", {"title": "backend"})["enum"] = [k.value for k in backends.kinds()]
+    section = schema.get("properties", {}).get("backends")
+    if section is not None:
+        properties = section.setdefault("properties", {})
+        for family in backends.families():
+            properties[family.name] = json.loads(json.dumps(family.schema))
+            defs.update(json.loads(json.dumps(family.defs)))
+    return schema
+
+
+def shipped_or_assembled(filename: str) -> str:
+    """The schema ``filename`` as the registry assembles it (``with_backends``), as text: the
+    shipped file itself, byte for byte, when that is what the registry assembles (the built-in
+    backends alone), else the assembled schema as JSON."""
+    shipped = read_schema_text(filename)
+    assembled = with_backends(json.loads(shipped))
+    if assembled == json.loads(shipped):
+        return shipped
+    return json.dumps(assembled, indent=2, ensure_ascii=False) + "\n"
 
 
 @functools.cache
-def _validator(filename: str) -> Validator:
+def _validator(schema_text: str) -> Validator:
     from jsonschema import Draft202012Validator, validators
 
     # JSON Schema counts 3.0 as an integer; Python code downstream would then get a float
@@ -76,16 +98,16 @@ def _validator(filename: str) -> Validator:
 
     checker = Draft202012Validator.TYPE_CHECKER.redefine("integer", is_int)
     strict: Any = validators.extend(Draft202012Validator, type_checker=checker)  # type: ignore[no-untyped-call]
-    validator: Validator = strict(read_schema(filename))
+    validator: Validator = strict(json.loads(schema_text))
     return validator
 
 
 def check(
-    instance: Any, filename: str, *, expectations: Mapping[str, str] | None = None
+    instance: Any, schema_text: str, *, expectations: Mapping[str, str] | None = None
 ) -> list[SchemaFinding]:
-    """Every violation of schema ``filename`` by ``instance``, sorted by path."""
+    """Every violation of the schema ``schema_text`` by ``instance``, sorted by path."""
     findings: list[SchemaFinding] = []
-    for error in _validator(filename).iter_errors(instance):
+    for error in _validator(schema_text).iter_errors(instance):
         findings.extend(_translate(error, expectations or {}))
     return sorted(
         findings, key=lambda f: [(0, p, "") if isinstance(p, int) else (1, 0, p) for p in f.path]

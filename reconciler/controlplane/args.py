@@ -7,21 +7,18 @@ characters (the heartbeat's limit) with no whitespace, control or invisible char
 nothing that reads as a file path (``/x``, ``~/x``, ``..``, backslashes). An Ollama name to
 install names no URL scheme and no registry host but the configured one (or one the file
 already pulls from): the node fetches that host's manifest, so a dashboard must not be able
-to point it at any URL it can reach (``registry_problem``).
+to point it at any URL it can reach (the Ollama driver's ``remote_install_problem``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import unicodedata
 from typing import Any
-from urllib.parse import urlsplit
 
-from reconciler import names
-from reconciler.errors import InfernetError
-from reconciler.model import ENGINE_KINDS, BackendKind, Desired
+from reconciler import backends, names
+from reconciler.limits import MAX_MODEL_NAME
+from reconciler.model import BackendKind, Desired
 
-MAX_NAME = 200  # the control plane's limit for a served_models string
 NO_HF = "HuggingFace models need the vllm backend, which this node doesn't run yet"
 
 Entry = str | dict[str, Any]
@@ -38,8 +35,9 @@ def name_problem(value: object, *, field: str = "model") -> str | None:
         return f"args.{field} must be a model name (a string), not {type(value).__name__}"
     if not value:
         return f"args.{field} is empty; send the model name to use"
-    if len(value) > MAX_NAME:
-        return f"args.{field} is {len(value)} characters long; model names have at most {MAX_NAME}"
+    if len(value) > MAX_MODEL_NAME:
+        most = MAX_MODEL_NAME
+        return f"args.{field} is {len(value)} characters long; model names have at most {most}"
     shown = " ".join(value.split())[:80]
     if any(c.isspace() for c in value):
         return f"args.{field} '{shown}' contains whitespace; model names have none"
@@ -60,40 +58,6 @@ def model_problem(value: object, backend: BackendKind) -> str | None:
     return problem
 
 
-def registry_problem(model: str, current: Desired) -> str | None:
-    """Why a remote install of the Ollama name ``model`` is refused for where it points, or None.
-
-    An Ollama name may carry a registry host (``host/namespace/model:tag``) and a scheme, and
-    the node fetches that host's manifest to plan the pull: a dashboard could make it request
-    any URL it can reach (SSRF). So a remote name has no scheme, and its host is the
-    configured registry (``backends.ollama.registry``, which the default host stands for) or
-    a host infernet.yaml already pulls Ollama models from.
-    """
-    shown = " ".join(model.split())[:80]
-    if "://" in model:
-        return (
-            f"args.model '{shown}' is a URL; remote commands name a model as its registry "
-            "lists it (model:tag or namespace/model:tag)"
-        )
-    try:
-        host = names.parse_ollama(model).host.lower()
-    except InfernetError as exc:
-        return str(exc)
-    registry = urlsplit(current.ollama.registry)
-    allowed = {names.DEFAULT_HOST, registry.netloc.rpartition("@")[2].lower()}
-    for spec in current.models:
-        if spec.backend is BackendKind.OLLAMA:
-            with contextlib.suppress(InfernetError):
-                allowed.add(names.parse_ollama(spec.name).host.lower())
-    if host in allowed:
-        return None
-    return (
-        f"args.model '{shown}' is on the registry host '{host[:80]}'; remote commands pull only "
-        "from the configured registry (backends.ollama.registry) or hosts infernet.yaml "
-        "already pulls from: add the model to infernet.yaml on the node instead"
-    )
-
-
 def install_target(
     args: dict[str, Any], current: Desired
 ) -> tuple[str, BackendKind, Entry, str] | str:
@@ -102,11 +66,12 @@ def install_target(
     hf = args.get("hf")
     if hf is None and isinstance(model, str) and model.startswith("hf:"):
         hf = model[3:]  # Infernet's own spelling of "the HF repo, served under this name"
+    driver = backends.driver(current.default_backend)
     if hf is None:
         problem = model_problem(model, current.default_backend)
-        if problem is None and current.default_backend is BackendKind.OLLAMA:
+        if problem is None and driver.remote_install_problem is not None:
             assert isinstance(model, str)
-            problem = registry_problem(model, current)
+            problem = driver.remote_install_problem(model, current)
         if problem is not None:
             return problem
         assert isinstance(model, str)
@@ -116,7 +81,7 @@ def install_target(
         return problem
     assert isinstance(model, str) and isinstance(hf, str)
     backend = current.default_backend
-    if backend not in ENGINE_KINDS:
+    if not driver.revisions:  # HuggingFace repositories are the kinds with revisions
         return NO_HF
     reason = names.is_valid(backend, hf)
     if reason is not None:

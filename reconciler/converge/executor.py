@@ -24,10 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
+from reconciler import backends
 from reconciler.backends.base import Backend
 from reconciler.errors import BackendError, InfernetError
 from reconciler.events import Event, Kind, Progress, ignore
-from reconciler.model import ENGINE_KINDS, Action, BackendKind, Observed, Op, Plan
+from reconciler.model import Action, BackendKind, Observed, Op, Plan
 from reconciler.names import key
 from state import Store
 
@@ -86,9 +87,9 @@ class Executor:
 
     @staticmethod
     def _target(action: Action) -> str:
-        """What the backend acts on: an HF repository at its revision (``org/repo@rev``, the
+        """What the backend acts on: a repository at its revision (``org/repo@rev``, the
         canonical form; actions carry the name as the file writes it), else the name."""
-        return action.canonical if action.backend in ENGINE_KINDS else action.model
+        return action.canonical if backends.driver(action.backend).revisions else action.model
 
     def _with_retries(self, action: Action, work: Callable[[], None]) -> Outcome:
         """Run ``work`` with the one retry policy of the project."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -17,11 +18,12 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from reconciler.backends.base import Backend, Cache
+from reconciler import backends
+from reconciler.backends.base import AdapterContext, Backend, Cache
+from reconciler.backends.driver import OpenAdapters
 from reconciler.errors import BackendError
 from reconciler.gpu import read_gpus
 from reconciler.model import (
-    ENGINE_KINDS,
     BackendKind,
     BackendState,
     Desired,
@@ -29,6 +31,7 @@ from reconciler.model import (
     InstalledModel,
     LoadedModel,
     ModelFacts,
+    ModelKey,
     ModelSpec,
     Observed,
     Upstream,
@@ -42,102 +45,42 @@ UPDATE_CHECK_TTL = 6 * 3600.0
 def make_backends(
     desired: Desired, *, cache: Cache | None = None, state_dir: Path | None = None
 ) -> dict[BackendKind, Backend]:
-    """Every backend, used or not: a backend whose last model left the file must still be
-    observed so that model can be pruned. An unused backend that isn't there (no llama.cpp
-    folder, no hub cache) is simply unreachable or empty, which the planner only reports for
-    backends the file uses. ``state_dir`` holds the engine records of the HF engines."""
-    from reconciler.backends.hf.backend import HfBackend
-    from reconciler.backends.hf.cache import CacheScanner
-    from reconciler.backends.hf.engines import Engines
-    from reconciler.backends.llamacpp.backend import LlamacppBackend
-    from reconciler.backends.ollama.backend import OllamaBackend
-
-    stall = float(os.environ.get("INFERNET_PULL_STALL_TIMEOUT", "300"))
-    backends: dict[BackendKind, Backend] = {
-        BackendKind.OLLAMA: OllamaBackend(desired.ollama, cache=cache, stall_timeout=stall),
-        BackendKind.LLAMACPP: LlamacppBackend(
-            desired.llamacpp,
-            cache=cache,
-            stall_timeout=stall,
-            disk_reserve=desired.budget.disk_reserve,
-        ),
-    }
-    if state_dir is not None:
-        engines = Engines(state_dir / "engines", base_port=_port(desired.hf.url))
-        scanner = CacheScanner(Path(desired.hf.cache_dir).expanduser())
-        for kind in sorted(ENGINE_KINDS):
-            backends[kind] = HfBackend(
-                kind, desired.hf, engines=engines, cache=cache, scanner=scanner
-            )
-    return backends
+    """Every registered backend, used or not: a backend whose last model left the file must
+    still be observed so that model can be pruned. An unused backend that isn't there (no
+    llama.cpp folder, no hub cache) is simply unreachable or empty, which the planner only
+    reports for backends the file uses. ``state_dir`` holds the records of the processes a
+    backend starts (engines). Adapters are imported here, on first use, by the name their
+    family registered (``Family.adapters``)."""
+    context = AdapterContext(
+        cache=cache,
+        state_dir=state_dir,
+        stall_timeout=float(os.environ.get("INFERNET_PULL_STALL_TIMEOUT", "300")),
+        disk_reserve=desired.budget.disk_reserve,
+    )
+    made: dict[BackendKind, Backend] = {}
+    for family in backends.families():
+        module, function = family.adapter_path()
+        opened: OpenAdapters = getattr(importlib.import_module(module), function)
+        kinds = tuple(d.kind for d in family.drivers)
+        made.update(opened(kinds, backends.settings_of(desired, kinds[0]), context))
+    return made
 
 
-def _port(url: str) -> int:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return parts.port or (443 if parts.scheme == "https" else 80)
-
-
-def share_hf_cache(
+def share_states(
     states: dict[BackendKind, BackendState],
     desired: Desired,
     owners: Mapping[str, BackendKind],
 ) -> None:
-    """Give each cached revision to one engine kind: the one the file names, else the one that
-    installed it (``owners``: canonical → kind, from the state store), else vLLM. A revision
-    the file pins by commit is shown under the file's name for it."""
-    wanted = {m.canonical: m for m in desired.models if m.backend in ENGINE_KINDS}
-    by_commit = {m.revision: m for m in wanted.values() if m.revision and len(m.revision) == 40}
-    claimed: dict[str, list[InstalledModel]] = {kind.value: [] for kind in sorted(ENGINE_KINDS)}
-    seen_commits: set[str] = set()
-    pool = next((s.installed for k, s in states.items() if k in ENGINE_KINDS and s.reachable), ())
-    for cached in pool:
-        spec = wanted.get(cached.canonical) or by_commit.get(cached.facts.digest or "")
-        model = cached
-        if spec is not None:
-            model = dataclasses.replace(cached, canonical=spec.canonical, name=spec.canonical)
-            seen_commits.add(cached.facts.digest or "")
-        kind = spec.backend if spec else owners.get(model.canonical, BackendKind.VLLM)
-        claimed[kind.value].append(model)
-    served_as = {m.advertise_as: m for m in wanted.values()} | {m.name: m for m in wanted.values()}
-    for kind in sorted(ENGINE_KINDS):
-        state = states.get(kind)
-        if state is None or not state.reachable:
-            continue
-        # Another ref of a revision the file wants is the same files: never a removal.
-        mine = tuple(
-            m for m in claimed[kind.value]
-            if m.canonical in wanted or (m.facts.digest or "") not in seen_commits
-        )  # fmt: skip
-        loaded = []
-        for run in state.loaded:
-            if not run.foreign:
-                loaded.append(run)
-                continue
-            # Every kind sees an engine it didn't start at the same URL: keep it once, under
-            # the entry it serves (by served name), and call it by that entry's name.
-            spec = served_as.get(run.name)
-            if spec is not None and spec.backend is kind:
-                loaded.append(dataclasses.replace(run, canonical=spec.canonical))
-            elif spec is None:
-                # Serving a model that left the file: name it after the cached revision of
-                # that repo, so the planner sees it is in use and leaves it alone.
-                held = next((m for m in mine if m.canonical.partition("@")[0] == run.name), None)
-                if held is not None:
-                    loaded.append(dataclasses.replace(run, canonical=held.canonical))
-                elif kind is BackendKind.VLLM:
-                    loaded.append(run)
-        states[kind] = dataclasses.replace(state, installed=mine, loaded=tuple(loaded))
+    """Let each family share what its kinds see together (``Family.merge_states``: the HF
+    engine kinds' one hub cache)."""
+    for family in backends.families():
+        if family.merge_states is not None:
+            family.merge_states(states, desired, owners)
 
 
 def models_dir(desired: Desired, kind: BackendKind) -> str:
     """Where ``kind`` keeps its weights (for the disk check)."""
-    if kind is BackendKind.OLLAMA:
-        return desired.ollama.models_dir
-    if kind is BackendKind.LLAMACPP:
-        return desired.llamacpp.models_dir
-    return desired.hf.cache_dir
+    return backends.family_of(kind).models_dir(backends.settings_of(desired, kind))
 
 
 def read_disk(path: str) -> DiskState:
@@ -154,7 +97,9 @@ def read_disk(path: str) -> DiskState:
     return DiskState(str(target), free, note)
 
 
-def fingerprint(backends: dict[BackendKind, BackendState], upstream: dict[str, Upstream]) -> str:
+def fingerprint(
+    backends: dict[BackendKind, BackendState], upstream: Mapping[ModelKey, Upstream]
+) -> str:
     """A digest of what the plan depends on: installed and loaded sets, upstream digests.
 
     Free VRAM and disk are left out on purpose: they move all the time, and the budget is
@@ -211,7 +156,7 @@ def observe(
         states = dict(
             zip(backends, pool.map(lambda b: b.inventory(), backends.values()), strict=True)
         )
-        share_hf_cache(states, desired, owners or {})
+        share_states(states, desired, owners or {})
         detail_jobs = []
         upstream_jobs = []
         for spec in desired.models:
@@ -229,13 +174,13 @@ def observe(
             damaged = found.error is not None and spec.source is not None
             if damaged or _update_due(spec, found.facts.digest, cache, refresh_upstream):
                 upstream_jobs.append((spec, pool.submit(backend.upstream, spec)))
-        enriched: dict[str, InstalledModel] = {}
+        enriched: dict[ModelKey, InstalledModel] = {}
         for spec, found, job in detail_jobs:
             try:
                 enriched[key(spec.backend, found.canonical)] = _merge(found, job.result())
             except BackendError:
                 continue  # keep the tags facts; the estimate falls back to a rougher layer
-        upstream: dict[str, Upstream] = {}
+        upstream: dict[ModelKey, Upstream] = {}
         for spec, pending in upstream_jobs:
             up = pending.result()
             upstream[key(spec.backend, spec.canonical)] = up

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from reconciler import backends
 from reconciler.backends.base import Backend
 from reconciler.controlplane.heartbeat import WITHDRAW_TIMEOUT, Heartbeater
 from reconciler.converge.executor import Executor, Result
@@ -27,7 +28,7 @@ from reconciler.model import (
     OwnedModel,
     Plan,
 )
-from reconciler.names import key
+from reconciler.names import ModelKey, key
 from reconciler.planning.plan import plan, serving
 from reconciler.redact import redact
 from state import NodeLock, Store
@@ -93,7 +94,7 @@ def read_owned(store: Store) -> Owned:
             BackendKind(r.backend), r.canonical, r.name, r.pinned_by_us, r.measured_vram
         )
         for r in store.owned()
-        if r.backend in BackendKind._value2member_map_
+        if backends.known(r.backend)  # a kind no driver serves now: not ours to manage
     }
     measured = {key(b, c): v for (b, c), v in store.measured_vram().items()}
     protected = store.get_status(PROTECTED) or []
@@ -110,7 +111,7 @@ def _interrupted_pulls(
     for entry in store.unfinished_actions():
         if entry.op not in (Op.PULL.value, Op.UPDATE.value):
             continue
-        if entry.backend not in BackendKind._value2member_map_:
+        if not backends.known(entry.backend):
             continue
         state = observed.backends.get(BackendKind(entry.backend))
         if state is None or key(entry.backend, entry.canonical) in owned.models:
@@ -122,7 +123,9 @@ def _interrupted_pulls(
     return found
 
 
-def _protected(previous: frozenset[str], desired: Desired, observed: Observed) -> frozenset[str]:
+def _protected(
+    previous: frozenset[ModelKey], desired: Desired, observed: Observed
+) -> frozenset[ModelKey]:
     """Protected keys stay protected after they leave the file, until the model is gone (seen
     missing from a backend that answered: one that is down says nothing about what it has)."""
     answered = {kind.value for kind, s in observed.backends.items() if s.reachable}
@@ -170,15 +173,11 @@ class Session:
         A heartbeater replaced by new control-plane settings is closed, or, with ``retired``,
         put there for the caller to close once nothing uses its client any more (the
         daemon's command runner may be answering a command with it right now)."""
-        backends, beats = self.backends, self.heartbeater
-        if (fresh.ollama, fresh.llamacpp, fresh.hf) != (
-            self.desired.ollama,
-            self.desired.llamacpp,
-            self.desired.hf,
-        ):
-            for backend in backends.values():
+        adapters, beats = self.backends, self.heartbeater
+        if fresh.backend_settings != self.desired.backend_settings:
+            for backend in adapters.values():
                 backend.close()
-            backends = make_backends(
+            adapters = make_backends(
                 fresh, cache=StoreCache(self.store), state_dir=self.store.state_dir
             )
         if fresh.control_plane != self.desired.control_plane:
@@ -187,7 +186,7 @@ class Session:
             elif beats is not None:
                 beats.close()
             beats = _heartbeater(fresh, self.store)
-        return Session(fresh, self.store, backends, beats)
+        return Session(fresh, self.store, adapters, beats)
 
     def close(self) -> None:
         """Close backends, the control-plane client and the store."""

@@ -133,7 +133,7 @@ def model_remove(ctx: Context) -> Answer:
     if problem is not None:
         return failed(problem)
     assert isinstance(name, str)
-    matched = [m for m in current.models if configedit.refers_to(m, name)]
+    matched = [m for m in current.models if names.refers_to(m, name)]
     if matched:
         keys = {names.key(m.backend, m.canonical) for m in matched}
     else:

@@ -13,11 +13,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+from reconciler import backends
 from reconciler.config import schemacheck
 from reconciler.errors import ConfigError
 from reconciler.files import write_atomically
 from reconciler.model import (
-    ENGINE_KINDS,
     Action,
     BackendKind,
     Budget,
@@ -129,10 +129,12 @@ def with_sources(plan: Plan, desired: Desired) -> Plan:
 
 
 def revision(action: Action) -> str | None:
-    """The HF revision an action is at (its own field: never part of ``model``); None for
+    """The revision an action is at (its own field: never part of ``model``); None for
     backends without revisions. ``canonical`` is ``org/repo@revision`` for those that have one,
     so reading a saved plan needs nothing more."""
-    return action.canonical.rpartition("@")[2] if action.backend in ENGINE_KINDS else None
+    if not backends.driver(action.backend).revisions:
+        return None
+    return action.canonical.rpartition("@")[2]
 
 
 def from_document(doc: dict[str, Any], *, path: str) -> Plan:
@@ -142,7 +144,7 @@ def from_document(doc: dict[str, Any], *, path: str) -> Plan:
         _refuse(
             path, f"format_version is {json.dumps(version)}, this version reads {FORMAT_VERSION}"
         )
-    findings = schemacheck.check(doc, SCHEMA_FILE)
+    findings = schemacheck.check(doc, schema_text())
     if findings:
         more = f" (and {len(findings) - 1} more)" if len(findings) > 1 else ""
         _refuse(path, findings[0].message + more)
@@ -209,8 +211,9 @@ def read_document(path: Path) -> Plan:
 
 
 def schema_text() -> str:
-    """The JSON Schema of the plan document as shipped."""
-    return schemacheck.read_schema_text(SCHEMA_FILE)
+    """The JSON Schema of the plan document: the shipped file, with the backend registry's
+    kinds (the shipped file itself while only the built-in backends are registered)."""
+    return schemacheck.shipped_or_assembled(SCHEMA_FILE)
 
 
 def schema() -> dict[str, Any]:

@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from reconciler.config.desired import MAX_ADVERTISED
+from reconciler import backends
+from reconciler.backends.gguf.memory import quantization
+from reconciler.limits import MAX_ADVERTISED
 from reconciler.model import (
-    ENGINE_KINDS,
     FOREVER,
     Action,
     BackendKind,
@@ -26,6 +27,7 @@ from reconciler.model import (
     InstalledModel,
     LoadedModel,
     ModelFacts,
+    ModelKey,
     ModelSpec,
     Noop,
     Observed,
@@ -73,7 +75,7 @@ def _find_loaded(state: BackendState, model: InstalledModel) -> LoadedModel | No
 
 
 def _quant_mismatch(spec: ModelSpec, facts: ModelFacts, where: str) -> str | None:
-    actual = budget.quantization(facts)  # the backend's string, else the GGUF file type
+    actual = quantization(facts)  # the backend's string, else the GGUF file type
     if not spec.quantization or not actual:
         return None
     if spec.quantization.upper() == actual.upper():
@@ -164,7 +166,7 @@ def _plan_missing(draft: _Draft, spec: ModelSpec, up: Upstream | None) -> None:
         )
     )  # fmt: skip
     _warn_context(draft, spec, up.facts)
-    if spec.backend in ENGINE_KINDS:
+    if backends.driver(spec.backend).engine:
         draft.actions.append(_engine_start(spec, est.bytes, "start its engine once pulled"))
     elif spec.pinned:
         draft.actions.append(
@@ -221,7 +223,7 @@ def _plan_installed(
             )
     loaded = _find_loaded(state, installed)
     ours = draft.owned.models.get(k)
-    if spec.backend in ENGINE_KINDS:
+    if backends.driver(spec.backend).engine:
         if loaded is None:
             draft.actions.append(_engine_start(spec, est.bytes, "installed, no engine serves it"))
         else:
@@ -252,22 +254,26 @@ def _plan_installed(
 
 
 def _installed_name(kind: BackendKind, model: InstalledModel) -> str:
-    """An installed model's name as a file would write it: an HF cache entry is listed as
-    ``org/repo@revision``, and the revision is not part of the name."""
-    return model.name.partition("@")[0] if kind in ENGINE_KINDS else model.name
+    """An installed model's name as a file would write it: a repository at a revision is
+    listed as ``org/repo@revision``, and the revision is not part of the name."""
+    return model.name.partition("@")[0] if backends.driver(kind).revisions else model.name
 
 
 def _source(spec: ModelSpec) -> str | None:
-    if spec.backend in ENGINE_KINDS:
-        return f"hf://{spec.canonical}"
-    return spec.source
+    """Where a pull comes from, as the plan shows it."""
+    own = backends.driver(spec.backend).pull_source
+    return own(spec) if own is not None else spec.source
 
 
 def _estimate(draft: _Draft, spec: ModelSpec, facts: ModelFacts, measured: int | None) -> Estimate:
     gpu = draft.observed.gpu
+    share = backends.driver(spec.backend).claim_share
+    if share is None:
+        return budget.estimate(spec, facts, measured, gpu.total_bytes, accelerator=bool(gpu.gpus))
+    settings = backends.settings_of(draft.desired, spec.backend)
     return budget.estimate(
         spec, facts, measured, gpu.total_bytes, accelerator=bool(gpu.gpus),
-        engine_share=draft.desired.hf.gpu_memory_utilization,
+        engine_share=share(settings),
     )  # fmt: skip
 
 
@@ -307,39 +313,25 @@ def _plan_broken(draft: _Draft, spec: ModelSpec, installed: InstalledModel) -> N
 
 
 def _warn_context(draft: _Draft, spec: ModelSpec, facts: ModelFacts) -> None:
-    """llama.cpp children run at the router's ``-c``: a per-model context can't be applied;
-    nor can a finite keep_alive there, nor any keep_alive for an engine."""
-    keep = spec.keep_alive
-    if spec.backend is BackendKind.LLAMACPP and keep is not None and keep > 0:
-        draft.warnings.append(
-            f"{spec.name}: keep_alive {keep:g}s can't be set per model on llama.cpp (the "
-            "router's --sleep-idle-seconds applies to all); only forever and 0 are applied"
-        )
-    if spec.backend in ENGINE_KINDS and keep is not None:
+    """What the file asks that the backend can't do: any keep_alive for an engine (it serves
+    for as long as the model is in the file), and whatever the driver says of its own kind."""
+    driver = backends.driver(spec.backend)
+    if driver.engine and spec.keep_alive is not None:
         draft.warnings.append(
             f"{spec.name}: keep_alive has no effect on {spec.backend.value}: its engine serves "
             "it, holding its memory, for as long as it is in the file"
         )
-    if spec.backend is not BackendKind.LLAMACPP:
+    if driver.plan_warnings is None:
         return
-    stated = draft.desired.llamacpp.parallel
-    if stated and facts.run_context and facts.parallel and facts.parallel != stated:
-        # One router for every model: say it once. The estimate counts what really runs.
-        text = (
-            f"backends.llamacpp.parallel is {stated} but the router runs {facts.parallel} "
-            f"slots (its -np); the estimate counts {facts.parallel}"
-        )
-        if text not in draft.warnings:
+    settings = backends.settings_of(draft.desired, spec.backend)
+    for text in driver.plan_warnings(spec, facts, settings):
+        if text not in draft.warnings:  # one server for every model says some things once
             draft.warnings.append(text)
-    if spec.context is not None and facts.run_context and facts.run_context != spec.context:
-        draft.warnings.append(
-            f"{spec.name}: context {spec.context} can't be set per model on llama.cpp; the "
-            f"router runs it at {facts.run_context} tokens a slot (its -c over its -np). The "
-            f"estimate uses {facts.run_context}, what runs"
-        )
 
 
-def _plan_removals(draft: _Draft, desired_keys: set[str], force: frozenset[str]) -> list[Action]:
+def _plan_removals(
+    draft: _Draft, desired_keys: set[ModelKey], force: frozenset[str]
+) -> list[Action]:
     """Installed models that left the file, filtered by the prune policy and ``protect``."""
     out: list[Action] = []
     prune = draft.desired.policy.prune
@@ -445,7 +437,7 @@ def serving(the_plan: Plan, desired: Desired) -> tuple[str, ...]:
     pending = {
         (a.backend, a.canonical)
         for a in the_plan.actions
-        if a.op is Op.PULL or (a.op is Op.PIN and a.backend in ENGINE_KINDS)
+        if a.op is Op.PULL or (a.op is Op.PIN and backends.driver(a.backend).engine)
     }
     return tuple(
         spec.advertise_as

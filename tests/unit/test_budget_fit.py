@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from reconciler.backends.gguf.header import FILE_TYPES, file_type_name
+from reconciler.backends.llamacpp import estimate as llamacpp_estimate
 from reconciler.model import (
     BackendKind,
     BudgetSettings,
@@ -160,13 +161,13 @@ def _with(**kw: object) -> ModelFacts:
 
 def test_llamacpp_estimate_runs_at_the_backends_context_and_parallel() -> None:
     one = budget.estimate(LLAMA, _with(run_context=2048), None, None)
-    parts = budget.llamacpp_parts(M100, 2048, 2, accelerator=True)
+    parts = llamacpp_estimate.parts(M100, 2048, 2, accelerator=True)
     assert parts is not None
     two = budget.estimate(LLAMA, _with(run_context=2048, parallel=2), None, None)
     assert two.bytes == sum(parts.values()) and two.source == "metadata"
     assert parts["weights"] == 201_000_000 and parts["kv"] == _kv(4096)
-    assert parts["runtime"] == budget.LLAMACPP_RUNTIME_GPU + int(
-        201_000_000 * budget.LLAMACPP_RUNTIME_GPU_PER_WEIGHT
+    assert parts["runtime"] == llamacpp_estimate.RUNTIME_GPU + int(
+        201_000_000 * llamacpp_estimate.RUNTIME_GPU_PER_WEIGHT
     )
     assert one.bytes is not None and two.bytes is not None
     # a second sequence doubles the KV cache; the micro-batch was already full (512 tokens)
@@ -181,7 +182,7 @@ def test_llamacpp_estimate_runs_at_the_backends_context_and_parallel() -> None:
 
 def test_llamacpp_context_comes_from_the_router_then_the_file_then_the_gguf() -> None:
     def kv_of(spec: ModelSpec, facts: ModelFacts) -> int:
-        parts = budget.llamacpp_parts(facts, budget.run_context(spec, facts, None), 1)
+        parts = llamacpp_estimate.parts(facts, budget.run_context(spec, facts, None), 1)
         assert parts is not None
         return parts["kv"]
 
@@ -195,17 +196,17 @@ def test_llamacpp_context_comes_from_the_router_then_the_file_then_the_gguf() ->
 
 
 def test_llamacpp_on_cpu_pays_no_cuda_context_but_its_slots_host_memory() -> None:
-    gpu_parts = budget.llamacpp_parts(M100, 2048, 2, accelerator=True)
-    cpu_parts = budget.llamacpp_parts(M100, 2048, 2, accelerator=False)
+    gpu_parts = llamacpp_estimate.parts(M100, 2048, 2, accelerator=True)
+    cpu_parts = llamacpp_estimate.parts(M100, 2048, 2, accelerator=False)
     assert gpu_parts is not None and cpu_parts is not None
-    assert gpu_parts["runtime"] == budget.LLAMACPP_RUNTIME_GPU + int(
-        201_000_000 * budget.LLAMACPP_RUNTIME_GPU_PER_WEIGHT
+    assert gpu_parts["runtime"] == llamacpp_estimate.RUNTIME_GPU + int(
+        201_000_000 * llamacpp_estimate.RUNTIME_GPU_PER_WEIGHT
     )
     vocab = 32000
-    slot = budget.LLAMACPP_SLOT_CPU + vocab * (budget.LLAMACPP_SLOT_VOCAB_CPU + 4)
-    tokenizer = vocab * budget.LLAMACPP_VOCAB_CPU  # SentencePiece: no merge rules
-    heap = 4096 * budget.LLAMACPP_TOKEN_CPU  # two slots of 2048 cells; F16: no work buffer
-    assert cpu_parts["runtime"] == budget.LLAMACPP_RUNTIME_CPU + tokenizer + 2 * slot + heap
+    slot = llamacpp_estimate.SLOT_CPU + vocab * (llamacpp_estimate.SLOT_VOCAB_CPU + 4)
+    tokenizer = vocab * llamacpp_estimate.VOCAB_CPU  # SentencePiece: no merge rules
+    heap = 4096 * llamacpp_estimate.TOKEN_CPU  # two slots of 2048 cells; F16: no work buffer
+    assert cpu_parts["runtime"] == llamacpp_estimate.RUNTIME_CPU + tokenizer + 2 * slot + heap
     assert {k: v for k, v in gpu_parts.items() if k != "runtime"} == {
         k: v for k, v in cpu_parts.items() if k != "runtime"
     }
@@ -226,7 +227,7 @@ def test_compute_buffer_matches_what_llama_server_logged(
     # with a feed-forward of 4 × 64, vocabularies of 259 and 32000 alike (bench/accuracy.py,
     # 2026-11-27).
     facts = ModelFacts(embedding_length=hidden, feed_forward_length=4 * hidden)
-    got = budget.llamacpp_compute_bytes(facts, context, parallel)
+    got = llamacpp_estimate.compute_bytes(facts, context, parallel)
     assert got is not None and abs(got / MiB - logged_mib) < 0.1
 
 
@@ -240,14 +241,14 @@ def test_ollama_estimate_multiplies_kv_by_parallel_and_is_unchanged_without_it()
 
 def test_gpu_estimate_adds_unfused_attention_only_for_head_sizes_without_flash_kernels() -> None:
     # 64-wide heads (M100): flash attention runs on the GPU, nothing extra
-    assert budget.llamacpp_parts(M100, 8192, 1, accelerator=True) is not None
-    fused = budget.llamacpp_parts(M100, 8192, 1, accelerator=True)
-    plain = budget.llamacpp_parts(M100, 8192, 1, accelerator=False)
+    assert llamacpp_estimate.parts(M100, 8192, 1, accelerator=True) is not None
+    fused = llamacpp_estimate.parts(M100, 8192, 1, accelerator=True)
+    plain = llamacpp_estimate.parts(M100, 8192, 1, accelerator=False)
     assert fused is not None and plain is not None and fused["compute"] == plain["compute"]
     # 16-wide heads (the H200 run's tiny model): one micro-batch's f32 scores over every cell
     tiny = ModelFacts(weights_bytes=9 << 20, block_count=2, head_count=4, head_count_kv=2,
                       embedding_length=64)  # fmt: skip
-    on_gpu = budget.llamacpp_parts(tiny, 8192, 2, accelerator=True)
-    on_cpu = budget.llamacpp_parts(tiny, 8192, 2, accelerator=False)
+    on_gpu = llamacpp_estimate.parts(tiny, 8192, 2, accelerator=True)
+    on_cpu = llamacpp_estimate.parts(tiny, 8192, 2, accelerator=False)
     assert on_gpu is not None and on_cpu is not None
     assert on_gpu["compute"] - on_cpu["compute"] == 16384 * 512 * 4 * 4

@@ -11,13 +11,14 @@ import pytest
 
 from reconciler.backends.gguf import meta as ggufmeta
 from reconciler.backends.gguf.header import GGML_TYPES, MERGE_COUNT, TOKEN_COUNT, TensorInfo
+from reconciler.backends.llamacpp import estimate as llamacpp_estimate
 from reconciler.backends.llamacpp.backend import AUTO_PARALLEL, LlamacppBackend, run_settings
+from reconciler.backends.llamacpp.settings import LlamacppSettings
 from reconciler.converge.observe import _merge
 from reconciler.errors import BackendError
 from reconciler.model import (
     BackendKind,
     InstalledModel,
-    LlamacppSettings,
     ModelFacts,
     ModelSpec,
 )
@@ -78,9 +79,9 @@ def test_run_settings_follow_llama_servers_rules(
 
 
 def test_every_slots_kv_cache_is_counted_and_a_unified_pool_once() -> None:
-    one = budget.llamacpp_parts(_facts(), 2048, 1, accelerator=True)
-    four = budget.llamacpp_parts(_facts(), 2048, 4, accelerator=True)
-    pool = budget.llamacpp_parts(_facts(kv_unified=True), 8192, 4, accelerator=True)
+    one = llamacpp_estimate.parts(_facts(), 2048, 1, accelerator=True)
+    four = llamacpp_estimate.parts(_facts(), 2048, 4, accelerator=True)
+    pool = llamacpp_estimate.parts(_facts(kv_unified=True), 8192, 4, accelerator=True)
     assert one is not None and four is not None and pool is not None
     assert (one["kv"], four["kv"], pool["kv"]) == (_kv(2048), _kv(8192), _kv(8192))
 
@@ -94,7 +95,7 @@ def test_observation_keeps_how_the_router_runs_the_model() -> None:
     assert (merged.facts.run_context, merged.facts.parallel) == (2048, 4)
     assert merged.facts.kv_unified is False
     est = budget.estimate(SPEC, merged.facts, None, None)
-    parts = budget.llamacpp_parts(merged.facts, 2048, 4)
+    parts = llamacpp_estimate.parts(merged.facts, 2048, 4)
     assert parts is not None and parts["kv"] == _kv(8192) and est.bytes == sum(parts.values())
 
 
@@ -120,7 +121,7 @@ def test_the_files_parallel_stands_in_for_the_router_while_it_cant_be_asked() ->
 
 def test_the_weights_are_the_whole_mapped_file_not_the_tensor_bytes() -> None:
     for accelerator in (True, False):
-        parts = budget.llamacpp_parts(_facts(), 4096, 1, accelerator=accelerator)
+        parts = llamacpp_estimate.parts(_facts(), 4096, 1, accelerator=accelerator)
         assert parts is not None and parts["weights"] == 1_000_000_000
 
 
@@ -129,21 +130,21 @@ def test_the_weights_are_the_whole_mapped_file_not_the_tensor_bytes() -> None:
 
 def test_a_128k_vocabulary_with_its_merges_costs_more_than_llama_2s() -> None:
     spm = _facts(vocab_size=32000, vocab_merges=0)
-    llama3 = budget.llamacpp_runtime_cpu(_facts(), 4096, 1)
-    llama2 = budget.llamacpp_runtime_cpu(spm, 4096, 1)
+    llama3 = llamacpp_estimate.runtime_cpu(_facts(), 4096, 1)
+    llama2 = llamacpp_estimate.runtime_cpu(spm, 4096, 1)
     assert llama3 - llama2 >= 14 * MiB  # the issue measured ~14 MiB more than was allowed
     # merges unseen (a header prefix cut short): one a token is taken, never none
-    unseen = budget.llamacpp_runtime_cpu(_facts(vocab_merges=None), 4096, 1)
-    assert unseen >= budget.llamacpp_runtime_cpu(_facts(vocab_merges=128256), 4096, 1)
+    unseen = llamacpp_estimate.runtime_cpu(_facts(vocab_merges=None), 4096, 1)
+    assert unseen >= llamacpp_estimate.runtime_cpu(_facts(vocab_merges=128256), 4096, 1)
 
 
 @pytest.mark.parametrize("ratio", [2.5, 4, 5.43, 6])
 def test_the_compute_buffer_uses_the_ggufs_feed_forward_width(ratio: float) -> None:
     ff = int(2048 * ratio)
-    got = budget.llamacpp_compute_bytes(_facts(feed_forward_length=ff), 4096, 1)
+    got = llamacpp_estimate.compute_bytes(_facts(feed_forward_length=ff), 4096, 1)
     assert got == 512 * (3 * ff + 5 * 2048) * 4 + 4096 * 512 * 2
     # unknown: the widest dense models' 8x, not 4x (never under)
-    wide = budget.llamacpp_compute_bytes(_facts(feed_forward_length=None), 4096, 1)
+    wide = llamacpp_estimate.compute_bytes(_facts(feed_forward_length=None), 4096, 1)
     assert wide is not None and got is not None and wide >= got
 
 
@@ -198,15 +199,15 @@ def test_cpu_repack_counts_the_multiplied_matrices_of_repacked_types() -> None:
 
 def test_repacked_weights_count_on_cpu_only() -> None:
     facts = _facts(cpu_repack_bytes=300 * MiB)
-    cpu = budget.llamacpp_parts(facts, 4096, 1, accelerator=False)
-    gpu = budget.llamacpp_parts(facts, 4096, 1, accelerator=True)
+    cpu = llamacpp_estimate.parts(facts, 4096, 1, accelerator=False)
+    gpu = llamacpp_estimate.parts(facts, 4096, 1, accelerator=True)
     assert cpu is not None and gpu is not None
     assert (cpu["repack"], gpu["repack"]) == (300 * MiB, 0)
     # no tensor table (a file not downloaded yet): the whole file for a repacked type
-    remote = budget.llamacpp_parts(_facts(cpu_repack_bytes=None, file_type=15), 4096, 1,
+    remote = llamacpp_estimate.parts(_facts(cpu_repack_bytes=None, file_type=15), 4096, 1,
                                    accelerator=False)  # fmt: skip
     assert remote is not None and remote["repack"] == 1_000_000_000
-    f16 = budget.llamacpp_parts(_facts(cpu_repack_bytes=None, file_type=1), 4096, 1,
+    f16 = llamacpp_estimate.parts(_facts(cpu_repack_bytes=None, file_type=1), 4096, 1,
                                 accelerator=False)  # fmt: skip
     assert f16 is not None and f16["repack"] == 0
 

@@ -153,7 +153,7 @@ def test_each_backend_downloads_against_its_own_disk() -> None:
 def test_plan_json_carries_the_new_figures_and_validates() -> None:
     result = _plan_with_trainer((_spec("qwen2.5:14b", context=8192), QWEN14, 9_000_000_000))
     doc = json.loads(json.dumps(plandoc.to_document(result)))
-    assert schemacheck.check(doc, plandoc.SCHEMA_FILE) == []
+    assert schemacheck.check(doc, plandoc.schema_text()) == []
     b = doc["budget"]
     assert (b["vram_total_bytes"], b["vram_available_bytes"], b["foreign_bytes"]) == (
         80 * GiB, 32 * GiB, 48 * GiB,
@@ -163,4 +163,4 @@ def test_plan_json_carries_the_new_figures_and_validates() -> None:
                            "download_bytes": 9_000_000_000}]  # fmt: skip
     assert plandoc.from_document(doc, path="plan.json") == result
     doc["budget"]["foreign_processes"][0]["pid"] = "4242"
-    assert schemacheck.check(doc, plandoc.SCHEMA_FILE) != []
+    assert schemacheck.check(doc, plandoc.schema_text()) != []

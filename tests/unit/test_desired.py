@@ -17,7 +17,12 @@ from typing import Any
 import pytest
 import yaml
 
-from reconciler.config import desired, rules
+from reconciler import backends
+from reconciler.backends.hf.settings import HfSettings
+from reconciler.backends.llamacpp.settings import LlamacppSettings
+from reconciler.backends.ollama import settings as ollama_settings
+from reconciler.backends.ollama.settings import OllamaSettings
+from reconciler.config import desired, schemacheck
 from reconciler.errors import ConfigError, Problem, ValidationError
 from reconciler.model import (
     FOREVER,
@@ -25,10 +30,7 @@ from reconciler.model import (
     BudgetSettings,
     ConfigSource,
     ControlPlaneSettings,
-    HfSettings,
-    LlamacppSettings,
     ModelSpec,
-    OllamaSettings,
     Policy,
 )
 
@@ -161,9 +163,11 @@ def test_seed_one_liner_means_three_ollama_models_with_defaults() -> None:
                   "registry.ollama.ai/library/deepseek-coder:6.7b", "deepseek-coder:6.7b", line=1),
     )  # fmt: skip
     assert got.default_backend is BackendKind.OLLAMA
-    assert got.ollama == OllamaSettings()
-    assert got.llamacpp == LlamacppSettings()
-    assert got.hf == HfSettings()
+    assert got.backend_settings == {
+        "ollama": OllamaSettings(),
+        "llamacpp": LlamacppSettings(),
+        "hf": HfSettings(),
+    }
     assert got.budget == BudgetSettings(vram=None, reserve=1 << 30, disk_reserve=10 << 30)
     assert got.control_plane is None
     assert got.policy == Policy()
@@ -189,11 +193,13 @@ def test_contract_full_example() -> None:
                   "Qwen/Qwen2.5-7B-Instruct", revision="main", line=15),
     )  # fmt: skip
     assert got.models[1].pinned
-    assert got.ollama == OllamaSettings(
-        "http://127.0.0.1:11434", "https://registry.ollama.ai", "~/.ollama/models"
-    )
-    assert got.llamacpp == LlamacppSettings("/var/lib/infernet/models", "http://127.0.0.1:8080")
-    assert got.hf == HfSettings("~/.cache/huggingface/hub", "http://127.0.0.1:8000")
+    assert got.backend_settings == {
+        "ollama": OllamaSettings(
+            "http://127.0.0.1:11434", "https://registry.ollama.ai", "~/.ollama/models"
+        ),
+        "llamacpp": LlamacppSettings("/var/lib/infernet/models", "http://127.0.0.1:8080"),
+        "hf": HfSettings("~/.cache/huggingface/hub", "http://127.0.0.1:8000"),
+    }
     assert got.budget == BudgetSettings(None, 1 << 30, 10 << 30)
     assert got.control_plane == ControlPlaneSettings(
         url="https://infernet.example",
@@ -342,23 +348,26 @@ def test_merge_keys_fill_in_entries() -> None:
     ],
 )
 def test_ollama_host_normalised_like_the_client(host: str, url: str) -> None:
-    assert rules.ollama_host(host) == url
+    assert ollama_settings.ollama_host(host) == url
     got = desired.parse("served_models: [a]\n", path="f", env={"OLLAMA_HOST": host})
-    assert got.ollama.url == url
+    assert ollama_settings.of(got).url == url
 
 
 def test_ollama_env_defaults_and_file_wins() -> None:
     env = {"OLLAMA_HOST": "gpu:1234", "OLLAMA_MODELS": "/srv/ollama"}
     got = desired.parse("served_models: [a]\n", path="f", env=env)
-    assert (got.ollama.url, got.ollama.models_dir) == ("http://gpu:1234", "/srv/ollama")
+    assert (ollama_settings.of(got).url, ollama_settings.of(got).models_dir) == (
+        "http://gpu:1234",
+        "/srv/ollama",
+    )
     text = "served_models: [a]\nbackends: {ollama: {url: 'http://x:1/', models_dir: /m}}\n"
     got = desired.parse(text, path="f", env=env)
-    assert (got.ollama.url, got.ollama.models_dir) == ("http://x:1", "/m")
+    assert (ollama_settings.of(got).url, ollama_settings.of(got).models_dir) == ("http://x:1", "/m")
 
 
 def test_empty_ollama_host_means_default() -> None:
     got = desired.parse("served_models: [a]\n", path="f", env={"OLLAMA_HOST": ""})
-    assert got.ollama.url == "http://127.0.0.1:11434"
+    assert ollama_settings.of(got).url == "http://127.0.0.1:11434"
 
 
 # --------------------------------------------------------------------------- locate
@@ -461,6 +470,17 @@ def test_git_commit_in_a_linked_worktree(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- schema
 
 
+def test_the_shipped_schema_is_what_the_backend_registry_assembles() -> None:
+    shipped = json.loads((REPO / "schemas" / "infernet.schema.json").read_text())
+    bare = json.loads(json.dumps(shipped))
+    bare["$defs"]["backend"]["enum"] = []
+    bare["properties"]["backends"]["properties"] = {}
+    for family in backends.families():
+        for name in family.defs:
+            del bare["$defs"][name]
+    assert schemacheck.with_backends(bare) == shipped
+
+
 def test_schema_text_is_the_shipped_file() -> None:
     shipped = (REPO / "schemas" / "infernet.schema.json").read_text(encoding="utf-8")
     assert desired.schema_text() == shipped
@@ -492,7 +512,7 @@ def test_schema_is_a_valid_2020_12_schema() -> None:
 
 
 def test_schema_lists_the_backends_of_the_model() -> None:
-    assert desired.schema()["$defs"]["backend"]["enum"] == [b.value for b in BackendKind]
+    assert desired.schema()["$defs"]["backend"]["enum"] == [k.value for k in backends.kinds()]
 
 
 def test_import_is_lazy() -> None:

@@ -9,8 +9,8 @@ import pytest
 
 from reconciler.backends.hf.engines.launch import format_command
 from reconciler.backends.hf.engines.records import EngineSpec, describe_exit, safe_name
+from reconciler.backends.hf.settings import ENGINE_COMMANDS
 from reconciler.errors import BackendError
-from reconciler.model import ENGINE_COMMANDS
 
 
 def spec(command: str, **kw: object) -> EngineSpec:

@@ -19,8 +19,8 @@ from reconciler.backends.gguf.header import (
 )
 from reconciler.backends.ollama import registry
 from reconciler.backends.ollama.backend import apply_gguf_header
+from reconciler.backends.ollama.names import parse_ollama
 from reconciler.model import ModelFacts
-from reconciler.names import parse_ollama
 
 FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
        10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip

@@ -10,7 +10,6 @@ import pytest
 from reconciler.cli import render
 from reconciler.cli.status import model_rows
 from reconciler.config import desired
-from reconciler.config.edit import refers_to
 from reconciler.model import (
     BackendKind,
     BackendState,
@@ -24,7 +23,7 @@ from reconciler.model import (
     OwnedModel,
     Upstream,
 )
-from reconciler.names import key
+from reconciler.names import key, refers_to
 from reconciler.planning import document as plandoc
 from reconciler.planning.plan import plan
 from state import Store

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from reconciler import backends
 from reconciler.config import schemacheck
 from reconciler.errors import ConfigError
 from reconciler.model import (
@@ -103,7 +104,7 @@ def test_document_has_the_contract_shape() -> None:
 
 def test_documents_we_write_validate_against_the_plan_schema() -> None:
     for plan in (FULL, EMPTY):
-        assert schemacheck.check(plandoc.to_document(plan), plandoc.SCHEMA_FILE) == []
+        assert schemacheck.check(plandoc.to_document(plan), plandoc.schema_text()) == []
 
 
 def test_schema_is_shipped_and_valid() -> None:
@@ -190,7 +191,7 @@ _actions = st.builds(
     Action,
     op=st.sampled_from(Op),
     model=_names,
-    backend=st.sampled_from(BackendKind),
+    backend=st.sampled_from(backends.kinds()),
     canonical=_names,
     reason=st.text(max_size=40),
     download_bytes=_maybe_bytes,
@@ -211,7 +212,7 @@ _plans = st.builds(
     fingerprint=st.text(max_size=40),
     actions=st.lists(_actions, max_size=4).map(tuple),
     noops=st.lists(
-        st.builds(Noop, _names, st.sampled_from(BackendKind), st.text(max_size=20)), max_size=3
+        st.builds(Noop, _names, st.sampled_from(backends.kinds()), st.text(max_size=20)), max_size=3
     ).map(tuple),
     budget=st.builds(
         Budget,

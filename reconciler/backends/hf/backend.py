@@ -27,14 +27,16 @@ import dataclasses
 import functools
 import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from reconciler import httpsafe
 from reconciler.backends import hub
-from reconciler.backends.base import Cache, PullProgress
+from reconciler.backends.base import AdapterContext, Backend, Cache, PullProgress
 from reconciler.backends.hf.cache import (
     CacheScanner,
     config_facts,
@@ -43,11 +45,11 @@ from reconciler.backends.hf.cache import (
     weights,
 )
 from reconciler.backends.hf.engines import Engines, EngineSpec
+from reconciler.backends.hf.settings import HfSettings
 from reconciler.errors import BackendError, ModelNotFound, PullFailed
 from reconciler.model import (
     BackendKind,
     BackendState,
-    HfSettings,
     InstalledModel,
     LoadedModel,
     ModelFacts,
@@ -96,6 +98,18 @@ class HfBackend:
         """Release connections."""
         if "_http" in self.__dict__:  # only if it was ever made
             self._http.close()
+
+    def supervised(self) -> list[dict[str, Any]]:
+        """The engines infernet started (every kind's: they share one folder), for ``status``."""
+        rows = []
+        for e in self.engines.list():
+            dead = e.state in ("exited", "stopped")
+            rows.append({
+                "model": e.key, "state": e.state, "pid": e.pid, "port": e.port,
+                "exit_code": e.exit_code, "restarts": e.restarts, "log": e.log_path,
+                "log_tail": self.engines.log_tail(e.key, 12) if dead else None,
+            })  # fmt: skip
+        return rows
 
     # ---- reading
 
@@ -365,3 +379,23 @@ def _blob_bytes(repo_dir: Path) -> int:
     except OSError:
         return 0
     return total
+
+
+def open_backends(
+    kinds: Sequence[BackendKind], settings: HfSettings, context: AdapterContext
+) -> dict[BackendKind, Backend]:
+    """The HF family's adapters (``FAMILY.adapters``): one per engine kind, sharing one engine
+    folder (in the state directory; none without one) and one walk of the hub cache."""
+    if context.state_dir is None:
+        return {}
+    engines = Engines(context.state_dir / "engines", base_port=_port(settings.url))
+    scanner = CacheScanner(Path(settings.cache_dir).expanduser())
+    return {
+        kind: HfBackend(kind, settings, engines=engines, cache=context.cache, scanner=scanner)
+        for kind in sorted(kinds)
+    }
+
+
+def _port(url: str) -> int:
+    parts = urlsplit(url)
+    return parts.port or (443 if parts.scheme == "https" else 80)

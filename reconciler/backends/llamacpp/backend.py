@@ -34,21 +34,21 @@ import httpx
 
 from reconciler import httpsafe
 from reconciler.backends import sources
-from reconciler.backends.base import Cache, PullProgress
+from reconciler.backends.base import AdapterContext, Backend, Cache, PullProgress
 from reconciler.backends.gguf import meta as ggufmeta
+from reconciler.backends.llamacpp import rules
 from reconciler.backends.llamacpp.router import RouterClient, RouterModel, child_memory
+from reconciler.backends.llamacpp.settings import LlamacppSettings
 from reconciler.errors import BackendError, BackendUnreachable, ModelNotFound, PullFailed
 from reconciler.model import (
     BackendKind,
     BackendState,
     InstalledModel,
-    LlamacppSettings,
     LoadedModel,
     ModelFacts,
     ModelSpec,
     Upstream,
 )
-from reconciler.names import is_valid
 
 _LOADED = ("loaded", "loading", "sleeping")
 FACTS_CACHE = "llamacpp.facts.v2"  # v2: vocabulary size and feed-forward width
@@ -203,7 +203,7 @@ class LlamacppBackend:
             name = entry.name
             if name.startswith(".") or not name.endswith(".gguf") or not entry.is_file():
                 continue
-            if is_valid(BackendKind.LLAMACPP, name) is not None:
+            if not rules.valid(name):
                 continue  # a name we could never write in infernet.yaml: not ours to manage
             out.append(entry)
         return out
@@ -419,3 +419,18 @@ class LlamacppBackend:
             raise BackendError(f"can't delete {path}: {exc.strerror or exc}") from exc
         sources.discard_partial(path)
         self._rescan()
+
+
+def open_backends(
+    kinds: Sequence[BackendKind], settings: LlamacppSettings, context: AdapterContext
+) -> dict[BackendKind, Backend]:
+    """The llama.cpp family's adapter (``FAMILY.adapters``)."""
+    return {
+        kind: LlamacppBackend(
+            settings,
+            cache=context.cache,
+            stall_timeout=context.stall_timeout,
+            disk_reserve=context.disk_reserve,
+        )
+        for kind in kinds
+    }

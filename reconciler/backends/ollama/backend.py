@@ -23,16 +23,18 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
 from reconciler import httpsafe
-from reconciler.backends.base import Cache, PullProgress
+from reconciler.backends.base import AdapterContext, Backend, Cache, PullProgress
 from reconciler.backends.gguf import header as gguf_header
 from reconciler.backends.gguf import meta as ggufmeta
 from reconciler.backends.ollama import registry
+from reconciler.backends.ollama.names import OllamaName, parse_ollama
+from reconciler.backends.ollama.settings import OllamaSettings
 from reconciler.errors import (
     BackendError,
     BackendUnreachable,
@@ -48,10 +50,8 @@ from reconciler.model import (
     LoadedModel,
     ModelFacts,
     ModelSpec,
-    OllamaSettings,
     Upstream,
 )
-from reconciler.names import OllamaName, parse_ollama
 
 if TYPE_CHECKING:
     import ollama
@@ -455,3 +455,13 @@ class OllamaBackend:
             raise self._translate(exc, name) from exc
         except Exception as exc:
             raise self._translate(exc, name) from exc
+
+
+def open_backends(
+    kinds: Sequence[BackendKind], settings: OllamaSettings, context: AdapterContext
+) -> dict[BackendKind, Backend]:
+    """The Ollama family's adapter (``FAMILY.adapters``)."""
+    return {
+        kind: OllamaBackend(settings, cache=context.cache, stall_timeout=context.stall_timeout)
+        for kind in kinds
+    }

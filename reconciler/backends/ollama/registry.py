@@ -24,13 +24,13 @@ import httpx
 
 from reconciler import httpsafe
 from reconciler.backends import ranged
+from reconciler.backends.ollama.names import DEFAULT_HOST, OllamaName
 from reconciler.errors import (
     BackendError,
     BackendUnreachable,
     ModelNotFound,
     TransientBackendError,
 )
-from reconciler.names import DEFAULT_HOST, OllamaName
 
 MANIFEST_ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
 WEIGHTS_MEDIA = "application/vnd.ollama.image.model"
