@@ -63,7 +63,7 @@ if str(ROOT) not in sys.path:  # run as a script: bench/accuracy.py
 
 from reconciler.backends.gguf import meta as ggufmeta  # noqa: E402
 from reconciler.backends.llamacpp import estimate as llamacpp_estimate  # noqa: E402
-from reconciler.backends.llamacpp.backend import AUTO_PARALLEL, run_settings  # noqa: E402
+from reconciler.backends.llamacpp.router import AUTO_PARALLEL, run_settings  # noqa: E402
 from reconciler.model import BackendKind, ModelFacts, ModelSpec  # noqa: E402
 from reconciler.planning import budget  # noqa: E402
 
@@ -104,15 +104,44 @@ SHAPES: dict[str, Shape] = {
     # issue 13's widening: vocabularies 32k-256k (SPM and BPE with merges), no GQA and a single
     # KV head, feed-forward 2.5x-6x, F32/F16/Q8_0/Q6_K/Q4_K_M
     "nogqa-f32": Shape(hidden=256, layers=4, ff=640, heads=4, kv_heads=4, vocab=32000),
-    "l3-f16": Shape(hidden=512, layers=8, ff=1792, heads=8, kv_heads=2, vocab=128256,
-                    dtype="F16", tokenizer="bpe", merges=280147),
-    "qw-q8": Shape(hidden=896, layers=4, ff=4864, heads=14, kv_heads=2, vocab=151936,
-                   dtype="Q8_0", tokenizer="bpe", merges=151387, pre="qwen2"),
-    "mqa-q4km": Shape(hidden=768, layers=6, ff=4608, heads=12, kv_heads=1, vocab=49152,
-                      dtype="Q4_K_M", tokenizer="bpe", merges=48900),
-    "g256-q6k": Shape(hidden=512, layers=4, ff=2048, heads=4, kv_heads=4, vocab=256000,
-                      dtype="Q6_K"),
-}  # fmt: skip
+    "l3-f16": Shape(
+        hidden=512,
+        layers=8,
+        ff=1792,
+        heads=8,
+        kv_heads=2,
+        vocab=128256,
+        dtype="F16",
+        tokenizer="bpe",
+        merges=280147,
+    ),
+    "qw-q8": Shape(
+        hidden=896,
+        layers=4,
+        ff=4864,
+        heads=14,
+        kv_heads=2,
+        vocab=151936,
+        dtype="Q8_0",
+        tokenizer="bpe",
+        merges=151387,
+        pre="qwen2",
+    ),
+    "mqa-q4km": Shape(
+        hidden=768,
+        layers=6,
+        ff=4608,
+        heads=12,
+        kv_heads=1,
+        vocab=49152,
+        dtype="Q4_K_M",
+        tokenizer="bpe",
+        merges=48900,
+    ),
+    "g256-q6k": Shape(
+        hidden=512, layers=4, ff=2048, heads=4, kv_heads=4, vocab=256000, dtype="Q6_K"
+    ),
+}
 
 MATRIX: dict[tuple[int, int], tuple[str, ...]] = {
     # (context per slot, -np; 0 = llama-server's default auto: 4 slots, one unified KV pool)
@@ -291,8 +320,11 @@ def ensure_models(folder: Path, names: list[str]) -> dict[str, int]:
         params[name] = write_model(path, name, SHAPES[name])
         meta.write_text(json.dumps({"shape": want, "params": params[name]}))
         took = time.monotonic() - started
-        print(f"wrote {path.name}: {params[name]:,} parameters, "
-              f"{path.stat().st_size / MiB:.1f} MiB in {took:.1f} s", flush=True)  # fmt: skip
+        print(
+            f"wrote {path.name}: {params[name]:,} parameters, "
+            f"{path.stat().st_size / MiB:.1f} MiB in {took:.1f} s",
+            flush=True,
+        )
     return params
 
 
@@ -327,14 +359,22 @@ def rescore(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         shape = SHAPES[row["model"]]
         size = int(row.get("file_bytes") or row["estimate_parts"]["weights"])
         facts = ModelFacts(
-            size=size, weights_bytes=size, family="llama", format="gguf",
-            parameter_count=row["params"], block_count=shape.layers, head_count=shape.heads,
-            head_count_kv=shape.kv_heads, embedding_length=shape.hidden,
-            context_length=TRAINED_CONTEXT, vocab_size=shape.vocab,
-            vocab_merges=shape.merges, feed_forward_length=shape.ff,
+            size=size,
+            weights_bytes=size,
+            family="llama",
+            format="gguf",
+            parameter_count=row["params"],
+            block_count=shape.layers,
+            head_count=shape.heads,
+            head_count_kv=shape.kv_heads,
+            embedding_length=shape.hidden,
+            context_length=TRAINED_CONTEXT,
+            vocab_size=shape.vocab,
+            vocab_merges=shape.merges,
+            feed_forward_length=shape.ff,
             file_type=_FILE_TYPE[shape.weights],
             cpu_repack_bytes=int(row.get("cpu_repack_bytes") or 0),
-        )  # fmt: skip
+        )
         run = run_settings(router_args(row["context"], row["parallel"]), TRAINED_CONTEXT)
         facts = dataclasses.replace(facts, **run)
         spec = ModelSpec(row["model"], BackendKind.LLAMACPP, row["model"], row["model"])
@@ -344,10 +384,16 @@ def rescore(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         measured = row["measured_bytes"]
         ratio = est / measured if measured else float("nan")
         residual = measured - sum(v for k, v in parts.items() if k != "runtime")
-        out.append({
-            **row, "estimate_bytes": est, "estimate_parts": parts, "ratio": round(ratio, 4),
-            "ok": _ok(measured, est), "residual_bytes": residual,
-        })  # fmt: skip
+        out.append(
+            {
+                **row,
+                "estimate_bytes": est,
+                "estimate_parts": parts,
+                "ratio": round(ratio, 4),
+                "ok": _ok(measured, est),
+                "residual_bytes": residual,
+            }
+        )
     return out
 
 
@@ -391,8 +437,9 @@ class Router:
         while time.monotonic() < deadline:
             status = self.status(model)
             if status.get("failed"):
-                raise RuntimeError(f"{model} failed to load (exit {status.get('exit_code')}); "
-                                   f"see {self.log}")  # fmt: skip
+                raise RuntimeError(
+                    f"{model} failed to load (exit {status.get('exit_code')}); see {self.log}"
+                )
             if status["value"] == want:
                 return status
             time.sleep(0.05)
@@ -400,18 +447,37 @@ class Router:
 
 
 @contextlib.contextmanager
-def router(binary: Path, models: Path, log: Path, *, context: int, parallel: int, gpu: bool,
-           threads: int) -> Iterator[Router]:  # fmt: skip
+def router(
+    binary: Path, models: Path, log: Path, *, context: int, parallel: int, gpu: bool, threads: int
+) -> Iterator[Router]:
     """A router whose children run ``context`` tokens per sequence, ``parallel`` sequences
     (``router_args``; 0 = llama-server's default slots)."""
     port = _free_port()
     args = [
-        str(binary), "--host", "127.0.0.1", "--port", str(port), "--models-dir", str(models),
-        "--models-max", "1", *router_args(context, parallel),
-        "-t", str(threads), "-tb", str(threads), "--no-warmup", "--cache-ram", "0",
-        "--no-webui", "-lv", "4", "--fit", "off",
+        str(binary),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--models-dir",
+        str(models),
+        "--models-max",
+        "1",
+        *router_args(context, parallel),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "--no-warmup",
+        "--cache-ram",
+        "0",
+        "--no-webui",
+        "-lv",
+        "4",
+        "--fit",
+        "off",
         *(["-ngl", "999"] if gpu else ["-ngl", "0"]),
-    ]  # fmt: skip
+    ]
     cache = tempfile.mkdtemp(prefix="llama-cache-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
     env["LLAMA_CACHE"] = cache
@@ -577,17 +643,27 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for (context, parallel), names in groups.items():
         log = work / f"router-c{context}-np{parallel}.log"
-        with router(binary, setup.models_dir, log, context=context, parallel=parallel,
-                    gpu=args.gpu, threads=args.threads) as rt:  # fmt: skip
+        with router(
+            binary,
+            setup.models_dir,
+            log,
+            context=context,
+            parallel=parallel,
+            gpu=args.gpu,
+            threads=args.threads,
+        ) as rt:
             planned = plan_estimates(rt, setup, names, f"c{context}-np{parallel}")
             for name in names:
                 case = Case(name, params[name], context, parallel)
                 row = _row(rt, case, setup)
                 row |= _scored_plan(planned.get(f"{name}.gguf"), row["measured_bytes"])
                 rows.append(row)
-                print(f"  {name} ctx {context} np {parallel}: plan {_mib(row['plan_bytes'])} "
-                      f"library {_mib(row['estimate_bytes'])} measured "
-                      f"{_mib(row['measured_bytes'])} MiB", flush=True)  # fmt: skip
+                print(
+                    f"  {name} ctx {context} np {parallel}: plan {_mib(row['plan_bytes'])} "
+                    f"library {_mib(row['estimate_bytes'])} measured "
+                    f"{_mib(row['measured_bytes'])} MiB",
+                    flush=True,
+                )
     return rows
 
 
@@ -612,8 +688,12 @@ def plan_estimates(
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNET_")}
     done = subprocess.run(
         [*command, "plan", "--json", "-c", str(config), "--state-dir", str(folder / "state")],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     if done.returncode not in (0, 2):
         raise RuntimeError(f"infernet plan exited {done.returncode}: {done.stderr.strip()}")
     doc = json.loads(done.stdout)
@@ -627,10 +707,11 @@ def _scored_plan(entry: dict[str, Any] | None, measured: int) -> dict[str, Any]:
         return {"plan_bytes": None, "plan_source": None, "plan_ratio": None, "plan_ok": False}
     got = entry.get("estimated_bytes")
     return {
-        "plan_bytes": got, "plan_source": entry.get("source"),
+        "plan_bytes": got,
+        "plan_source": entry.get("source"),
         "plan_ratio": round(got / measured, 4) if got and measured else None,
         "plan_ok": _ok(measured, got),
-    }  # fmt: skip
+    }
 
 
 def _row(rt: Router, case: Case, setup: Setup) -> dict[str, Any]:
@@ -667,18 +748,34 @@ def _row(rt: Router, case: Case, setup: Setup) -> dict[str, Any]:
     residual = measured - sum(v for k, v in parts.items() if k != "runtime")
     shape = SHAPES[name]
     return {
-        "model": name, "params": case.params, "context": context, "parallel": parallel,
-        "weights": shape.weights, "vocab": shape.vocab, "tokenizer": shape.tokenizer,
-        "ff_ratio": round(shape.ff / shape.hidden, 2), "kv_heads": shape.kv_heads,
-        "heads": shape.heads, "file_bytes": path.stat().st_size,
+        "model": name,
+        "params": case.params,
+        "context": context,
+        "parallel": parallel,
+        "weights": shape.weights,
+        "vocab": shape.vocab,
+        "tokenizer": shape.tokenizer,
+        "ff_ratio": round(shape.ff / shape.hidden, 2),
+        "kv_heads": shape.kv_heads,
+        "heads": shape.heads,
+        "file_bytes": path.stat().st_size,
         "cpu_repack_bytes": facts.cpu_repack_bytes,
-        "device": "gpu" if meter else "cpu", "prompt_tokens": tokens,
-        "request_s": round(took, 2), "estimate_bytes": estimate, "estimate_source": est.source,
-        "estimate_parts": parts, "measured_bytes": measured, "ratio": round(ratio, 4),
-        "ok": _ok(measured, estimate), "residual_bytes": residual,
-        "cpu_at_load": at_load, "cpu_served": served,
-        "gpu_at_load": gpu_at_load, "gpu_served": gpu_served, "logged_mib": buffers,
-    }  # fmt: skip
+        "device": "gpu" if meter else "cpu",
+        "prompt_tokens": tokens,
+        "request_s": round(took, 2),
+        "estimate_bytes": estimate,
+        "estimate_source": est.source,
+        "estimate_parts": parts,
+        "measured_bytes": measured,
+        "ratio": round(ratio, 4),
+        "ok": _ok(measured, estimate),
+        "residual_bytes": residual,
+        "cpu_at_load": at_load,
+        "cpu_served": served,
+        "gpu_at_load": gpu_at_load,
+        "gpu_served": gpu_served,
+        "logged_mib": buffers,
+    }
 
 
 def _mib(n: int | None) -> str:
@@ -686,9 +783,24 @@ def _mib(n: int | None) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = ["model", "weights", "vocab", "ff/h", "kv/heads", "params", "ctx", "par",
-            "plan MiB", "library MiB", "measured MiB", "plan ratio", "ratio", "ok",
-            "runtime est/left MiB", "logged model/KV/compute MiB"]  # fmt: skip
+    head = [
+        "model",
+        "weights",
+        "vocab",
+        "ff/h",
+        "kv/heads",
+        "params",
+        "ctx",
+        "par",
+        "plan MiB",
+        "library MiB",
+        "measured MiB",
+        "plan ratio",
+        "ratio",
+        "ok",
+        "runtime est/left MiB",
+        "logged model/KV/compute MiB",
+    ]
     lines = [head]
     for r in rows:
         logged = r["logged_mib"]
@@ -698,17 +810,26 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         shape = SHAPES[r["model"]]
         plan_ratio = r.get("plan_ratio")
         ok = r["ok"] and r.get("plan_ok", True)
-        lines.append([
-            r["model"], shape.weights, f"{shape.vocab // 1000}k",
-            f"{shape.ff / shape.hidden:.2f}", f"{shape.kv_heads}/{shape.heads}",
-            f"{r['params'] / 1e6:.1f}M", str(r["context"]),
-            str(r["parallel"]) if r["parallel"] else "auto",
-            _mib(r.get("plan_bytes")), _mib(r["estimate_bytes"]), _mib(r["measured_bytes"]),
-            "-" if plan_ratio is None else f"{plan_ratio:.3f}", f"{r['ratio']:.3f}",
-            "yes" if ok else "no",
-            f"{_mib(r['estimate_parts'].get('runtime'))}/{_mib(r['residual_bytes'])}",
-            f"{model:.1f}/{kv:.1f}/{compute:.1f}",
-        ])  # fmt: skip
+        lines.append(
+            [
+                r["model"],
+                shape.weights,
+                f"{shape.vocab // 1000}k",
+                f"{shape.ff / shape.hidden:.2f}",
+                f"{shape.kv_heads}/{shape.heads}",
+                f"{r['params'] / 1e6:.1f}M",
+                str(r["context"]),
+                str(r["parallel"]) if r["parallel"] else "auto",
+                _mib(r.get("plan_bytes")),
+                _mib(r["estimate_bytes"]),
+                _mib(r["measured_bytes"]),
+                "-" if plan_ratio is None else f"{plan_ratio:.3f}",
+                f"{r['ratio']:.3f}",
+                "yes" if ok else "no",
+                f"{_mib(r['estimate_parts'].get('runtime'))}/{_mib(r['residual_bytes'])}",
+                f"{model:.1f}/{kv:.1f}/{compute:.1f}",
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
@@ -736,10 +857,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "accuracy"))
     parser.add_argument("--json-out", help="write the rows and the machine as JSON here")
     parser.add_argument(
-        "--rescore", metavar="JSON",
+        "--rescore",
+        metavar="JSON",
         help="score the measurements of an earlier --json-out run against the current "
         "estimate (no llama-server, no GPU needed)",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     if args.rescore:
         recorded = json.loads(Path(args.rescore).read_text())
@@ -747,8 +869,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recorded on {recorded.get('device') or recorded.get('machine')}")
         print_table(rows)
         good = sum(1 for r in rows if r["ok"])
-        print(f"{good}/{len(rows)} rows within +0..10 % of the measurement (library call; "
-              "the recorded plan figures are not rescored)")  # fmt: skip
+        print(
+            f"{good}/{len(rows)} rows within +0..10 % of the measurement (library call; "
+            "the recorded plan figures are not rescored)"
+        )
         return 0 if good == len(rows) else 1
     if args.gpu:
         try:
@@ -760,21 +884,30 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args)
     print_table(rows)
     passed = _passed(rows)
-    print(f"{passed}/{len(rows)} rows within +0..10 % of the measurement, by `infernet plan "
-          f"--json` and by budget.estimate ({time.monotonic() - started:.0f} s)")  # fmt: skip
+    print(
+        f"{passed}/{len(rows)} rows within +0..10 % of the measurement, by `infernet plan "
+        f"--json` and by budget.estimate ({time.monotonic() - started:.0f} s)"
+    )
     measured = [r for r in rows if r["measured_bytes"]]
     if measured:  # for recalibrating: what the runtime term had to cover, row by row
         left = [r["residual_bytes"] / MiB for r in measured]
         now = sorted({r["estimate_parts"].get("runtime", 0) / MiB for r in measured})
-        print(f"measured less weights, KV and compute: {min(left):.1f}..{max(left):.1f} MiB "
-              f"(runtime term now {', '.join(f'{n:.1f}' for n in now)} MiB)")  # fmt: skip
+        print(
+            f"measured less weights, KV and compute: {min(left):.1f}..{max(left):.1f} MiB "
+            f"(runtime term now {', '.join(f'{n:.1f}' for n in now)} MiB)"
+        )
     if args.json_out:
         doc = {
-            "machine": {"node": platform.node(), "machine": platform.machine(),
-                        "cpus": os.cpu_count(), "python": platform.python_version(),
-                        "date": time.strftime("%Y-%m-%d %H:%M:%S %z")},
-            "device": "gpu" if args.gpu else "cpu", "rows": rows,
-        }  # fmt: skip
+            "machine": {
+                "node": platform.node(),
+                "machine": platform.machine(),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            },
+            "device": "gpu" if args.gpu else "cpu",
+            "rows": rows,
+        }
         Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n")
     return 0 if passed == len(rows) else 1
 

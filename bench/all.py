@@ -120,8 +120,15 @@ def accuracy(rerun: bool, threads: int) -> dict[str, Any]:
     runs = sorted((ROOT / "bench" / "results").glob("accuracy_*.json"))
     if rerun:
         fresh = OUT / f"accuracy-{time.strftime('%Y%m%d-%H%M')}.json"
-        cmd = [sys.executable, "-m", "bench.accuracy", "--threads", str(threads),
-               "--json-out", str(fresh)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.accuracy",
+            "--threads",
+            str(threads),
+            "--json-out",
+            str(fresh),
+        ]
         subprocess.run(cmd, cwd=ROOT, check=True)
         runs.append(fresh)
     result: dict[str, Any] = {}
@@ -152,10 +159,12 @@ def plots(data: dict[str, Any]) -> list[Path]:
     if scaling:
         sizes = sorted(int(n) for n in scaling)
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        series = [("infernet", "median_s", "infernet plan", "-o"),
-                  ("infernet", "cold_s", "infernet plan, first run (empty cache)", "--o"),
-                  ("ansible", "median_s", "Ansible playbook, listing step", "-s"),
-                  ("shell", "median_s", "curl + jq, listing step", "-^")]  # fmt: skip
+        series = [
+            ("infernet", "median_s", "infernet plan", "-o"),
+            ("infernet", "cold_s", "infernet plan, first run (empty cache)", "--o"),
+            ("ansible", "median_s", "Ansible playbook, listing step", "-s"),
+            ("shell", "median_s", "curl + jq, listing step", "-^"),
+        ]
         for tool, stat, label, style in series:
             ax.plot(sizes, [scaling[str(n)][tool][stat] * 1000 for n in sizes], style, label=label)
         ax.set_xscale("log")
@@ -178,8 +187,9 @@ def plots(data: dict[str, Any]) -> list[Path]:
         ax.hist(lat, bins=30, color="#4c72b0")
         ax.set_xlim(left=0)
         for value, label, color in ((w["p50_s"], "p50", "green"), (w["p99_s"], "p99", "red")):
-            ax.axvline(value * 1000, color=color, linestyle="--",
-                       label=f"{label} {value * 1000:.0f} ms")  # fmt: skip
+            ax.axvline(
+                value * 1000, color=color, linestyle="--", label=f"{label} {value * 1000:.0f} ms"
+            )
         ax.set_xlabel("file saved → verified heartbeat with the new sha256, ms")
         ax.set_ylabel("edits")
         ax.set_title(f"infernet watch: edit → heartbeat latency ({len(lat)} edits, no download)")
@@ -206,87 +216,125 @@ def _req(d: dict[str, Any]) -> str:
 def report(data: dict[str, Any], args: argparse.Namespace) -> str:
     """The markdown section: tables for every item that ran."""
     m = data["machine"]
-    out = [f"## Side by side with Ansible and curl; the daemon over time (issue 9), "
-           f"{m['date'][:10]}", "",
-           f"`{data['command']}` on {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB, Python "
-           f"{m['python']}, kernel {m['kernel']}, {m['date']}. Raw numbers: `bench/out/all.json` "
-           "(not tracked).", "", "```", m["lscpu_head"], "```", ""]  # fmt: skip
+    out = [
+        f"## Side by side with Ansible and curl; the daemon over time (issue 9), {m['date'][:10]}",
+        "",
+        f"`{data['command']}` on {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB, Python "
+        f"{m['python']}, kernel {m['kernel']}, {m['date']}. Raw numbers: `bench/out/all.json` "
+        "(not tracked).",
+        "",
+        "```",
+        m["lscpu_head"],
+        "```",
+        "",
+    ]
     conv = data.get("convergence")
     if conv:
-        out += ["**1. Convergence**: the same Ollama-compatible test server, each tool a fresh "
-                f"process; median of {args.reps} runs after a first (cold) one. Requests: what "
-                "the Ollama API port saw (+ what the tool itself asked the registry).", "",
-                "| scenario | tool | median | min–max | first run | requests |",
-                "|---|---|---|---|---|---|"]  # fmt: skip
+        out += [
+            "**1. Convergence**: the same Ollama-compatible test server, each tool a fresh "
+            f"process; median of {args.reps} runs after a first (cold) one. Requests: what "
+            "the Ollama API port saw (+ what the tool itself asked the registry).",
+            "",
+            "| scenario | tool | median | min–max | first run | requests |",
+            "|---|---|---|---|---|---|",
+        ]
         labels = {"noop": "nothing to change", "three_changes": "2 pulls + 1 removal"}
         for scenario, tools in conv.items():
             for tool, d in tools.items():
-                out.append(f"| {labels[scenario]} | {tool} | {_ms(d['median_s'])} | "
-                           f"{_ms(d['min_s'])}–{_ms(d['max_s'])} | {_ms(d['cold_s'])} | "
-                           f"{_req(d)} |")  # fmt: skip
+                out.append(
+                    f"| {labels[scenario]} | {tool} | {_ms(d['median_s'])} | "
+                    f"{_ms(d['min_s'])}–{_ms(d['max_s'])} | {_ms(d['cold_s'])} | "
+                    f"{_req(d)} |"
+                )
         out.append("")
     scaling = data.get("plan_scaling")
     if scaling:
-        out += ["**2. Knowing what to change, against inventory size** (10 models in the file, "
-                "the rest installed by hand; `prune: managed` leaves them alone): `infernet plan` "
-                "vs the baselines' listing step (the playbook with `plan_only=true`, the script "
-                f"with `--plan`); median of {args.reps} runs. Plot: `bench/plan_scaling.png`.",
-                "", "| installed | Ansible | curl + jq | infernet plan | infernet plan, first run "
-                "| infernet requests |", "|---|---|---|---|---|---|"]  # fmt: skip
+        out += [
+            "**2. Knowing what to change, against inventory size** (10 models in the file, "
+            "the rest installed by hand; `prune: managed` leaves them alone): `infernet plan` "
+            "vs the baselines' listing step (the playbook with `plan_only=true`, the script "
+            f"with `--plan`); median of {args.reps} runs. Plot: `bench/plan_scaling.png`.",
+            "",
+            "| installed | Ansible | curl + jq | infernet plan | infernet plan, first run "
+            "| infernet requests |",
+            "|---|---|---|---|---|---|",
+        ]
         for n in sorted(scaling, key=int):
             s = scaling[n]
-            out.append(f"| {n} | {_ms(s['ansible']['median_s'])} | {_ms(s['shell']['median_s'])}"
-                       f" | {_ms(s['infernet']['median_s'])} | {_ms(s['infernet']['cold_s'])} | "
-                       f"{_req(s['infernet'])} |")  # fmt: skip
+            out.append(
+                f"| {n} | {_ms(s['ansible']['median_s'])} | {_ms(s['shell']['median_s'])}"
+                f" | {_ms(s['infernet']['median_s'])} | {_ms(s['infernet']['cold_s'])} | "
+                f"{_req(s['infernet'])} |"
+            )
         out.append("")
     par = data.get("parallel_pulls")
     if par:
         p = par["params"]
         k = p["k"]
         base = par["infernet_p1"]["median_s"]
-        out += [f"**3. {k} missing models, each pull limited to {p['bandwidth_bytes_per_s']/1e6:g}"
-                f" MB/s** ({p['weights_bytes']/1e6:g} MB of weights each: {p['one_pull_s']:g} s "
-                f"a pull); median of {par['reps']} runs after a first one.", "",
-                "| tool | median | first run | vs infernet parallel_pulls 1 |",
-                "|---|---|---|---|"]  # fmt: skip
+        out += [
+            f"**3. {k} missing models, each pull limited to {p['bandwidth_bytes_per_s'] / 1e6:g}"
+            f" MB/s** ({p['weights_bytes'] / 1e6:g} MB of weights each: {p['one_pull_s']:g} s "
+            f"a pull); median of {par['reps']} runs after a first one.",
+            "",
+            "| tool | median | first run | vs infernet parallel_pulls 1 |",
+            "|---|---|---|---|",
+        ]
         for tool, d in par.items():
             if tool in ("params", "reps"):
                 continue
-            out.append(f"| {tool.replace('_p', ', parallel_pulls ')} | {_ms(d['median_s'])} | "
-                       f"{_ms(d['cold_s'])} | {base / d['median_s']:.2f}× |")  # fmt: skip
+            out.append(
+                f"| {tool.replace('_p', ', parallel_pulls ')} | {_ms(d['median_s'])} | "
+                f"{_ms(d['cold_s'])} | {base / d['median_s']:.2f}× |"
+            )
         out.append("")
     w = data.get("watch")
     if w:
-        out += [f"**4. Edit → heartbeat latency** (`bench/watch_bench.py`, {len(w['latencies_s'])}"
-                " edits needing no download): "
-                f"p50 {w['p50_s'] * 1000:.0f} ms, p99 {w['p99_s'] * 1000:.0f} ms, max "
-                f"{w['max_s'] * 1000:.0f} ms. Plot: `bench/watch_latency.png`.", "",
-                f"**5. The daemon idle for {w['idle_s']:.0f} s** (heartbeat every 30 s): "
-                f"{w['idle_cpu_percent']:.2f} % of a core, RSS max {w['idle_rss_max_mb']} MB "
-                "(targets ≤ 1 %, ≤ 80 MB)."]  # fmt: skip
+        out += [
+            f"**4. Edit → heartbeat latency** (`bench/watch_bench.py`, {len(w['latencies_s'])}"
+            " edits needing no download): "
+            f"p50 {w['p50_s'] * 1000:.0f} ms, p99 {w['p99_s'] * 1000:.0f} ms, max "
+            f"{w['max_s'] * 1000:.0f} ms. Plot: `bench/watch_latency.png`.",
+            "",
+            f"**5. The daemon idle for {w['idle_s']:.0f} s** (heartbeat every 30 s): "
+            f"{w['idle_cpu_percent']:.2f} % of a core, RSS max {w['idle_rss_max_mb']} MB "
+            "(targets ≤ 1 %, ≤ 80 MB).",
+        ]
         if w["idle_s"] < 600:
             out[-1] += f" A short window (`--idle {w['idle_s']:g}`); the full run idles 600 s."
         out.append("")
     soak = data.get("soak")
     if soak and soak.get("hung"):
-        out += [f"**5. RSS over many reconciles: the daemon hung** (`bench/daemon_soak.py`, "
-                f"SIGHUP after SIGHUP): {soak['hung']}, after {soak['reconciles']} reconciles; "
-                "it did not stop on SIGTERM either (killed). RSS until then: "
-                + ", ".join(f"{n}: {b / 1e6:.1f} MB" for n, b in soak["rss_samples"]) + ".",
-                "", "```", soak.get("stack") or "(no py-spy)", "```", ""]  # fmt: skip
+        out += [
+            f"**5. RSS over many reconciles: the daemon hung** (`bench/daemon_soak.py`, "
+            f"SIGHUP after SIGHUP): {soak['hung']}, after {soak['reconciles']} reconciles; "
+            "it did not stop on SIGTERM either (killed). RSS until then: "
+            + ", ".join(f"{n}: {b / 1e6:.1f} MB" for n, b in soak["rss_samples"])
+            + ".",
+            "",
+            "```",
+            soak.get("stack") or "(no py-spy)",
+            "```",
+            "",
+        ]
     elif soak:
         samples = soak["rss_samples"]
-        out += [f"**5. RSS over {soak['sighups']} reconciles** (`bench/daemon_soak.py`: SIGHUP, "
-                "wait for the reconcile to finish, repeat; each reconcile observes the server "
-                f"and signs and sends a heartbeat; {soak['ms_per_reconcile']:.1f} ms each, "
-                f"{soak['reconciles']} reconciles, {soak['heartbeats_received']} heartbeats "
-                "received):", "",
-                "| reconciles | " + " | ".join(str(n) for n, _ in samples) + " |",
-                "|---|" + "---|" * len(samples),
-                "| RSS MB | " + " | ".join(f"{b / 1e6:.1f}" for _, b in samples) + " |", "",
-                f"Growth: {soak['growth_bytes'] / 1e6:+.2f} MB over the run, "
-                f"{soak['growth_after_first_100_bytes'] / 1e6:+.2f} MB after the first "
-                f"{samples[1][0] if len(samples) > 1 else 0}.", ""]  # fmt: skip
+        out += [
+            f"**5. RSS over {soak['sighups']} reconciles** (`bench/daemon_soak.py`: SIGHUP, "
+            "wait for the reconcile to finish, repeat; each reconcile observes the server "
+            f"and signs and sends a heartbeat; {soak['ms_per_reconcile']:.1f} ms each, "
+            f"{soak['reconciles']} reconciles, {soak['heartbeats_received']} heartbeats "
+            "received):",
+            "",
+            "| reconciles | " + " | ".join(str(n) for n, _ in samples) + " |",
+            "|---|" + "---|" * len(samples),
+            "| RSS MB | " + " | ".join(f"{b / 1e6:.1f}" for _, b in samples) + " |",
+            "",
+            f"Growth: {soak['growth_bytes'] / 1e6:+.2f} MB over the run, "
+            f"{soak['growth_after_first_100_bytes'] / 1e6:+.2f} MB after the first "
+            f"{samples[1][0] if len(samples) > 1 else 0}.",
+            "",
+        ]
     acc = data.get("accuracy")
     if acc:
         out += [
@@ -297,8 +345,14 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> str:
             "",
         ]
         for name, a in acc.items():
-            out += [f"`{name}`: {a['passed']}/{a['rows']} rows within +0..10 %", "", "```",
-                    a["table"], "```", ""]  # fmt: skip
+            out += [
+                f"`{name}`: {a['passed']}/{a['rows']} rows within +0..10 %",
+                "",
+                "```",
+                a["table"],
+                "```",
+                "",
+            ]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -329,8 +383,13 @@ def summary_table(data: dict[str, Any]) -> str:
                 f"p99 {w['p99_s'] * 1000:.0f} ms, max {w['max_s'] * 1000:.0f} ms",
             )
         )
-        rows.append(("5", f"idle {w['idle_s']:.0f} s", f"CPU {w['idle_cpu_percent']:.2f} % of a "
-                     f"core, RSS max {w['idle_rss_max_mb']} MB"))  # fmt: skip
+        rows.append(
+            (
+                "5",
+                f"idle {w['idle_s']:.0f} s",
+                f"CPU {w['idle_cpu_percent']:.2f} % of a core, RSS max {w['idle_rss_max_mb']} MB",
+            )
+        )
     soak = data.get("soak")
     if soak and soak.get("hung"):
         rows.append(("5", "reconciles (SIGHUP)", f"HUNG: {soak['hung']}"))
@@ -426,9 +485,11 @@ def main() -> int:
             f.write("\n" + section)
     print(section)
     print(summary_table(data))
-    print(f"\nraw: {OUT / 'all.json'}; plots: {', '.join(str(p) for p in made) or 'none'}; "
-          f"{'RESULTS.md left alone' if args.no_results else 'appended to ' + str(RESULTS)}; "
-          f"{data['seconds'] / 60:.1f} min")  # fmt: skip
+    print(
+        f"\nraw: {OUT / 'all.json'}; plots: {', '.join(str(p) for p in made) or 'none'}; "
+        f"{'RESULTS.md left alone' if args.no_results else 'appended to ' + str(RESULTS)}; "
+        f"{data['seconds'] / 60:.1f} min"
+    )
     return 0
 
 

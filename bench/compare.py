@@ -110,10 +110,15 @@ class Bench:
         self.server = server
         self.work = work
         self.http = httpx.Client(timeout=600.0, trust_env=False)
-        self.env = {**os.environ, "INFERNET_NO_NVML": "1", "ANSIBLE_NOCOLOR": "1",
-                    "ANSIBLE_HOME": str(work / "ansible-home"),
-                    "ANSIBLE_LOCALHOST_WARNING": "False", "ANSIBLE_RETRY_FILES_ENABLED": "0",
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+        self.env = {
+            **os.environ,
+            "INFERNET_NO_NVML": "1",
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_HOME": str(work / "ansible-home"),
+            "ANSIBLE_LOCALHOST_WARNING": "False",
+            "ANSIBLE_RETRY_FILES_ENABLED": "0",
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
 
     def close(self) -> None:
         self.http.close()
@@ -149,23 +154,44 @@ class Bench:
 
     def config(self, name: str, models: list[str], **policy: Any) -> Path:
         path = self.work / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({
-            "served_models": models,
-            "backends": {"ollama": {"url": self.server.url, "registry": self.server.registry_url,
-                                    "models_dir": str(self.server.models_dir)}},
-            "budget": {"vram": "80GiB", "disk_reserve": "1GiB"},
-            "policy": policy,
-        }, sort_keys=False))  # fmt: skip
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "served_models": models,
+                    "backends": {
+                        "ollama": {
+                            "url": self.server.url,
+                            "registry": self.server.registry_url,
+                            "models_dir": str(self.server.models_dir),
+                        }
+                    },
+                    "budget": {"vram": "80GiB", "disk_reserve": "1GiB"},
+                    "policy": policy,
+                },
+                sort_keys=False,
+            )
+        )
         return path
 
     def command(
-        self, tool: str, models: list[str], *, plan: bool = False, config: Path | None = None,
+        self,
+        tool: str,
+        models: list[str],
+        *,
+        plan: bool = False,
+        config: Path | None = None,
         state: Path | None = None,
-    ) -> list[str]:  # fmt: skip
+    ) -> list[str]:
         if tool == "ansible":
             extra = {"ollama_url": self.server.url, "models": models, "plan_only": plan}
-            return [_which("ansible-playbook") or "ansible-playbook", "-i", "localhost,",
-                    str(PLAYBOOK), "-e", json.dumps(extra)]  # fmt: skip
+            return [
+                _which("ansible-playbook") or "ansible-playbook",
+                "-i",
+                "localhost,",
+                str(PLAYBOOK),
+                "-e",
+                json.dumps(extra),
+            ]
         if tool == "shell":
             listing = self.work / "models.txt"
             listing.write_text("".join(f"{m}\n" for m in models))
@@ -183,8 +209,11 @@ class Bench:
             out = (done.stdout + done.stderr).strip()[-1500:]
             raise SystemExit(f"{' '.join(cmd[:3])} … failed ({done.returncode}):\n{out}")
         seen = [r for r in self.server.requests() if not r["path"].startswith("/_test")]
-        own = [r for r in self.server.registry_requests()
-               if not str(r.get("user_agent") or "").startswith("ollama/")]  # fmt: skip
+        own = [
+            r
+            for r in self.server.registry_requests()
+            if not str(r.get("user_agent") or "").startswith("ollama/")
+        ]
         paths = Counter(f"{r['method']} {_route(r['path'])}" for r in seen)
         return Run(elapsed, len(seen), len(own), dict(paths))
 
@@ -225,9 +254,11 @@ def _summary(runs: list[Run]) -> dict[str, Any]:
 
 
 def _rounds(
-    bench: Bench, reps: int, tools: Mapping[str, Callable[[], list[str]]],
+    bench: Bench,
+    reps: int,
+    tools: Mapping[str, Callable[[], list[str]]],
     setup: Callable[[], None],
-) -> dict[str, list[Run]]:  # fmt: skip
+) -> dict[str, list[Run]]:
     """One cold run then ``reps`` runs of each tool, interleaved, ``setup`` before each."""
     runs: dict[str, list[Run]] = {name: [] for name in tools}
     for _ in range(reps + 1):
@@ -250,8 +281,7 @@ def convergence(reps: int) -> dict[str, Any]:
         for scenario, (start, goal) in scenarios.items():
             config = bench.config(scenario, goal, prune="all")
             state = bench.work / f"state-{scenario}"  # a fresh state directory per scenario
-            tools = {t: partial(bench.command, t, goal, config=config, state=state)
-                     for t in TOOLS}  # fmt: skip
+            tools = {t: partial(bench.command, t, goal, config=config, state=state) for t in TOOLS}
             runs = _rounds(bench, reps, tools, partial(bench.set_installed, start))
             if sorted(bench.installed()) != sorted(goal):
                 raise SystemExit(f"{scenario}: the last tool did not converge")
@@ -275,8 +305,10 @@ def plan_scaling(sizes: list[int], reps: int, desired: int = 10) -> dict[str, An
             goal = names[:desired]
             config = bench.config("plan", goal)  # prune: managed: the rest are left alone
             state = bench.work / "state"
-            tools = {t: partial(bench.command, t, goal, plan=True, config=config, state=state)
-                     for t in TOOLS}  # fmt: skip
+            tools = {
+                t: partial(bench.command, t, goal, plan=True, config=config, state=state)
+                for t in TOOLS
+            }
             runs = _rounds(bench, reps, tools, lambda: None)
             result[str(n)] = {t: _summary(r) for t, r in runs.items()}
             result[str(n)]["setup_s"] = setup_s
@@ -291,8 +323,7 @@ def parallel_pulls(k: int, weights: int, bandwidth: int, reps: int) -> dict[str,
     catalogue = generated_catalogue("bw", k, weights_size=weights)
     goal = list(catalogue["models"])
     with bench_server(catalogue, bandwidth=bandwidth) as bench:
-        configs = {p: bench.config(f"par{p}", goal, prune="all", parallel_pulls=p)
-                   for p in (1, k)}  # fmt: skip
+        configs = {p: bench.config(f"par{p}", goal, prune="all", parallel_pulls=p) for p in (1, k)}
         tools: dict[str, Callable[[], list[str]]] = {
             "ansible": partial(bench.command, "ansible", goal),
             "shell": partial(bench.command, "shell", goal),
@@ -304,8 +335,12 @@ def parallel_pulls(k: int, weights: int, bandwidth: int, reps: int) -> dict[str,
             )
         runs = _rounds(bench, reps, tools, lambda: bench.set_installed([]))
     result: dict[str, Any] = {t: _summary(r) for t, r in runs.items()}
-    result["params"] = {"k": k, "weights_bytes": weights, "bandwidth_bytes_per_s": bandwidth,
-                        "one_pull_s": weights / bandwidth}  # fmt: skip
+    result["params"] = {
+        "k": k,
+        "weights_bytes": weights,
+        "bandwidth_bytes_per_s": bandwidth,
+        "one_pull_s": weights / bandwidth,
+    }
     return result
 
 

@@ -44,26 +44,53 @@ def soak(reconciles: int = 1000, every: int = 100) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="infernet-soak-") as tmp:
         work = Path(tmp)
         generate_key(work / "node.key")
-        with start_ollama_server(work / "ollama", DEFAULT_CATALOGUE) as server, \
-                start_control_plane(work / "cp") as cp:  # fmt: skip
+        with (
+            start_ollama_server(work / "ollama", DEFAULT_CATALOGUE) as server,
+            start_control_plane(work / "cp") as cp,
+        ):
             config = work / "infernet.yaml"
-            config.write_text(yaml.safe_dump({
-                "served_models": ["smollm2:135m",
-                                  {"name": "all-minilm:latest", "keep_alive": "forever"}],
-                "backends": {"ollama": {"url": server.url, "registry": server.registry_url,
-                                        "models_dir": str(server.models_dir)}},
-                "budget": {"vram": "24GiB", "disk_reserve": "1GiB"},
-                "control_plane": {"url": cp.url, "key_file": str(work / "node.key"),
-                                  "heartbeat_interval": "30s"},
-            }, sort_keys=False))  # fmt: skip
+            config.write_text(
+                yaml.safe_dump(
+                    {
+                        "served_models": [
+                            "smollm2:135m",
+                            {"name": "all-minilm:latest", "keep_alive": "forever"},
+                        ],
+                        "backends": {
+                            "ollama": {
+                                "url": server.url,
+                                "registry": server.registry_url,
+                                "models_dir": str(server.models_dir),
+                            }
+                        },
+                        "budget": {"vram": "24GiB", "disk_reserve": "1GiB"},
+                        "control_plane": {
+                            "url": cp.url,
+                            "key_file": str(work / "node.key"),
+                            "heartbeat_interval": "30s",
+                        },
+                    },
+                    sort_keys=False,
+                )
+            )
             log_path = work / "watch.log"
             env = {**os.environ, "INFERNET_NO_NVML": "1"}
             with log_path.open("wb") as log:
                 proc = subprocess.Popen(
-                    [INFERNET, "watch", "-c", str(config), "--state-dir", str(work / "state"),
-                     "--log-level", "debug"],
-                    stdout=subprocess.DEVNULL, stderr=log, env=env,
-                )  # fmt: skip
+                    [
+                        INFERNET,
+                        "watch",
+                        "-c",
+                        str(config),
+                        "--state-dir",
+                        str(work / "state"),
+                        "--log-level",
+                        "debug",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                    env=env,
+                )
             try:
                 result = _drive(proc, log_path, reconciles, every)
                 result["heartbeats_received"] = sum(
@@ -96,8 +123,13 @@ def _stack(pid: int) -> str:
     spy = Path(sys.executable).with_name("py-spy")
     if not spy.exists():
         return ""
-    done = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True,
-                          text=True, check=False, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [str(spy), "dump", "--pid", str(pid)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     return (done.stdout + done.stderr).strip()
 
 
@@ -124,8 +156,11 @@ def _drive(proc: subprocess.Popen[bytes], log_path: Path, n: int, every: int) ->
             if proc.poll() is not None:
                 raise SystemExit(f"the daemon exited ({proc.returncode}):\n{log_path.read_text()}")
             if time.monotonic() > deadline:
-                partial = {"sighups": count - base, "reconciles": seen - base,
-                           "rss_samples": samples}  # fmt: skip
+                partial = {
+                    "sighups": count - base,
+                    "reconciles": seen - base,
+                    "rss_samples": samples,
+                }
                 raise Hung(f"reconcile {count - base} not done within {timeout:g} s", partial)
             time.sleep(0.002)
             poll()

@@ -55,10 +55,16 @@ sys.stdin.read()  # hold it until the parent closes our stdin
 def smi() -> list[dict[str, Any]]:
     """``nvidia-smi``'s view per GPU, in MiB."""
     out = subprocess.run(
-        ["nvidia-smi", "--query-gpu=index,name,memory.total,memory.used,memory.free",
-         "--format=csv,noheader,nounits"],
-        capture_output=True, text=True, check=True, timeout=30,
-    ).stdout  # fmt: skip
+        [
+            "nvidia-smi",
+            "--query-gpu=index,name,memory.total,memory.used,memory.free",
+            "--format=csv,noheader,nounits",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
     return parse_smi(out)
 
 
@@ -66,8 +72,15 @@ def parse_smi(text: str) -> list[dict[str, Any]]:
     rows = []
     for line in text.strip().splitlines():
         index, name, total, used, free = (part.strip() for part in line.split(","))
-        rows.append({"index": int(index), "name": name, "total_mib": int(total),
-                     "used_mib": int(used), "free_mib": int(free)})  # fmt: skip
+        rows.append(
+            {
+                "index": int(index),
+                "name": name,
+                "total_mib": int(total),
+                "used_mib": int(used),
+                "free_mib": int(free),
+            }
+        )
     return rows
 
 
@@ -94,42 +107,72 @@ def compare_with_smi(state: Any) -> list[dict[str, Any]]:
         if g is None:
             rows.append({**row, "missing_in_gpu_py": True})
             continue
-        mine = {"total_mib": g.total_bytes / MiB, "used_mib": g.used_bytes / MiB,
-                "free_mib": g.free_bytes / MiB}  # fmt: skip
+        mine = {
+            "total_mib": g.total_bytes / MiB,
+            "used_mib": g.used_bytes / MiB,
+            "free_mib": g.free_bytes / MiB,
+        }
         diff = {k: round(mine[k] - row[k], 1) for k in mine}
-        rows.append({"index": row["index"], "name": row["name"], "smi": row,
-                     "gpu_py": {k: round(v, 1) for k, v in mine.items()}, "diff_mib": diff,
-                     "nvml": _nvml_detail(row["index"]),
-                     # nvidia-smi rounds down to whole MiB
-                     "agree": all(abs(d) < 2 for d in diff.values()),
-                     "totals_agree": abs(diff["total_mib"]) < 2})  # fmt: skip
+        rows.append(
+            {
+                "index": row["index"],
+                "name": row["name"],
+                "smi": row,
+                "gpu_py": {k: round(v, 1) for k, v in mine.items()},
+                "diff_mib": diff,
+                "nvml": _nvml_detail(row["index"]),
+                # nvidia-smi rounds down to whole MiB
+                "agree": all(abs(d) < 2 for d in diff.values()),
+                "totals_agree": abs(diff["total_mib"]) < 2,
+            }
+        )
     return rows
 
 
 def plan_once(config: Path, state_dir: Path, env: dict[str, str]) -> dict[str, Any]:
     """``infernet plan --json`` and the human text; exit codes and the budget figures."""
-    base = [sys.executable, "-m", "reconciler.cli", "plan", "-c", str(config),
-            "--state-dir", str(state_dir)]  # fmt: skip
-    js = subprocess.run([*base, "--json"], capture_output=True, text=True, env=env, cwd=ROOT,
-                        timeout=120, check=False)  # fmt: skip
-    text = subprocess.run(base, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
-                          check=False)  # fmt: skip
+    base = [
+        sys.executable,
+        "-m",
+        "reconciler.cli",
+        "plan",
+        "-c",
+        str(config),
+        "--state-dir",
+        str(state_dir),
+    ]
+    js = subprocess.run(
+        [*base, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+    text = subprocess.run(
+        base, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False
+    )
     try:
         doc = json.loads(js.stdout)
     except json.JSONDecodeError as exc:
-        raise RuntimeError(f"plan --json printed no JSON (exit {js.returncode}): "
-                           f"{js.stderr.strip()[-500:]}") from exc  # fmt: skip
+        raise RuntimeError(
+            f"plan --json printed no JSON (exit {js.returncode}): {js.stderr.strip()[-500:]}"
+        ) from exc
     b = doc["budget"]
     lines = text.stdout.splitlines()
     return {
-        "exit_code": js.returncode, "text_exit_code": text.returncode, "fits": b["fits"],
+        "exit_code": js.returncode,
+        "text_exit_code": text.returncode,
+        "fits": b["fits"],
         "vram_total_gib": round(b["vram_total_bytes"] / GiB, 2),
         "vram_available_gib": round(b["vram_available_bytes"] / GiB, 2),
         "foreign_gib": round(b["foreign_bytes"] / GiB, 2),
         "unattributed_gib": round(b["unattributed_bytes"] / GiB, 2),
-        "foreign_processes": b["foreign_processes"], "errors": doc["errors"],
+        "foreign_processes": b["foreign_processes"],
+        "errors": doc["errors"],
         "vram_lines": [line for line in lines if line.startswith(("VRAM", "Error"))],
-    }  # fmt: skip
+    }
 
 
 def _nvml_pids() -> set[int]:
@@ -146,8 +189,9 @@ def _hold(nbytes: int) -> subprocess.Popen[str]:
     """A separate process holding ``nbytes`` of GPU memory, once NVML lists it."""
     template = os.environ.get("INFERNET_GPU_CHECK_ALLOCATE", ALLOCATE)
     code = template.replace("{nbytes}", str(nbytes))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     if line != "READY":
@@ -187,8 +231,7 @@ def run_check(out: Path | None) -> dict[str, Any]:
     hold_gib = max(1, total // GiB // 2)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp_name:
         tmp = Path(tmp_name)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("OLLAMA_", "INFERNET_"))}  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "INFERNET_"))}
         env.update({"HOME": str(tmp / "home"), "PYTHONUNBUFFERED": "1"})
         (tmp / "home").mkdir()
         with start_ollama_server(tmp / "ollama", DEFAULT_CATALOGUE) as server:
@@ -197,10 +240,15 @@ def run_check(out: Path | None) -> dict[str, Any]:
             def write(vram_gib: int) -> None:
                 doc = {
                     "served_models": [{"name": MODEL, "vram": f"{vram_gib}GiB"}],
-                    "backends": {"ollama": {"url": server.url, "registry": server.registry_url,
-                                            "models_dir": str(server.models_dir)}},
+                    "backends": {
+                        "ollama": {
+                            "url": server.url,
+                            "registry": server.registry_url,
+                            "models_dir": str(server.models_dir),
+                        }
+                    },
                     "budget": {"reserve": f"{RESERVE_GIB}GiB", "disk_reserve": "1GiB"},
-                }  # fmt: skip
+                }
                 config.write_text(yaml.safe_dump(doc, sort_keys=False))
 
             write(1)
@@ -217,20 +265,27 @@ def run_check(out: Path | None) -> dict[str, Any]:
                 _release(holder)
             after = plan_once(config, tmp / "state", env)
     rose = during["foreign_gib"] - before["foreign_gib"]
-    report.update({
-        "hold_gib": hold_gib, "model": MODEL, "model_vram_gib": vram_gib,
-        "before": before, "during": during, "after": after,
-        "foreign_rise_gib": round(rose, 2),
-    })  # fmt: skip
+    report.update(
+        {
+            "hold_gib": hold_gib,
+            "model": MODEL,
+            "model_vram_gib": vram_gib,
+            "before": before,
+            "during": during,
+            "after": after,
+            "foreign_rise_gib": round(rose, 2),
+        }
+    )
     checks = {
         # used/free may differ by driver-reserved memory (NVML v2 keeps it apart); printed
         "smi_totals_agree": all(r.get("totals_agree") for r in report["smi_compare"]),
         "fits_before": before["fits"] and before["exit_code"] == 0,
         "foreign_rose_by_hold": 0 <= rose - hold_gib <= CONTEXT_SLACK / GiB,
-        "refused_during": not during["fits"] and during["exit_code"] == 1
+        "refused_during": not during["fits"]
+        and during["exit_code"] == 1
         and any(MODEL in e and "other processes" in e for e in during["errors"]),
         "fits_after": after["fits"] and after["exit_code"] == 0,
-    }  # fmt: skip
+    }
     report["checks"] = checks
     report["ok"] = all(checks.values())
     return report
@@ -247,20 +302,28 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"    nvidia-smi  {s['total_mib']:>8} {s['used_mib']:>8} {s['free_mib']:>8}")
         print(f"    gpu.py      {m['total_mib']:>8.1f} {m['used_mib']:>8.1f} {m['free_mib']:>8.1f}")
         nvml = row["nvml"]
-        print(f"    difference  {d['total_mib']:>8.1f} {d['used_mib']:>8.1f} {d['free_mib']:>8.1f}"
-              f"  ({'agree' if row['agree'] else 'differ'}; NVML v1 used "
-              f"{nvml['v1_used_mib']}, v2 reserved {nvml['v2_reserved_mib']})")  # fmt: skip
-    print(f"model {report['model']} with vram: {report['model_vram_gib']} GiB; "
-          f"another process holds {report['hold_gib']} GiB in step (c)")  # fmt: skip
+        print(
+            f"    difference  {d['total_mib']:>8.1f} {d['used_mib']:>8.1f} {d['free_mib']:>8.1f}"
+            f"  ({'agree' if row['agree'] else 'differ'}; NVML v1 used "
+            f"{nvml['v1_used_mib']}, v2 reserved {nvml['v2_reserved_mib']})"
+        )
+    print(
+        f"model {report['model']} with vram: {report['model_vram_gib']} GiB; "
+        f"another process holds {report['hold_gib']} GiB in step (c)"
+    )
     for step in ("before", "during", "after"):
         r = report[step]
-        print(f"  {step:<6} exit {r['exit_code']} fits={r['fits']} available "
-              f"{r['vram_available_gib']} GiB of {r['vram_total_gib']} GiB, other processes "
-              f"{r['foreign_gib']} GiB, unattributed {r['unattributed_gib']} GiB")  # fmt: skip
+        print(
+            f"  {step:<6} exit {r['exit_code']} fits={r['fits']} available "
+            f"{r['vram_available_gib']} GiB of {r['vram_total_gib']} GiB, other processes "
+            f"{r['foreign_gib']} GiB, unattributed {r['unattributed_gib']} GiB"
+        )
         for line in r["vram_lines"]:
             print(f"         {line}")
-    print(f"  other processes rose by {report['foreign_rise_gib']} GiB for {report['hold_gib']} "
-          "GiB held")  # fmt: skip
+    print(
+        f"  other processes rose by {report['foreign_rise_gib']} GiB for {report['hold_gib']} "
+        "GiB held"
+    )
     failed = [name for name, ok in report["checks"].items() if not ok]
     print("gpu_check: OK" if report["ok"] else f"gpu_check: FAILED {', '.join(failed)}")
 

@@ -76,16 +76,26 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="infernet-watch-bench-") as tmp:
         work = Path(tmp)
         generate_key(work / "node.key")
-        with start_ollama_server(work / "ollama", DEFAULT_CATALOGUE) as server, \
-                start_control_plane(work / "cp") as cp:  # fmt: skip
+        with (
+            start_ollama_server(work / "ollama", DEFAULT_CATALOGUE) as server,
+            start_control_plane(work / "cp") as cp,
+        ):
             config = work / "infernet.yaml"
             base: dict[str, Any] = {
-                "backends": {"ollama": {"url": server.url, "registry": server.registry_url,
-                                        "models_dir": str(server.models_dir)}},
+                "backends": {
+                    "ollama": {
+                        "url": server.url,
+                        "registry": server.registry_url,
+                        "models_dir": str(server.models_dir),
+                    }
+                },
                 "budget": {"vram": "24GiB", "disk_reserve": "1GiB"},
-                "control_plane": {"url": cp.url, "key_file": str(work / "node.key"),
-                                  "heartbeat_interval": "30s"},
-            }  # fmt: skip
+                "control_plane": {
+                    "url": cp.url,
+                    "key_file": str(work / "node.key"),
+                    "heartbeat_interval": "30s",
+                },
+            }
 
             def doc(i: int) -> dict[str, Any]:
                 served = [
@@ -99,8 +109,10 @@ def main() -> int:
             log = (work / "watch.log").open("w")
             proc = subprocess.Popen(
                 [INFERNET, "watch", "-c", str(config), "--state-dir", str(work / "state")],
-                stdout=subprocess.DEVNULL, stderr=log, env=env,
-            )  # fmt: skip
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env,
+            )
             try:
                 sha = hashlib.sha256(config.read_bytes()).hexdigest()
                 _wait_beat(cp, sha, 0, timeout=60)
@@ -129,10 +141,14 @@ def main() -> int:
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     day = time.strftime("%Y-%m-%d")
-    print(f"| {day} | {machine} | {len(latencies)} edits | p50 {p50 * 1000:.0f} ms | "
-          f"p99 {p99 * 1000:.0f} ms | max {latencies[-1] * 1000:.0f} ms |")  # fmt: skip
-    print(f"| {day} | {machine} | idle {args.idle:.0f} s | CPU {share * 100:.2f} % of a core | "
-          f"RSS max {rss_max / 1e6:.1f} MB |")  # fmt: skip
+    print(
+        f"| {day} | {machine} | {len(latencies)} edits | p50 {p50 * 1000:.0f} ms | "
+        f"p99 {p99 * 1000:.0f} ms | max {latencies[-1] * 1000:.0f} ms |"
+    )
+    print(
+        f"| {day} | {machine} | idle {args.idle:.0f} s | CPU {share * 100:.2f} % of a core | "
+        f"RSS max {rss_max / 1e6:.1f} MB |"
+    )
     ok = p50 <= 0.3 and p99 <= 1.0 and share <= 0.01 and rss_max <= 80e6
     return 0 if ok else 1
 

@@ -26,6 +26,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ELLIPSIS = "…"
+
+
+def one_line(text: str, limit: int | None = None, *, mark: str = ELLIPSIS) -> str:
+    """``text`` on one line (every run of whitespace one space), cut to ``limit`` characters
+    with ``mark`` as the last of them: an error that reaches a log line, a table cell or a
+    peer never spans lines or floods it."""
+    flat = " ".join(text.split())
+    if limit is None or len(flat) <= limit:
+        return flat
+    return flat[: limit - len(mark)] + mark
+
 
 @dataclass(frozen=True)
 class Problem:

@@ -22,7 +22,7 @@ class Kind(StrEnum):
     FINISHED = "action_finished"  # an action ended; ``outcome`` says how
     RETRY = "retry"  # a retryable failure; the action will be tried again
     NOTE = "note"  # something worth telling the operator (withdrawal, resume, skip)
-    CONVERGED = "converged"  # the final observation: ``outcome`` is "converged" or "drift"
+    CONVERGED = "converged"  # the final observation: ``outcome`` is converged or not_converged
 
 
 @dataclass(frozen=True)

@@ -313,8 +313,14 @@ def read_gpus(configured_vram: int | None) -> GpuState:
 
 def _state(source: str, total: int, free: int | None, note: str | None, r: _Reading) -> GpuState:
     return GpuState(
-        source, total, free, r.gpus, note, backend_bytes=r.backend,
+        source,
+        total,
+        free,
+        r.gpus,
+        note,
+        backend_bytes=r.backend,
         foreign_bytes=sum(g.foreign_bytes for g in r.gpus),
-        unattributed_bytes=sum(g.unattributed_bytes for g in r.gpus), foreign_processes=r.foreign,
+        unattributed_bytes=sum(g.unattributed_bytes for g in r.gpus),
+        foreign_processes=r.foreign,
         backend_processes=dict(r.by_pid),
-    )  # fmt: skip
+    )

@@ -44,24 +44,12 @@ from typing import Any, NoReturn
 import httpcore
 import httpx
 
+from reconciler.limits import BACKEND_BODY, PROGRESS_BYTES, KiB, MiB
 from reconciler.redact import redact
 
-KiB = 1 << 10
-MiB = 1 << 20
 DEADLINE = 30.0
 """The default deadline of one API request, in seconds."""
 DEADLINE_ENV = "INFERNET_HTTP_TIMEOUT"
-CONTROL_PLANE_BODY = 1 * MiB
-"""The control plane's answers are a few hundred bytes; ten commands with arguments fit."""
-REGISTRY_BODY = 4 * MiB
-"""A registry manifest or config blob (Ollama's are under 2 KiB; the hub's config.json files
-under 100 KiB)."""
-BACKEND_BODY = 32 * MiB
-"""A local backend's listing or model details (thousands of models, a long license text)."""
-PROBE_BODY = 1 * MiB
-"""An engine's ``/v1/models``."""
-PROGRESS_BYTES = 64 * KiB
-"""What each stall window of a download must bring (218 bytes/s over the default 300 s)."""
 EXTENSION = "infernet.limits"
 
 
@@ -403,12 +391,16 @@ def _check_headers(response: httpx.Response, limits: Limits, where: str) -> None
         return
     length = response.headers.get("content-length", "")
     if length.isdigit() and int(length) > cap:
-        _refuse(f"{where} announced {_size(int(length))}, more than the {_size(cap)} infernet "
-                "reads from it; refused")  # fmt: skip
+        _refuse(
+            f"{where} announced {_size(int(length))}, more than the {_size(cap)} infernet "
+            "reads from it; refused"
+        )
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
-        _refuse(f"{where} sent a {encoding}-compressed answer although infernet asked for none; "
-                "refused (its real size can't be capped)")  # fmt: skip
+        _refuse(
+            f"{where} sent a {encoding}-compressed answer although infernet asked for none; "
+            "refused (its real size can't be capped)"
+        )
 
 
 def _refuse(message: str) -> NoReturn:
@@ -436,12 +428,8 @@ def _size(n: int) -> str:
 
 
 __all__ = [
-    "BACKEND_BODY",
-    "CONTROL_PLANE_BODY",
     "DEADLINE",
     "DEADLINE_ENV",
-    "PROBE_BODY",
-    "REGISTRY_BODY",
     "BodyRefused",
     "GuardedTransport",
     "Limits",

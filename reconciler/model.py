@@ -418,8 +418,3 @@ class Plan:
     advertised: tuple[str, ...]  # served_models once the plan is applied
     errors: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
-
-    @property
-    def has_changes(self) -> bool:
-        """True when applying would change something."""
-        return bool(self.actions)

@@ -6,6 +6,7 @@ the standard library is imported, so the CLI starts fast.
 
 from __future__ import annotations
 
+from state.keys import StatusKey
 from state.location import default_state_dir
 from state.lock import NodeLock
 from state.records import (
@@ -26,6 +27,7 @@ __all__ = [
     "NodeLock",
     "OutboxItem",
     "OwnedRecord",
+    "StatusKey",
     "Store",
     "default_state_dir",
 ]

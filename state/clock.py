@@ -19,6 +19,11 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def stamp() -> str:
+    """Now, as the store writes it: ``2026-11-27T04:00:00Z``."""
+    return iso(now())
+
+
 def iso(moment: datetime, *, precise: bool = False) -> str:
     """``2026-11-27T04:00:00Z``; ``precise`` keeps microseconds (for TTL arithmetic)."""
     return moment.astimezone(UTC).strftime(_MICROSECONDS if precise else _SECONDS)

@@ -22,7 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from reconciler.errors import StateError
+from reconciler.errors import StateError, one_line
+from reconciler.limits import DETAIL_TEXT
 from state import clock
 from state.database import CORRUPTION, DB_NAME, open_database, rebuild_database
 
@@ -230,4 +231,4 @@ def _damage(exc: BaseException | None) -> bool:
 
 
 def _brief(exc: BaseException | None) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
+    return one_line(str(exc), DETAIL_TEXT, mark="") or type(exc).__name__

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from reconciler.errors import StateError
+from reconciler.errors import StateError, one_line
+from reconciler.limits import DETAIL_TEXT
 from state import clock, schema
 from state.location import narrow, open_private
 
@@ -141,7 +142,7 @@ def _configure(conn: sqlite3.Connection) -> None:
     if verdict is None or verdict[0] != "ok":
         detail = verdict[0] if verdict else "no answer"
         # Our own verdict, not an sqlite3 error: it has no sqlite_errorcode to classify.
-        raise _Damaged(" ".join(f"integrity check failed: {detail}".split())[:200])
+        raise _Damaged(one_line(f"integrity check failed: {detail}", DETAIL_TEXT, mark=""))
     # WAL lets `infernet status` read while the daemon writes, and survives a crash mid-write.
     conn.execute("PRAGMA journal_mode = WAL")
     # FULL, not NORMAL: the journal must still say an action began after a power cut.

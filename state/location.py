@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from reconciler.errors import StateError
+from state import clock
 
 ENV_VAR = "INFERNET_STATE_DIR"
 SYSTEM_DIR = Path("/var/lib/infernet")
@@ -83,9 +84,7 @@ def crash_report(state_dir: Path, text: str) -> Path | None:
     0600, created exclusively and never through a symlink (a fixed name in the shared temp
     folder let any local user point it at a file of ours, or read it). None when the folder
     or the file can't be made; the caller has printed ``text`` anyway."""
-    import time
-
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp = clock.compact(clock.now())
     try:
         ensure_state_dir(state_dir)
         target = state_dir / f"crash-{stamp}-{os.getpid()}.txt"

@@ -28,6 +28,7 @@ from state.connection import (
 )
 from state.database import open_database
 from state.journal import Journal
+from state.keys import StatusKey
 from state.ledger import Ledger
 from state.location import ensure_state_dir
 from state.records import OwnedRecord
@@ -117,15 +118,6 @@ class Store(Journal, Ledger):
                     "DELETE FROM pins WHERE backend = ? AND canonical = ?", (backend, canonical)
                 )
 
-    def pinned(self) -> set[tuple[str, str]]:
-        """``(backend, canonical)`` of every model we pinned, owned or not."""
-
-        def query(conn: sqlite3.Connection) -> set[tuple[str, str]]:
-            rows = conn.execute("SELECT backend, canonical FROM pins").fetchall()
-            return {(text(row, "backend"), text(row, "canonical")) for row in rows}
-
-        return self._read(query)
-
     def record_measured_vram(
         self, *, backend: str, canonical: str, size_vram: int, digest: str | None = None
     ) -> None:
@@ -197,18 +189,21 @@ class Store(Journal, Ledger):
 
     # -- status -----------------------------------------------------------------------------
 
-    def put_status(self, key: str, value: Any) -> None:
+    def put_status(self, key: StatusKey, value: Any) -> None:
+        """Remember ``value`` (JSON) under ``key`` (a ``StatusKey``), replacing what was there."""
         with self._writing() as conn:
             conn.execute(
                 """INSERT INTO status (key, value, updated_at) VALUES (?, ?, ?)
                    ON CONFLICT (key) DO UPDATE SET
                        value = excluded.value, updated_at = excluded.updated_at""",
-                (key, dump_json(value), now_iso()),
+                (str(key), dump_json(value), now_iso()),
             )
 
-    def get_status(self, key: str) -> Any | None:
+    def get_status(self, key: StatusKey) -> Any | None:
+        """What ``key`` holds, or None."""
+
         def query(conn: sqlite3.Connection) -> Any | None:
-            row = conn.execute("SELECT value FROM status WHERE key = ?", (key,)).fetchone()
+            row = conn.execute("SELECT value FROM status WHERE key = ?", (str(key),)).fetchone()
             return None if row is None else load_json(row["value"])
 
         return self._read(query)

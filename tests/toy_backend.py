@@ -83,8 +83,9 @@ class ToyBackend:
                 loaded.append(
                     LoadedModel(self.kind, name, name, facts.digest, facts.size or 0, 0, None, True)
                 )
-        return BackendState(self.kind, self.url, True, installed=tuple(installed),
-                            loaded=tuple(loaded))  # fmt: skip
+        return BackendState(
+            self.kind, self.url, True, installed=tuple(installed), loaded=tuple(loaded)
+        )
 
     def details(self, name: str, digest: str | None) -> ModelFacts:
         if not self._file(name).exists():

@@ -64,8 +64,10 @@ def http_errors() -> tuple[type[Exception], ...]:
     from huggingface_hub import errors as hf
 
     types: list[type[Exception]] = [
-        hf.HfHubHTTPError, hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError,
-    ]  # fmt: skip
+        hf.HfHubHTTPError,
+        hf.OfflineModeIsEnabled,
+        hf.LocalEntryNotFoundError,
+    ]
     try:
         import httpx2  # type: ignore[import-not-found,unused-ignore]
     except ImportError:

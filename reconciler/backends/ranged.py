@@ -33,9 +33,12 @@ def read_prefix(
     buf = bytearray()
     sent = {**(headers or {}), "Range": f"bytes=0-{n - 1}"}
     req = http.build_request(
-        "GET", url, headers=sent, timeout=HEADER_TIMEOUT,
+        "GET",
+        url,
+        headers=sent,
+        timeout=HEADER_TIMEOUT,
         extensions=httpsafe.limits(deadline=HEADER_DEADLINE, max_body=None),
-    )  # fmt: skip
+    )
     resp = http.send(req, stream=True, follow_redirects=True)
     try:
         if resp.status_code >= 400:

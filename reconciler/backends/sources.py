@@ -45,7 +45,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from reconciler import httpsafe
+from reconciler import httpsafe, limits
 from reconciler.backends import hub, ranged
 from reconciler.backends.gguf import meta as ggufmeta
 from reconciler.errors import BackendError, ModelNotFound, PullFailed, TransientBackendError
@@ -269,9 +269,13 @@ def _stream_http(
     shown = httpsafe.redact(remote.url)
     try:
         with http.stream(
-            "GET", remote.url, headers=headers, timeout=timeout, follow_redirects=True,
+            "GET",
+            remote.url,
+            headers=headers,
+            timeout=timeout,
+            follow_redirects=True,
             extensions=httpsafe.download(stall_timeout),
-        ) as resp:  # fmt: skip
+        ) as resp:
             if resp.status_code == 404:
                 raise ModelNotFound(f"{shown}: 404 Not Found")
             if resp.status_code == 416:  # we already have it all
@@ -286,7 +290,7 @@ def _stream_http(
                 yield start, chunk
     except httpx.TimeoutException as exc:
         raise TransientBackendError(
-            f"{shown}: less than {httpsafe.PROGRESS_BYTES // 1024} KiB in {stall_timeout:.0f}s "
+            f"{shown}: less than {limits.PROGRESS_BYTES // 1024} KiB in {stall_timeout:.0f}s "
             "(stalled or trickling); the download resumes on retry"
         ) from exc
     except httpx.TransportError as exc:

@@ -29,10 +29,15 @@ from reconciler.cli.parser import build_parser
 from reconciler.errors import ConfigError, InfernetError, ValidationError
 
 COMMANDS = {
-    "validate": cmd_validate, "schema": cmd_schema, "plan": cmd_plan, "apply": cmd_apply,
-    "status": cmd_status, "model": cmd_model, "keygen": cmd_keygen,
+    "validate": cmd_validate,
+    "schema": cmd_schema,
+    "plan": cmd_plan,
+    "apply": cmd_apply,
+    "status": cmd_status,
+    "model": cmd_model,
+    "keygen": cmd_keygen,
     "watch": cmd_watch,
-}  # fmt: skip
+}
 
 
 def main(argv: list[str] | None = None) -> int:

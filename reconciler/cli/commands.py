@@ -10,13 +10,15 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from reconciler.errors import PlanError, ValidationError
 
 if TYPE_CHECKING:
+    from reconciler.converge.apply import SavedPlan
+    from reconciler.converge.edits import Edit
     from reconciler.converge.session import Session
-    from reconciler.model import BackendKind, Desired, Plan
+    from reconciler.model import Desired, Plan
     from state import NodeLock
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
@@ -116,76 +118,60 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from reconciler.planning.document import write_document
 
         write_document(plan, Path(args.out))
-        print(f"Saved the plan to {args.out}; apply it with: infernet apply {args.out}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"Saved the plan to {args.out}; apply it with: infernet apply {args.out}",
+            file=sys.stderr,
+        )
     if plan.errors:
         return EXIT_ERROR
     return EXIT_CHANGES if args.detailed_exitcode and plan.actions else EXIT_OK
-
-
-def _saved_plan(args: argparse.Namespace) -> tuple[Desired, Plan]:
-    """A plan saved by ``plan --out`` and the file it was made from (which must not have moved)."""
-    from reconciler.config import desired
-    from reconciler.planning.document import read_document, with_sources
-
-    saved = read_document(Path(args.plan_file))
-    the_desired = desired.load(Path(saved.source.path))
-    if the_desired.source.sha256 != saved.source.sha256:
-        raise PlanError(
-            f"saved plan {args.plan_file} was made from another version of "
-            f"{saved.source.path}; run infernet plan --out again"
-        )
-    return the_desired, with_sources(saved, the_desired)  # the document's sources are redacted
 
 
 def run_apply(
     session: Session,
     args: argparse.Namespace,
     *,
-    saved: Plan | None = None,
+    saved: SavedPlan | None = None,
     force_remove: frozenset[str] = frozenset(),
     confirm: bool = True,
 ) -> int:
-    """Observe, plan (or check the saved plan), confirm, execute, report; the caller holds
-    the node lock (``_lock``), taken before it read the file."""
+    """One apply (``converge.apply``), shown and reported here; the caller holds the node lock
+    (``_lock``), taken before it read the file."""
     from reconciler.cli import render
+    from reconciler.converge.apply import apply
     from reconciler.converge.session import summary
 
     json_lines = getattr(args, "json", False)
-    observed, plan = session.observe_and_plan(
-        allow_destroy=getattr(args, "allow_destroy", False),
-        refresh=getattr(args, "refresh", False),
-        force_remove=force_remove,
-        record=True,
-    )
-    if saved is not None:
-        if saved.fingerprint != plan.fingerprint:
-            raise PlanError(
-                f"the node changed since the plan in {args.plan_file} was made "
-                "(installed, loaded or upstream models differ); run infernet plan --out again"
-            )
-        plan = saved
-    if not json_lines:
-        print(render.render_plan(plan), flush=True)
-    if plan.errors:
-        if json_lines:
+
+    def show(plan: Plan) -> None:
+        if not json_lines:
+            print(render.render_plan(plan), flush=True)
+        elif plan.errors:
             _emit_plan(plan, args)
-        raise PlanError(plan.errors[0] + (f" (and {len(plan.errors) - 1} more)"
-                                          if len(plan.errors) > 1 else ""))  # fmt: skip
-    if not plan.actions:
-        printer = render.ProgressPrinter(json_lines=json_lines, verbose=False)
-        session.heartbeat(plan, observed, converged=True, progress=printer)
+
+    asked = confirm and not args.yes
+    printer = render.ProgressPrinter(json_lines=json_lines, verbose=getattr(args, "verbose", False))
+    try:
+        applied = apply(
+            session,
+            saved=saved,
+            show=show,
+            progress=printer,
+            confirm=(lambda: _confirm("Apply these changes?")) if asked else None,
+            allow_destroy=getattr(args, "allow_destroy", False),
+            refresh=getattr(args, "refresh", False),
+            force_remove=force_remove,
+        )
+    finally:
+        printer.close()
+    result = applied.result
+    if applied.cancelled:
+        print("Apply cancelled.", file=sys.stderr)
+        return EXIT_ERROR
+    if result is None:
         if json_lines:
             render.print_json({"event": "converged", "outcome": "converged", "changes": 0})
         return EXIT_OK
-    if confirm and not args.yes and not _confirm("Apply these changes?"):
-        print("Apply cancelled.", file=sys.stderr)
-        return EXIT_ERROR
-    printer = render.ProgressPrinter(json_lines=json_lines, verbose=getattr(args, "verbose", False))
-    try:
-        result = session.apply(plan, observed, progress=printer)
-    finally:
-        printer.close()
     if json_lines:
         render.print_json({"event": "result", **summary(result)})
     failed = result.failed
@@ -195,12 +181,16 @@ def run_apply(
         return EXIT_ERROR
     if not result.converged:
         drift = result.final.actions if result.final else ()
-        err("applied, but the node has not converged: "
-             + ", ".join(f"{a.op.value} {a.model}" for a in drift))  # fmt: skip
+        err(
+            "applied, but the node has not converged: "
+            + ", ".join(f"{a.op.value} {a.model}" for a in drift)
+        )
         return EXIT_ERROR
     if not json_lines:
-        print(f"Apply complete: {len(result.outcomes)} actions. Advertised: "
-              f"{', '.join(result.advertised) or '(nothing)'}")  # fmt: skip
+        print(
+            f"Apply complete: {len(result.outcomes)} actions. Advertised: "
+            f"{', '.join(result.advertised) or '(nothing)'}"
+        )
     return EXIT_CHANGES if getattr(args, "detailed_exitcode", False) else EXIT_OK
 
 
@@ -209,7 +199,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     with _lock(args, "apply"):
         saved = None
         if args.plan_file:
-            the_desired, saved = _saved_plan(args)
+            from reconciler.converge.apply import read_saved
+
+            saved = read_saved(Path(args.plan_file))
+            the_desired = saved.desired
         else:
             the_desired = _load(args)
         with _session(args, the_desired) as session:
@@ -255,25 +248,6 @@ def cmd_model(args: argparse.Namespace) -> int:
     return _model_edit(args)
 
 
-def _backend_for(current: Desired, name: str, given: str | None) -> BackendKind:
-    """``--backend``, else the backend of the file's entry NAME refers to, else the kind whose
-    driver claims the name by its look (a ``*.gguf`` file is llama.cpp's), else the file's
-    default."""
-    from reconciler import backends
-    from reconciler.model import BackendKind
-    from reconciler.names import refers_to
-
-    if given:
-        return BackendKind(given)
-    for spec in current.models:
-        if refers_to(spec, name):
-            return spec.backend
-    for driver in backends.drivers():
-        if driver.claims is not None and driver.claims(name):
-            return driver.kind
-    return current.default_backend
-
-
 def _model_edit(args: argparse.Namespace) -> int:
     """model install | remove: lock, read, edit, apply; a failed install leaves the file as
     it was, byte for byte."""
@@ -289,75 +263,66 @@ def _model_edit(args: argparse.Namespace) -> int:
 
 def _install(args: argparse.Namespace, path: Path, current: Desired) -> int:
     from reconciler.config import desired
-    from reconciler.config import edit as configedit
-    from reconciler.model import FOREVER
+    from reconciler.converge import edits
 
-    backend = _backend_for(current, args.name, args.backend)
-    entry: str | dict[str, Any] = args.name
-    if args.pin or backend is not current.default_backend:
-        entry = {"name": args.name}
-        if backend is not current.default_backend:
-            entry["backend"] = backend.value
-        if args.pin:
-            entry["keep_alive"] = "forever"
-    before = path.read_bytes()
-    added = configedit.add_model(path, entry)
-    if not added and args.pin:
-        configedit.set_keep_alive(path, args.name, FOREVER, backend=backend)
-    after = path.read_bytes()
+    install = edits.local_install(current, args.name, args.backend, pin=args.pin)
+    edit = edits.add(path, install, pin=args.pin)
     code = EXIT_ERROR
     try:
         with _session(args, desired.load(path)) as session:
             code = run_apply(session, args, confirm=False)
     finally:
-        if code != EXIT_OK and after != before:
-            _restore(path, before, after, args.name)
+        if code != EXIT_OK and edit.changed:
+            _restore(edit, args.name)
     return code
 
 
-def _restore(path: Path, before: bytes, after: bytes, name: str) -> None:
+def _restore(edit: Edit, name: str) -> None:
     """Put the file back as it was before a failed install, unless someone changed it since
     (their edit wins; say so)."""
+    import hashlib
+
+    from reconciler.converge.edits import unchanged_since
     from reconciler.files import write_atomically
 
+    path = edit.path
     try:
-        if path.read_bytes() == after:
-            write_atomically(path, before)
+        if unchanged_since(path, hashlib.sha256(edit.after).hexdigest()):
+            write_atomically(path, edit.before)
             print(f"Restored {path} as it was before the install of {name}.", file=sys.stderr)
             return
     except OSError as exc:
         err(f"could not restore {path} after the failed install of {name}: {exc}")
         return
-    err(f"{path} was changed by someone else during the install of {name}; left as it is "
-         f"(take {name} out of it if it is still listed)")  # fmt: skip
+    err(
+        f"{path} was changed by someone else during the install of {name}; left as it is "
+        f"(take {name} out of it if it is still listed)"
+    )
 
 
 def _remove(args: argparse.Namespace, path: Path, current: Desired) -> int:
-    from reconciler import names
     from reconciler.config import desired
-    from reconciler.config import edit as configedit
+    from reconciler.converge import edits
     from reconciler.model import BackendKind
 
     only = BackendKind(args.backend) if args.backend else None
-    matched = [m for m in current.models if names.refers_to(m, args.name, only)]
-    if not matched:
+    removal = edits.removal(current, args.name, only)
+    if not removal.matched:
         raise PlanError(
             f"{args.name} is not in {path}; nothing removed (infernet model list shows the "
             "file's models and what is installed)"
         )
-    guarded = next((m for m in matched if m.protect), None)
-    if guarded is not None:
+    if removal.protected is not None:
         raise PlanError(
-            f"{guarded.name} is protect: true in {path}; set protect: false there first"
+            f"{removal.protected.name} is protect: true in {path}; set protect: false there first"
         )
-    configedit.remove_model(path, args.name, only)
-    keys = frozenset(names.key(m.backend, m.canonical) for m in matched)
+    edits.remove(path, args.name, only)
     with _session(args, desired.load(path)) as session:
-        return run_apply(session, args, force_remove=keys, confirm=False)
+        return run_apply(session, args, force_remove=removal.keys, confirm=False)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    """watch: the GitOps daemon (see reconciler/daemon.py)."""
+    """watch: the GitOps daemon (see ``reconciler.daemon``)."""
     from reconciler.config import desired
     from reconciler.daemon import logs
     from reconciler.daemon.loop import Daemon

@@ -11,11 +11,20 @@ from reconciler import __version__
 def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     """-c and --state-dir are accepted before or after the command name."""
     default = None if top else argparse.SUPPRESS
-    parser.add_argument("-c", "--config", metavar="FILE", default=default,
-                        help="desired-state file (default: $INFERNET_CONFIG, ./infernet.yaml, "
-                        "/etc/infernet/infernet.yaml)")  # fmt: skip
-    parser.add_argument("--state-dir", metavar="DIR", default=default,
-                        help="state directory (default: $INFERNET_STATE_DIR, XDG)")  # fmt: skip
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        default=default,
+        help="desired-state file (default: $INFERNET_CONFIG, ./infernet.yaml, "
+        "/etc/infernet/infernet.yaml)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=default,
+        help="state directory (default: $INFERNET_STATE_DIR, XDG)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", "-y", action="store_true", help="don't ask for confirmation")
     p.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
     p.add_argument("--allow-destroy", action="store_true", help="allow more than max_removals")
-    p.add_argument("--detailed-exitcode", action="store_true",
-                   help="exit 2 when changes were made and the node converged")  # fmt: skip
+    p.add_argument(
+        "--detailed-exitcode",
+        action="store_true",
+        help="exit 2 when changes were made and the node converged",
+    )
     p.add_argument("--refresh", action="store_true", help="check every model upstream for updates")
     p.add_argument("-v", "--verbose", action="store_true", help="progress lines with speed")
 
@@ -77,23 +89,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
 
     p = command("watch", "the daemon: reconcile on every change of the file and on drift")
-    p.add_argument("--log-format", choices=["text", "json"], default="text",
-                   help="log lines on stderr as text or JSON lines")  # fmt: skip
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="log lines on stderr as text or JSON lines",
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    p.add_argument("--metrics-addr", metavar="HOST:PORT",
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (:PORT alone = "
-                        "127.0.0.1; 0.0.0.0:PORT for every interface)")  # fmt: skip
-    p.add_argument("--tick", type=float, metavar="SECONDS",
-                   help="drift check / heartbeat / command poll period (default: "
-                   "control_plane.heartbeat_interval, else 30)")  # fmt: skip
-    p.add_argument("--once", action="store_true",
-                   help="one reconcile and one tick (heartbeat, commands), then exit")  # fmt: skip
+    p.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (:PORT alone = "
+        "127.0.0.1; 0.0.0.0:PORT for every interface)",
+    )
+    p.add_argument(
+        "--tick",
+        type=float,
+        metavar="SECONDS",
+        help="drift check / heartbeat / command poll period (default: "
+        "control_plane.heartbeat_interval, else 30)",
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="one reconcile and one tick (heartbeat, commands), then exit",
+    )
 
     command("schema", "print the JSON Schema of infernet.yaml")
     p = command("keygen", "make this node's BIP-340 key (mode 0600); print its public key")
-    p.add_argument("--out", metavar="FILE",
-                   help="where to write it (default: control_plane.key_file, else "
-                   "~/.config/infernet/node.key)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="where to write it (default: control_plane.key_file, else "
+        "~/.config/infernet/node.key)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing key")
     return parser
 

@@ -20,8 +20,13 @@ from reconciler.planning.document import revision
 from reconciler.units import format_bytes
 
 _SIGN = {Op.PULL: "+", Op.UPDATE: "~", Op.PIN: "^", Op.UNPIN: "v", Op.REMOVE: "-"}
-_VERB = {Op.PULL: "to pull", Op.UPDATE: "to update", Op.PIN: "to pin", Op.UNPIN: "to unpin",
-         Op.REMOVE: "to remove"}  # fmt: skip
+_VERB = {
+    Op.PULL: "to pull",
+    Op.UPDATE: "to update",
+    Op.PIN: "to pin",
+    Op.UNPIN: "to unpin",
+    Op.REMOVE: "to remove",
+}
 
 
 def human_bytes(n: int | None) -> str:
@@ -156,7 +161,12 @@ class ProgressPrinter:
         self._tasks: dict[str, Any] = {}
         self._speed: dict[str, tuple[float, int]] = {}
         self._last_line: dict[str, float] = {}
-        if not json_lines and self.stream.isatty():
+        # Bars on a terminal, started by the first action's event: nothing is drawn before
+        # there is progress to show (the plan, a question, a heartbeat note come first).
+        self._tty = not json_lines and self.stream.isatty()
+
+    def _started_bars(self) -> Any:
+        if self._bars is None:
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
@@ -167,10 +177,15 @@ class ProgressPrinter:
             )
 
             self._bars = Progress(
-                TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                TransferSpeedColumn(), console=Console(file=self.stream), transient=False,
-            )  # fmt: skip
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=Console(file=self.stream),
+                transient=False,
+            )
             self._bars.start()
+        return self._bars
 
     def close(self) -> None:
         """Stop the live display."""
@@ -181,7 +196,7 @@ class ProgressPrinter:
         with self._lock:
             if self.json_lines:
                 print_json(event.to_json())
-            elif self._bars is not None and event.action is not None:
+            elif self._tty and event.action is not None:
                 self._bar(event)
             else:
                 self._line(event)
@@ -189,21 +204,22 @@ class ProgressPrinter:
     def _bar(self, event: Event) -> None:
         action = event.action
         assert action is not None
+        bars = self._started_bars()
         label = f"{action.op.value} {action.model}"
         task = self._tasks.get(label)
         if task is None:
-            task = self._bars.add_task(label, total=None)
+            task = bars.add_task(label, total=None)
             self._tasks[label] = task
         if event.kind is Kind.PROGRESS and event.total:
-            self._bars.update(task, completed=event.completed or 0, total=event.total)
+            bars.update(task, completed=event.completed or 0, total=event.total)
         elif event.kind is Kind.FINISHED:
             done = "done" if event.outcome == "ok" else f"{event.outcome}: {event.message or ''}"
-            self._bars.update(task, description=f"{label} — {done}")
+            bars.update(task, description=f"{label} — {done}")
             if event.outcome == "ok":
-                total = self._bars.tasks[task].total or 1
-                self._bars.update(task, completed=total, total=total)
+                total = bars.tasks[task].total or 1
+                bars.update(task, completed=total, total=total)
         elif event.kind is Kind.RETRY:
-            self._bars.console.print(f"retry {label}: {event.message}")
+            bars.console.print(f"retry {label}: {event.message}")
 
     def _line(self, event: Event) -> None:
         action = event.action

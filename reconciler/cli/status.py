@@ -8,8 +8,9 @@ from reconciler import backends
 from reconciler.cli.render import human_bytes, table
 from reconciler.model import BackendKind, Desired, Observed, Plan
 from reconciler.names import key
+from reconciler.planning import advertised
 from reconciler.planning.document import revision
-from reconciler.planning.plan import serving
+from state import StatusKey
 
 if TYPE_CHECKING:
     from reconciler.converge.session import Session
@@ -41,21 +42,35 @@ def model_rows(desired: Desired, observed: Observed, store: Store) -> list[dict[
                 status = "unmanaged"
             spec = wanted.get(k)
             name, rev = _name_and_revision(kind, model.canonical, model.name)
-            rows.append({
-                "model": spec.name if spec else name, "revision": rev,
-                "size": model.facts.size, "backend": kind.value,
-                "status": status, "desired": k in wanted,
-                "quantization": model.facts.quantization, "digest": model.facts.digest,
-                "size_vram": run.size_vram if run else None,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "model": spec.name if spec else name,
+                    "revision": rev,
+                    "size": model.facts.size,
+                    "backend": kind.value,
+                    "status": status,
+                    "desired": k in wanted,
+                    "quantization": model.facts.quantization,
+                    "digest": model.facts.digest,
+                    "size_vram": run.size_vram if run else None,
+                }
+            )
     for k, spec in wanted.items():
         if k not in seen:
             rev = _name_and_revision(spec.backend, spec.canonical, spec.name)[1]
-            rows.append({
-                "model": spec.name, "revision": rev, "size": None,
-                "backend": spec.backend.value, "status": "missing", "desired": True,
-                "quantization": spec.quantization, "digest": None, "size_vram": None,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "model": spec.name,
+                    "revision": rev,
+                    "size": None,
+                    "backend": spec.backend.value,
+                    "status": "missing",
+                    "desired": True,
+                    "quantization": spec.quantization,
+                    "digest": None,
+                    "size_vram": None,
+                }
+            )
     return rows
 
 
@@ -102,7 +117,7 @@ def build_status(session: Session, observed: Observed, plan: Plan) -> dict[str, 
         },
         "models": model_rows(session.desired, observed, store),
         "engines": engine_rows(session),
-        "advertised": list(serving(plan, session.desired)),  # what a heartbeat lists now
+        "advertised": list(advertised.now(plan, session.desired)),  # what a heartbeat lists now
         "drift": [
             {"op": a.op.value, "model": a.model, "revision": revision(a), "reason": a.reason}
             for a in plan.actions
@@ -125,8 +140,8 @@ def build_status(session: Session, observed: Observed, plan: Plan) -> dict[str, 
             "actions": last.actions,
             "failed": last.failed,
         },
-        "last_heartbeat": store.get_status("last_heartbeat"),
-        "daemon": store.get_status("daemon"),
+        "last_heartbeat": store.get_status(StatusKey.LAST_HEARTBEAT),
+        "daemon": store.get_status(StatusKey.DAEMON),
         "state_notice": store.rebuilt,
     }
 
@@ -146,16 +161,23 @@ def render_status(doc: dict[str, Any]) -> str:
         lines.append(f"Backend {name}: {b['url']} {state}")
     lines.append("")
     rows = [
-        [r["model"], r["backend"], human_bytes(r["size"]) if r["size"] else "-", r["status"],
-         "yes" if r["desired"] else "no"]
+        [
+            r["model"],
+            r["backend"],
+            human_bytes(r["size"]) if r["size"] else "-",
+            r["status"],
+            "yes" if r["desired"] else "no",
+        ]
         for r in doc["models"]
-    ]  # fmt: skip
+    ]
     lines.append(table(rows, ["MODEL", "BACKEND", "SIZE", "STATUS", "DESIRED"]))
     lines.append("")
     for e in doc.get("engines") or []:
         code = f", exit code {e['exit_code']}" if e["exit_code"] is not None else ""
-        lines.append(f"Engine {e['model']}: {e['state']} on port {e['port']} (PID {e['pid']}, "
-                     f"{e['restarts']} restarts{code}); log {e['log']}")  # fmt: skip
+        lines.append(
+            f"Engine {e['model']}: {e['state']} on port {e['port']} (PID {e['pid']}, "
+            f"{e['restarts']} restarts{code}); log {e['log']}"
+        )
         if e.get("log_tail"):
             lines.extend(f"    {line}" for line in e["log_tail"].splitlines()[-12:])
     lines.append(f"Advertised: {', '.join(doc['advertised']) or '(nothing)'}")
@@ -166,15 +188,19 @@ def render_status(doc: dict[str, Any]) -> str:
     last = doc["last_apply"]
     if last:
         verdict = "converged" if last["converged"] else "NOT converged"
-        lines.append(f"Last apply: {last['at']} ({verdict}, {last['actions']} actions, "
-                     f"{last['failed']} failed)")  # fmt: skip
+        lines.append(
+            f"Last apply: {last['at']} ({verdict}, {last['actions']} actions, "
+            f"{last['failed']} failed)"
+        )
     else:
         lines.append("Last apply: never")
     daemon = doc.get("daemon")
     if daemon:
         state = "running" if daemon["running"] else "stopped"
-        lines.append(f"Daemon: {state} (PID {daemon['pid']}, {daemon['at']}), last reconcile "
-                     f"{daemon['last_outcome']}")  # fmt: skip
+        lines.append(
+            f"Daemon: {state} (PID {daemon['pid']}, {daemon['at']}), last reconcile "
+            f"{daemon['last_outcome']}"
+        )
         if not daemon["config_valid"]:
             lines.append(f"Config INVALID (last valid state in force): {daemon['config_error']}")
     hb = doc["last_heartbeat"]

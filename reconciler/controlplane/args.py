@@ -13,16 +13,13 @@ to point it at any URL it can reach (the Ollama driver's ``remote_install_proble
 from __future__ import annotations
 
 import unicodedata
-from typing import Any
 
-from reconciler import backends, names
-from reconciler.limits import MAX_MODEL_NAME
-from reconciler.model import BackendKind, Desired
+from reconciler import names
+from reconciler.errors import one_line
+from reconciler.limits import MAX_MODEL_NAME, SHOWN_NAME
+from reconciler.model import BackendKind
 
 NO_HF = "HuggingFace models need the vllm backend, which this node doesn't run yet"
-
-Entry = str | dict[str, Any]
-"""A ``served_models`` entry as ``configedit.add_model`` takes it."""
 
 
 def name_problem(value: object, *, field: str = "model") -> str | None:
@@ -38,7 +35,7 @@ def name_problem(value: object, *, field: str = "model") -> str | None:
     if len(value) > MAX_MODEL_NAME:
         most = MAX_MODEL_NAME
         return f"args.{field} is {len(value)} characters long; model names have at most {most}"
-    shown = " ".join(value.split())[:80]
+    shown = one_line(value, SHOWN_NAME, mark="")
     if any(c.isspace() for c in value):
         return f"args.{field} '{shown}' contains whitespace; model names have none"
     if any(unicodedata.category(c).startswith("C") for c in value):
@@ -56,35 +53,3 @@ def model_problem(value: object, backend: BackendKind) -> str | None:
         assert isinstance(value, str)
         problem = names.is_valid(backend, value)
     return problem
-
-
-def install_target(
-    args: dict[str, Any], current: Desired
-) -> tuple[str, BackendKind, Entry, str] | str:
-    """``(model, backend, file entry, advertised name)``, or why the install is refused."""
-    model = args.get("model")
-    hf = args.get("hf")
-    if hf is None and isinstance(model, str) and model.startswith("hf:"):
-        hf = model[3:]  # Infernet's own spelling of "the HF repo, served under this name"
-    driver = backends.driver(current.default_backend)
-    if hf is None:
-        problem = model_problem(model, current.default_backend)
-        if problem is None and driver.remote_install_problem is not None:
-            assert isinstance(model, str)
-            problem = driver.remote_install_problem(model, current)
-        if problem is not None:
-            return problem
-        assert isinstance(model, str)
-        return model, current.default_backend, model, model
-    problem = name_problem(model) or name_problem(hf, field="hf")
-    if problem is not None:
-        return problem
-    assert isinstance(model, str) and isinstance(hf, str)
-    backend = current.default_backend
-    if not driver.revisions:  # HuggingFace repositories are the kinds with revisions
-        return NO_HF
-    reason = names.is_valid(backend, hf)
-    if reason is not None:
-        return f"args.hf: {reason}"
-    entry = {"name": hf, "backend": backend.value, "advertise_as": model}
-    return model, backend, entry, model

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
+from reconciler import limits
 from reconciler.controlplane.identity import AUTH_HEADER, NodeKey, sign_request
 from reconciler.controlplane.specs import offline_body, specs_for
-from reconciler.errors import ConfigError, InfernetError
+from reconciler.errors import ConfigError, InfernetError, one_line
 from reconciler.model import ControlPlaneSettings
 from reconciler.redact import redact
 
@@ -44,9 +45,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("infernet.controlplane")
-_SNIPPET = 200  # characters of a server's error text kept in our one-line message
-MAX_COMMAND_ID = 128  # real ids are UUIDs; a longer one is not a command we can answer
-MAX_VERB = 64
 DEADLINE = 15.0  # the real node's client timeout, for the whole call
 _NODE_ID_TAKEN = "registered to a different pubkey"
 
@@ -135,9 +133,9 @@ class ControlPlane:
                 timeout=self.timeout, transport=transport, follow_redirects=False
             )
             return
-        limits = httpsafe.Limits(deadline=self.timeout, max_body=httpsafe.CONTROL_PLANE_BODY)
+        guard = httpsafe.Limits(deadline=self.timeout, max_body=limits.CONTROL_PLANE_BODY)
         self._http = httpsafe.client(
-            limits,
+            guard,
             verify=verify,
             timeout=httpx.Timeout(self.timeout),
             follow_redirects=False,  # a redirect would change the signed path
@@ -171,7 +169,7 @@ class ControlPlane:
         data = self._post("/api/v1/node/register", {"role": self.settings.role, **body})
         return data if isinstance(data, dict) else {}
 
-    def poll_commands(self, limit: int = 5) -> list[RemoteCommand]:
+    def poll_commands(self, limit: int = limits.POLL_LIMIT) -> list[RemoteCommand]:
         """Claim up to ``limit`` pending commands (the server allows at most 10).
 
         A control plane that hands out more gets the first ``limit`` run and the rest ignored
@@ -184,24 +182,31 @@ class ControlPlane:
         if len(rows) > limit:
             log.warning(
                 "control plane %s handed out %d commands for a poll of at most %d; running the "
-                "first %d and ignoring the rest", redact(self.url), len(rows), limit,
+                "first %d and ignoring the rest",
+                redact(self.url),
+                len(rows),
                 limit,
-            )  # fmt: skip
+                limit,
+            )
             rows = rows[: max(0, limit)]
         commands: list[RemoteCommand] = []
         for row in rows:
             # A row without an id can't be answered; one without args gets the default {}.
             if not isinstance(row, dict) or not isinstance(row.get("id"), str):
                 continue
-            if not 0 < len(row["id"]) <= MAX_COMMAND_ID or not row["id"].isprintable():
-                log.warning("control plane %s sent a command id that is not one (%d characters);"
-                            " ignoring it", redact(self.url), len(row["id"]))  # fmt: skip
+            if not 0 < len(row["id"]) <= limits.MAX_COMMAND_ID or not row["id"].isprintable():
+                log.warning(
+                    "control plane %s sent a command id that is not one (%d characters);"
+                    " ignoring it",
+                    redact(self.url),
+                    len(row["id"]),
+                )
                 continue
             args = row.get("args")
             commands.append(
                 RemoteCommand(
                     row["id"],
-                    str(row.get("command", ""))[:MAX_VERB],
+                    str(row.get("command", ""))[: limits.MAX_VERB],
                     args if isinstance(args, dict) else {},
                 )
             )
@@ -395,6 +400,5 @@ def _row_id(data: Any) -> str | None:
 
 
 def _line(text: str) -> str:
-    """Collapse to one line and cut, so a server's HTML page can't flood the log."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= _SNIPPET else flat[: _SNIPPET - 1] + "…"
+    """A server's text on one line and cut, so its HTML page can't flood the log."""
+    return one_line(text, limits.PEER_TEXT)

@@ -1,9 +1,11 @@
 """Heartbeats: tell the control plane exactly what this node serves, after every convergence.
 
 The control plane routes a job only to nodes whose ``specs.served_models`` holds the requested
-name, so the list sent is what is installed, verified and fits the budget now (``plan.serving``),
-never what is merely desired. Nothing here can fail an apply: a control plane that is down,
-slow or refusing is recorded in the state store (``status`` shows it) and reported in one line.
+name, so the list sent is what is installed, verified and fits the budget now
+(``planning.advertised.now``), never what is merely desired. Nothing here can fail an apply: a
+control plane that is down, slow or refusing is recorded in the state store (``status`` shows
+it) and reported in one line. The body is built here: ``specs_for`` (``specs``) around the
+advertised names and ``report``, the reconciler's own part.
 
 Before weights are deleted, ``withdraw`` sends a heartbeat without them and waits for a 2xx,
 retrying for ``WITHDRAW_TIMEOUT`` seconds; if none comes, the delete goes ahead and the
@@ -13,25 +15,54 @@ withdrawal is recorded as unconfirmed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from reconciler.controlplane.client import ControlPlane, ControlPlaneError, specs_for
 from reconciler.controlplane.identity import load_key
 from reconciler.errors import InfernetError
-from reconciler.model import ControlPlaneSettings, GpuState
+from reconciler.model import ConfigSource, ControlPlaneSettings, GpuState, Plan
 from reconciler.redact import redact
-from state import Store
+from state import StatusKey, Store, clock
 
-LAST_HEARTBEAT = "last_heartbeat"  # state-store status key read by ``infernet status``
 WITHDRAW_TIMEOUT = 20.0
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def report(
+    source: ConfigSource,
+    *,
+    converged: bool,
+    the_plan: Plan | None,
+    errors: Sequence[str] = (),
+    drift: Sequence[str] = (),
+    last_apply_at: str | None = None,
+) -> dict[str, Any]:
+    """``specs.reconciler``: how this node's reconciliation stands, from the plan last made
+    (its drift, errors and estimates), or, when none could be made, from ``drift`` alone."""
+    if the_plan is not None:
+        drift = [f"{a.op.value} {a.model}" for a in the_plan.actions]
+        errors = [*the_plan.errors, *errors]
+    estimates = the_plan.budget.estimates if the_plan is not None else ()
+    return {
+        "config_sha256": source.sha256,
+        "git_commit": source.git_commit,
+        "converged": converged,
+        "drift": list(drift),
+        "errors": list(errors),
+        "last_apply_at": last_apply_at,
+        "estimates": [
+            {
+                "model": e.model,
+                "bytes": e.bytes,
+                "source": e.source,
+                "estimated_bytes": e.estimated_bytes,
+                "measured_bytes": e.measured_bytes,
+            }
+            for e in estimates
+        ],
+    }
 
 
 @dataclass
@@ -69,9 +100,10 @@ class Heartbeater:
     ) -> Exception | None:
         """One heartbeat with the full specs; records the outcome; returns the failure."""
         record: dict[str, Any] = {
-            "at": _now(), "url": redact(self.settings.url),
+            "at": clock.stamp(),
+            "url": redact(self.settings.url),
             "served_models": list(served),
-        }  # fmt: skip
+        }
         failure: Exception | None = None
         try:
             specs = specs_for(list(served), gpu, extension=extension)
@@ -80,7 +112,7 @@ class Heartbeater:
         except (InfernetError, ValueError) as exc:
             failure = exc
             record.update(ok=False, error=_describe(self.settings.url, exc))
-        self.store.put_status(LAST_HEARTBEAT, record)
+        self.store.put_status(StatusKey.LAST_HEARTBEAT, record)
         return failure
 
     def beat(self, served: tuple[str, ...], gpu: GpuState, extension: dict[str, Any]) -> str | None:
@@ -108,8 +140,8 @@ class Heartbeater:
             remaining = deadline - time.monotonic()
             if not retryable or remaining <= 0:
                 error = _describe(self.settings.url, failure)
-                record = {"at": _now(), "confirmed": False, "error": error}
-                self.store.put_status("last_withdrawal", record)
+                record = {"at": clock.stamp(), "confirmed": False, "error": error}
+                self.store.put_status(StatusKey.LAST_WITHDRAWAL, record)
                 return f"withdrawal not confirmed by the control plane ({error}); deleting anyway"
             self.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
@@ -127,4 +159,4 @@ def _describe(url: str, exc: Exception) -> str:
     return f"heartbeat to {redact(url)} failed: {exc}"
 
 
-__all__ = ["LAST_HEARTBEAT", "ControlPlaneError", "Heartbeater"]
+__all__ = ["ControlPlaneError", "Heartbeater", "report"]

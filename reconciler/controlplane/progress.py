@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from reconciler import limits
 from reconciler.controlplane.client import ControlPlane, ControlPlaneError
 from reconciler.events import Event, Kind
 from reconciler.model import Op
@@ -23,8 +24,6 @@ from reconciler.names import key
 log = logging.getLogger("infernet.commands")
 
 STEPS = 3  # 1 edit infernet.yaml, 2 apply (download, load, remove), 3 check the node
-_STATUS_MAX = 64  # what the server keeps of status and phase
-_PHASE_MAX = 32
 # Ollama's pull statuses after the bytes have arrived.
 _AFTER_DOWNLOAD = ("verifying", "writing manifest", "success", "removing unused layers")
 
@@ -120,8 +119,8 @@ class CommandProgress:
 
     def _body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "status": self._status[:_STATUS_MAX],
-            "phase": self._phase[:_PHASE_MAX],
+            "status": self._status[: limits.PROGRESS_STATUS],
+            "phase": self._phase[: limits.PROGRESS_PHASE],
             "step": self._step,
             "steps": STEPS,
             "pct": 0,

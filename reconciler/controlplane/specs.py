@@ -6,7 +6,8 @@ part follows ``gatherCoarseSpecs`` (``apps/cli/commands/register.js``) and the f
 ``liveLoad`` (``apps/cli/commands/start.js``) in Infernet Protocol; the reconciler's own report
 rides along under ``reconciler``, a key the control plane stores and ignores.
 
-Standard library only: ``status`` and ``plan`` can build specs without loading an HTTP client.
+Standard library only (and the store's clock): ``status`` and ``plan`` can build specs without
+loading an HTTP client.
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-from datetime import UTC, datetime
 from typing import Any
 
-from reconciler import __version__
+from reconciler import __version__, limits
 from reconciler.model import GpuState
+from state import clock
 
-MAX_SERVED_MODELS = 50
-MAX_MODEL_NAME = 200
 CLI_VERSION = f"infernet-{__version__}"
 """``cli_version``: the register sanitizer keeps only ``^[0-9A-Za-z._+-]{1,32}$`` (it would
 null ``infernet 0.1.0``, space included), so the tool's name is joined with a hyphen."""
@@ -55,8 +54,9 @@ def specs_for(advertised: list[str], gpu: GpuState, *, extension: dict[str, Any]
     silently drop them, and a model that is served but not advertised is invisible.
     """
     served = _served_models(advertised)
+    model_name = limits.GPU_MODEL_NAME
     gpus = [
-        {"vendor": "nvidia", "vram_tier": vram_tier(g.total_bytes), "model": g.name[:64]}
+        {"vendor": "nvidia", "vram_tier": vram_tier(g.total_bytes), "model": g.name[:model_name]}
         for g in gpu.gpus
     ]
     specs: dict[str, Any] = {
@@ -80,16 +80,17 @@ def offline_body(role: str) -> dict[str, Any]:
 
 def _served_models(advertised: list[str]) -> list[str]:
     served = list(dict.fromkeys(advertised))  # exact duplicates are one name; order kept
+    longest = limits.MAX_MODEL_NAME
     for name in served:
-        if not isinstance(name, str) or not 1 <= len(name) <= MAX_MODEL_NAME:
+        if not isinstance(name, str) or not 1 <= len(name) <= longest:
             raise ValueError(
-                f"advertised name {name!r} must be a string of 1-{MAX_MODEL_NAME} characters; "
+                f"advertised name {name!r} must be a string of 1-{longest} characters; "
                 "the control plane drops any other, so the model could never be routed to"
             )
-    if len(served) > MAX_SERVED_MODELS:
+    if len(served) > limits.MAX_ADVERTISED:
         raise ValueError(
             f"{len(served)} models to advertise, but the control plane keeps at most "
-            f"{MAX_SERVED_MODELS}; serve fewer or set advertise_as to share names"
+            f"{limits.MAX_ADVERTISED}; serve fewer or set advertise_as to share names"
         )
     return served
 
@@ -106,7 +107,7 @@ def _load(gpu: GpuState) -> dict[str, Any]:
     load: dict[str, Any] = {
         "vram": {"total_gb": _gb(total_vram), "free_gb": _gb(free_vram)},
         "ram": {"total_gb": _gb(ram_total), "free_gb": _gb(ram_free)},
-        "measured_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "measured_at": clock.now().isoformat(timespec="milliseconds").replace("+00:00", "Z"),
     }
     with contextlib.suppress(OSError):  # no load average on this platform
         load["load_avg_1m"] = round(os.getloadavg()[0], 2)

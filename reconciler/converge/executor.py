@@ -33,8 +33,9 @@ from reconciler.names import key
 from state import Store
 
 Reobserve = Callable[[], tuple[Observed, Plan]]
-Withdraw = Callable[[tuple[str, ...]], str | None]
-"""Advertise only these names before deletes; returns a note when that wasn't confirmed."""
+Withdraw = Callable[[tuple[Action, ...]], str | None]
+"""Before deletes, advertise only what is served once these actions (done so far) are done;
+returns a note when the control plane did not confirm it."""
 
 
 @dataclass(frozen=True)
@@ -55,16 +56,12 @@ class Result:
     converged: bool
     final: Plan | None
     advertised: tuple[str, ...]
+    heartbeat: bool | None = None  # the heartbeat after it: taken, refused, or none to send
 
     @property
     def failed(self) -> tuple[Outcome, ...]:
         """The actions that failed."""
         return tuple(o for o in self.outcomes if o.result == "failed")
-
-    @property
-    def changed(self) -> bool:
-        """True when at least one action succeeded."""
-        return any(o.result == "ok" for o in self.outcomes)
 
 
 @dataclass
@@ -108,9 +105,12 @@ class Executor:
 
     def _journal(self, action: Action, run_id: str) -> int:
         return self.store.begin_action(
-            run_id=run_id, op=action.op.value, backend=action.backend.value,
-            canonical=action.canonical, model=action.model,
-        )  # fmt: skip
+            run_id=run_id,
+            op=action.op.value,
+            backend=action.backend.value,
+            canonical=action.canonical,
+            model=action.model,
+        )
 
     def _run(self, action: Action, run_id: str, work: Callable[[], None]) -> Outcome:
         """Journal, announce, run with retries, record the outcome."""
@@ -146,16 +146,21 @@ class Executor:
         backend.pull(target, report, self.cancel, source=action.source, digest=action.digest)
         facts = backend.verify(target, action.digest)
         self.store.record_installed(
-            backend=action.backend.value, canonical=action.canonical, name=action.model,
+            backend=action.backend.value,
+            canonical=action.canonical,
+            name=action.model,
             digest=facts.digest,
-        )  # fmt: skip
+        )
 
     def _pin(self, action: Action) -> None:
         keep = action.keep_alive if action.keep_alive is not None else 0.0
         self._backend(action).load(
-            self._target(action), keep_alive=keep, embedding=action.embedding,
-            context=action.context, advertise_as=action.advertise_as,
-        )  # fmt: skip
+            self._target(action),
+            keep_alive=keep,
+            embedding=action.embedding,
+            context=action.context,
+            advertise_as=action.advertise_as,
+        )
         self.store.set_pinned(
             backend=action.backend.value, canonical=action.canonical, pinned=keep < 0
         )
@@ -203,7 +208,7 @@ class Executor:
         elif removals:
             if self.withdraw is not None:
                 # The heartbeat without them goes out (and is answered) before any delete.
-                note = self.withdraw(plan.advertised)
+                note = self.withdraw(tuple(o.action for o in outcomes if o.result == "ok"))
                 if note:
                     self.progress(Event(Kind.NOTE, message=note))
             for action in removals:
@@ -222,10 +227,13 @@ class Executor:
         self.store.finish_run(run_id, converged=converged)
         failed = sum(1 for o in outcomes if o.result == "failed")
         self.store.record_apply(
-            config_sha256=plan.source.sha256, git_commit=plan.source.git_commit,
-            converged=converged, actions=len(outcomes), failed=failed,
+            config_sha256=plan.source.sha256,
+            git_commit=plan.source.git_commit,
+            converged=converged,
+            actions=len(outcomes),
+            failed=failed,
             summary={"advertised": list(final.advertised if final else plan.advertised)},
-        )  # fmt: skip
+        )
         outcome = "converged" if converged else "not_converged"
         self.progress(Event(Kind.CONVERGED, outcome=outcome))
         advertised = final.advertised if final else plan.advertised

@@ -190,10 +190,7 @@ def observe(
         installed = tuple(enriched.get(key(kind, m.canonical), m) for m in state.installed)
         states[kind] = dataclasses.replace(state, installed=installed)
     # An installed model's update check that failed is not a plan error: only a warning later.
-    upstream = {
-        k: u for k, u in upstream.items()
-        if u.error is None or not _installed(states, k)
-    }  # fmt: skip
+    upstream = {k: u for k, u in upstream.items() if u.error is None or not _installed(states, k)}
     gpu = read_gpus(desired.budget.vram)
     for kind, state in states.items():
         if any(m.pid for m in state.loaded) and gpu.backend_processes:

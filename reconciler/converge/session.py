@@ -1,7 +1,7 @@
 """One reconciliation session: the desired state, the state store and the backends together.
 
-The CLI and (later) the daemon both go through here, so "observe, then plan" and "lock, then
-apply" are written once.
+The CLI and the daemon both go through here, so "observe, then plan" and "lock, then apply"
+are written once (``converge.apply`` is one apply from start to end).
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from typing import Any
 
 from reconciler import backends
 from reconciler.backends.base import Backend
-from reconciler.controlplane.heartbeat import WITHDRAW_TIMEOUT, Heartbeater
+from reconciler.controlplane.heartbeat import WITHDRAW_TIMEOUT, Heartbeater, report
 from reconciler.converge.executor import Executor, Result
 from reconciler.converge.observe import make_backends, observe
 from reconciler.errors import ConfigError
 from reconciler.events import Event, Kind, Progress, ignore
 from reconciler.model import (
+    Action,
     BackendKind,
     Desired,
     Observed,
@@ -29,12 +30,10 @@ from reconciler.model import (
     Plan,
 )
 from reconciler.names import ModelKey, key
-from reconciler.planning.plan import plan, serving
+from reconciler.planning import advertised
+from reconciler.planning.plan import plan
 from reconciler.redact import redact
-from state import NodeLock, Store
-
-PROTECTED = "protected"  # status key: model keys declared protect: true, until removed
-LAST_VALID = "last_valid_config"  # status key: the text of the last valid file the daemon used
+from state import NodeLock, StatusKey, Store
 
 
 def load_or_last_valid(path: Path, state_dir: Path) -> tuple[Desired, str | None]:
@@ -46,7 +45,7 @@ def load_or_last_valid(path: Path, state_dir: Path) -> tuple[Desired, str | None
         return desired.load(path), None
     except ConfigError as exc:
         with Store.open(state_dir) as store:
-            kept = store.get_status(LAST_VALID)
+            kept = store.get_status(StatusKey.LAST_VALID)
         if not kept:
             raise
         return desired.parse(kept["text"], path=str(path)), str(exc).splitlines()[0]
@@ -97,7 +96,7 @@ def read_owned(store: Store) -> Owned:
         if backends.known(r.backend)  # a kind no driver serves now: not ours to manage
     }
     measured = {key(b, c): v for (b, c), v in store.measured_vram().items()}
-    protected = store.get_status(PROTECTED) or []
+    protected = store.get_status(StatusKey.PROTECTED) or []
     return Owned(models=models, measured_vram=measured, protected=frozenset(protected))
 
 
@@ -143,10 +142,10 @@ def _protected(
 
 def remember_protected(store: Store, desired: Desired, observed: Observed) -> None:
     """Keep in the store which models are protected now (see ``_protected``)."""
-    previous = frozenset(store.get_status(PROTECTED) or [])
+    previous = frozenset(store.get_status(StatusKey.PROTECTED) or [])
     keep = _protected(previous, desired, observed)
     if keep != previous:
-        store.put_status(PROTECTED, sorted(keep))
+        store.put_status(StatusKey.PROTECTED, sorted(keep))
 
 
 @dataclass
@@ -221,14 +220,21 @@ class Session:
         owned = read_owned(self.store)
         owners = {m.canonical: m.backend for m in owned.models.values()}
         observed = observe(
-            self.desired, self.backends, cache=StoreCache(self.store), refresh_upstream=refresh,
+            self.desired,
+            self.backends,
+            cache=StoreCache(self.store),
+            refresh_upstream=refresh,
             owners=owners,
-        )  # fmt: skip
+        )
         adopted = _interrupted_pulls(self.store, observed, owned)
         if record:
             for ours, digest in adopted:
-                self.store.record_installed(backend=ours.backend.value, canonical=ours.canonical,
-                                            name=ours.name, digest=digest)  # fmt: skip
+                self.store.record_installed(
+                    backend=ours.backend.value,
+                    canonical=ours.canonical,
+                    name=ours.name,
+                    digest=digest,
+                )
             remember_protected(self.store, self.desired, observed)
             owned = read_owned(self.store)
         else:
@@ -255,55 +261,54 @@ class Session:
         if self.heartbeater is not None:
             beats = self.heartbeater
 
-            def withdraw(names: tuple[str, ...]) -> str | None:
+            def withdraw(done: tuple[Action, ...]) -> str | None:
+                served = advertised.now(the_plan, self.desired, done=done)
                 extension = self.extension(the_plan, converged=False)
-                return beats.withdraw(names, observed.gpu, extension)
+                return beats.withdraw(served, observed.gpu, extension)
 
         executor = Executor(
-            self.backends, self.store, progress=progress, withdraw=withdraw,
-            parallel=self.desired.policy.parallel_pulls, backoff=retry_backoff(),
+            self.backends,
+            self.store,
+            progress=progress,
+            withdraw=withdraw,
+            parallel=self.desired.policy.parallel_pulls,
+            backoff=retry_backoff(),
             cancel=cancel or threading.Event(),
-        )  # fmt: skip
+        )
         result = executor.execute(the_plan, self.observe_and_plan)
         if result.final is not None:
-            self.heartbeat(result.final, observed, converged=result.converged, progress=progress)
+            beat = self.heartbeat(
+                result.final, observed, converged=result.converged, progress=progress
+            )
+            result = replace(result, heartbeat=beat)
         return result
 
     def extension(self, the_plan: Plan, *, converged: bool) -> dict[str, Any]:
         """``specs.reconciler``: how this node's reconciliation stands."""
         last = self.store.last_apply()
-        return {
-            "config_sha256": the_plan.source.sha256,
-            "git_commit": the_plan.source.git_commit,
-            "converged": converged,
-            "drift": [f"{a.op.value} {a.model}" for a in the_plan.actions],
-            "errors": list(the_plan.errors) + ([self.config_error] if self.config_error else []),
-            "last_apply_at": last.at if last else None,
-            "estimates": [
-                {
-                    "model": e.model,
-                    "bytes": e.bytes,
-                    "source": e.source,
-                    "estimated_bytes": e.estimated_bytes,
-                    "measured_bytes": e.measured_bytes,
-                }
-                for e in the_plan.budget.estimates
-            ],
-        }
+        return report(
+            the_plan.source,
+            converged=converged,
+            the_plan=the_plan,
+            errors=[self.config_error] if self.config_error else [],
+            last_apply_at=last.at if last else None,
+        )
 
     def heartbeat(
         self, the_plan: Plan, observed: Observed, *, converged: bool, progress: Progress = ignore
-    ) -> None:
-        """Advertise what is served now (installed, verified, fitting); report the outcome."""
+    ) -> bool | None:
+        """Advertise what is served now (installed, verified, fitting); report the outcome.
+        True when the control plane took it, False when not, None without a control plane."""
         if self.heartbeater is None:
-            return
-        served = serving(the_plan, self.desired)
+            return None
+        served = advertised.now(the_plan, self.desired)
         error = self.heartbeater.beat(
             served, observed.gpu, self.extension(the_plan, converged=converged)
         )
         url = redact(self.heartbeater.settings.url)
         message = error or f"heartbeat: {url} now lists {len(served)} models"
         progress(Event(Kind.NOTE, outcome="failed" if error else "ok", message=message))
+        return error is None
 
     def lock(self, purpose: str) -> NodeLock:
         """The node lock (one writer per node), acquired with the configured timeout."""

@@ -52,9 +52,8 @@ class Backoff:
             return plan, []
         pull_held = any(a.op in (Op.PULL, Op.UPDATE) for a in held)
         keep = tuple(
-            a for a in plan.actions
-            if a not in held and not (pull_held and a.op is Op.REMOVE)
-        )  # fmt: skip
+            a for a in plan.actions if a not in held and not (pull_held and a.op is Op.REMOVE)
+        )
         return dataclasses.replace(plan, actions=keep), held
 
 

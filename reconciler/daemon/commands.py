@@ -24,22 +24,24 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
+from reconciler import limits
 from reconciler.config import desired
 from reconciler.controlplane.client import ControlPlane, ControlPlaneError, RemoteCommand
 from reconciler.controlplane.progress import CommandProgress
-from reconciler.daemon.undo import drop_undo, settle_interrupted, undo_edit
-from reconciler.daemon.verbs import VERBS, Answer, Context, ReconcileOutcome, failed, one_line
-from reconciler.errors import ConfigError, InfernetError, LockError, ValidationError
+from reconciler.converge import edits
+from reconciler.daemon.verbs import VERBS, Answer, Context, ReconcileOutcome, answer_line, failed
+from reconciler.errors import ConfigError, InfernetError, LockError, ValidationError, one_line
 from reconciler.events import Progress
 from state import CommandRecord, NodeLock, Store
 
 log = logging.getLogger("infernet.commands")
 
 REJECTED = "this node is managed from infernet.yaml"
+INTERRUPTED = "interrupted by a restart of infernet; issue it again"
 BUSY = (
     "the node is busy: an apply or model command run on the node holds its lock; "
     "issue the command again in a while"
@@ -86,7 +88,7 @@ class CommandRunner:
 
     # ---- the tick
 
-    def run_pending(self, *, limit: int = 5) -> list[str]:
+    def run_pending(self, *, limit: int = limits.POLL_LIMIT) -> list[str]:
         """Deliver owed answers, then claim up to ``limit`` commands and run them in turn."""
         self.deliver_pending()
         try:
@@ -118,8 +120,9 @@ class CommandRunner:
             try:
                 self._send(record.command_id, answer)
             except ControlPlaneError as exc:
-                log.warning("answer to command %s not delivered (will retry): %s",
-                            record.command_id, exc)  # fmt: skip
+                log.warning(
+                    "answer to command %s not delivered (will retry): %s", record.command_id, exc
+                )
                 break  # the control plane is down or refusing us: the rest would fail the same
             delivered += 1
         return delivered
@@ -147,9 +150,14 @@ class CommandRunner:
             )
         finally:
             self._active.discard(command.id)
-        log.info("command %s %s %s: %s%s", command.id, command.command,
-                 command.args.get("model", ""), answer.status,
-                 f" ({answer.error})" if answer.error else "")  # fmt: skip
+        log.info(
+            "command %s %s %s: %s%s",
+            command.id,
+            command.command,
+            command.args.get("model", ""),
+            answer.status,
+            f" ({answer.error})" if answer.error else "",
+        )
         try:
             self._send(command.id, answer)
         except ControlPlaneError as exc:
@@ -170,18 +178,22 @@ class CommandRunner:
             now = "gone"
         self.store.mark_command_reported(command_id)
         if now not in (answer.status, "gone"):
-            log.info("command %s is %s on the control plane; our %s answer was a no-op",
-                     command_id, now, answer.status)  # fmt: skip
+            log.info(
+                "command %s is %s on the control plane; our %s answer was a no-op",
+                command_id,
+                now,
+                answer.status,
+            )
 
     def _settle_edit(self, command_id: str, answer: Answer) -> Answer:
         """One truth: a failed install's edit is taken back out of the file (byte for byte
         when nobody touched the file since); a completed one's undo record is dropped."""
         if answer.status != "failed":
-            drop_undo(self.store, command_id)
+            edits.drop_undo(self.store, command_id)
             return answer
         try:
             with self._file_lock():
-                note = undo_edit(self.store, self.config_path, command_id)
+                note = edits.undo_edit(self.store, self.config_path, command_id)
         except LockError:
             # Left for settle_interrupted, which every reconcile and tick runs.
             return answer
@@ -190,7 +202,7 @@ class CommandRunner:
     def _execute(self, command: RemoteCommand) -> Answer:
         handler = VERBS.get(command.command)
         if handler is None:
-            verb = one_line(command.command)[:64] or "(empty)"
+            verb = one_line(command.command, limits.MAX_VERB, mark="") or "(empty)"
             return failed(
                 f"unsupported command '{verb}': this node runs only {' and '.join(VERBS)}"
             )
@@ -209,13 +221,20 @@ class CommandRunner:
         if settings is not None and settings.commands == "reject":
             return failed(REJECTED)
         cancel = threading.Event()
-        progress = CommandProgress(self.client, command.id, cancel,
-                                   clock=self.clock, interval=self.progress_interval)  # fmt: skip
+        progress = CommandProgress(
+            self.client, command.id, cancel, clock=self.clock, interval=self.progress_interval
+        )
         context = Context(
-            command_id=command.id, args=command.args, current=current, progress=progress,
-            cancel=cancel, store=self.store, config_path=self.config_path,
-            file_lock=self._file_lock, reconcile=self._reconcile,
-        )  # fmt: skip
+            command_id=command.id,
+            args=command.args,
+            current=current,
+            progress=progress,
+            cancel=cancel,
+            store=self.store,
+            config_path=self.config_path,
+            file_lock=self._file_lock,
+            reconcile=self._reconcile,
+        )
         try:
             return handler(context)
         except LockError:
@@ -230,13 +249,42 @@ class CommandRunner:
         try:
             return self.reconcile(progress, cancel, force), None
         except InfernetError as exc:
-            return None, one_line(str(exc))
+            return None, answer_line(str(exc))
         except Exception as exc:
             log.exception("reconcile for a remote command crashed")
             return None, one_line(f"internal error in infernet: {type(exc).__name__}: {exc}")
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def settle_interrupted(store: Store, config_path: Path, *, busy: Collection[str] = ()) -> list[str]:
+    """Settle commands a crash or kill cut off (still ``received``/``running`` in the ledger
+    and not being run now): take back the file edit an install made and mark them failed, so
+    the node and the answer agree: it is not installed. Running one again could do it twice;
+    the owner decides whether to issue it again. Also takes back the edit of a failed install
+    whose revert could not run then. The caller holds the node lock; returns the settled ids.
+    """
+    settled: list[str] = []
+    for record in store.unreported_commands():
+        if record.command_id in busy or record.state not in ("received", "running"):
+            continue
+        log.warning(
+            "command %s (%s) was interrupted; answering failed", record.command_id, record.verb
+        )
+        note = edits.undo_edit(store, config_path, record.command_id)
+        store.set_command_state(record.command_id, state="failed", error=INTERRUPTED + note)
+        settled.append(record.command_id)
+    for command_id in edits.undo_pending(store):
+        seen = store.command_seen(command_id)
+        if command_id in busy or (seen is not None and seen.state in ("received", "running")):
+            continue
+        if seen is None or seen.state == "failed":  # failed, or its ledger row is gone
+            edits.undo_edit(store, config_path, command_id)
+            settled.append(command_id)
+        else:
+            edits.drop_undo(store, command_id)
+    return settled
 
 
 def _storable(args: dict[str, Any]) -> dict[str, Any]:
@@ -250,4 +298,4 @@ def _recorded(record: CommandRecord) -> Answer:
     return Answer(record.state, record.result, record.error)
 
 
-__all__ = ["REJECTED", "CommandRunner", "Reconcile", "settle_interrupted", "undo_edit"]
+__all__ = ["INTERRUPTED", "REJECTED", "CommandRunner", "Reconcile", "settle_interrupted"]

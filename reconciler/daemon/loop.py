@@ -39,34 +39,29 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from reconciler.controlplane.heartbeat import Heartbeater
+from reconciler.controlplane.heartbeat import Heartbeater, report
 from reconciler.converge.session import Session
 from reconciler.daemon.backoff import Backoff, Faults
-from reconciler.daemon.commands import CommandRunner
+from reconciler.daemon.commands import CommandRunner, settle_interrupted
 from reconciler.daemon.metrics import Metrics
 from reconciler.daemon.stop import Stopping
-from reconciler.daemon.undo import settle_interrupted
 from reconciler.daemon.verbs import ReconcileOutcome
 from reconciler.daemon.watch import Watching
-from reconciler.errors import InfernetError, LockError
+from reconciler.errors import InfernetError, LockError, one_line
 from reconciler.events import Event, Kind, Progress, ignore
+from reconciler.limits import FAULT_TEXT
 from reconciler.model import GpuState, Op, Plan
-from reconciler.planning.plan import serving
+from reconciler.planning.advertised import now as advertised_now
+from state import StatusKey, clock
 from state.location import crash_report
 
 log = logging.getLogger("infernet.daemon")
 
 LOCK_WAIT = 5.0  # how long an act waits for an `infernet apply` running from a shell
-DAEMON_STATUS = "daemon"  # state-store status key read by `infernet status`
 _MAX_CRASH_REPORTS = 10  # per process: a fault whose wording changes each time can't fill the disk
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Daemon(Stopping, Watching):
@@ -190,7 +185,7 @@ class Daemon(Stopping, Watching):
                 self._safely(self._status)
 
     def _fault(self, step: str, exc: Exception) -> None:
-        detail = " ".join(str(exc).split())[:300]
+        detail = one_line(str(exc), FAULT_TEXT, mark="")
         reason = f"{step} failed: internal error {type(exc).__name__}" + (
             f": {detail}" if detail else ""
         )
@@ -201,8 +196,9 @@ class Daemon(Stopping, Watching):
                 self._crash_reports += 1
                 report = crash_report(self.state_dir, traceback.format_exc())
                 where = f"; details in {report}, please report it" if report else ""
-            log.error("%s (next try in %.0fs; the desired state in force stays)%s",
-                      reason, delay, where)  # fmt: skip
+            log.error(
+                "%s (next try in %.0fs; the desired state in force stays)%s", reason, delay, where
+            )
         else:
             log.debug("%s again (next try in %.0fs)", reason, delay)
         self._safely(self._status)
@@ -228,12 +224,15 @@ class Daemon(Stopping, Watching):
         try:
             if self._last_plan is not None:
                 extension = session.extension(self._last_plan, converged=False)
+                extension["errors"] = [*extension["errors"], *errors]
             else:
-                extension = {"config_sha256": session.desired.source.sha256,
-                             "git_commit": session.desired.source.git_commit,
-                             "converged": False, "drift": self.drift, "errors": [],
-                             "last_apply_at": None, "estimates": []}  # fmt: skip
-            extension["errors"] = [*extension.get("errors", []), *errors]
+                extension = report(
+                    session.desired.source,
+                    converged=False,
+                    the_plan=None,
+                    drift=self.drift,
+                    errors=errors,
+                )
             failed = session.heartbeater.beat(self._advertised, self._last_gpu, extension)
         except Exception as exc:
             failed = f"{type(exc).__name__}: {exc}"
@@ -279,9 +278,12 @@ class Daemon(Stopping, Watching):
                 self.drift = [f"{a.op.value} {a.model}" for a in plan.actions]
                 self.metrics.drift(len(plan.actions))
                 b = plan.budget
-                self.metrics.vram(total=b.vram_total_bytes, pinned=b.vram_pinned_bytes,
-                                  largest_swap_in=b.largest_swap_in_bytes,
-                                  reserve=b.reserve_bytes)  # fmt: skip
+                self.metrics.vram(
+                    total=b.vram_total_bytes,
+                    pinned=b.vram_pinned_bytes,
+                    largest_swap_in=b.largest_swap_in_bytes,
+                    reserve=b.reserve_bytes,
+                )
                 if plan.errors:
                     for error in plan.errors:
                         log.error("plan refused: %s", error)
@@ -303,12 +305,19 @@ class Daemon(Stopping, Watching):
         except InfernetError as exc:
             log.error("%s", exc)
             return self._done("failed", started, str(exc), None)
+        if result.heartbeat is not None:
+            self.metrics.heartbeat(ok=result.heartbeat)
         for done in result.outcomes:
             self.metrics.action(op=done.action.op.value, outcome=done.result)
             if done.result == "failed":
                 delay = self.backoff.failed(done.action)
-                log.error("%s %s failed: %s (next try in %.0fs)", done.action.op.value,
-                          done.action.model, done.error, delay)  # fmt: skip
+                log.error(
+                    "%s %s failed: %s (next try in %.0fs)",
+                    done.action.op.value,
+                    done.action.model,
+                    done.error,
+                    delay,
+                )
             elif done.result == "ok":
                 self.backoff.succeeded(done.action)
         verdict = "converged" if result.converged else "not_converged"
@@ -318,16 +327,22 @@ class Daemon(Stopping, Watching):
     def _progress(self, outer: Progress) -> Progress:
         def report(event: Event) -> None:
             if event.kind is Kind.FINISHED and event.action is not None:
-                log.info("%s %s: %s%s", event.action.op.value, event.action.model,
-                         event.outcome, f" ({event.message})" if event.message else "")  # fmt: skip
+                log.info(
+                    "%s %s: %s%s",
+                    event.action.op.value,
+                    event.action.model,
+                    event.outcome,
+                    f" ({event.message})" if event.message else "",
+                )
                 if event.action.op in (Op.PULL, Op.UPDATE) and event.outcome == "ok":
                     self.metrics.bytes_pulled(event.action.download_bytes or 0)
             elif event.kind is Kind.NOTE and event.message:
                 # A failed heartbeat means the network routes nothing here: not an info line.
-                log.log(logging.WARNING if event.outcome == "failed" else logging.INFO,
-                        "%s", event.message)  # fmt: skip
-                if event.message.startswith("heartbeat"):
-                    self.metrics.heartbeat(ok=event.outcome != "failed")
+                log.log(
+                    logging.WARNING if event.outcome == "failed" else logging.INFO,
+                    "%s",
+                    event.message,
+                )
             outer(event)
 
         return report
@@ -335,8 +350,11 @@ class Daemon(Stopping, Watching):
     def _beat(self, plan: Plan, observed: Any, *, converged: bool) -> None:
         assert self.session is not None
         self._last_plan, self._last_gpu = plan, observed.gpu
-        self.session.heartbeat(plan, observed, converged=converged,
-                               progress=self._progress(ignore))  # fmt: skip
+        beat = self.session.heartbeat(
+            plan, observed, converged=converged, progress=self._progress(ignore)
+        )
+        if beat is not None:
+            self.metrics.heartbeat(ok=beat)
 
     def _done(
         self,
@@ -353,7 +371,7 @@ class Daemon(Stopping, Watching):
         self.metrics.reconcile(outcome=outcome, seconds=seconds)
         self._status()
         if advertised is None and plan is not None and self.session is not None:
-            advertised = serving(plan, self.session.desired)
+            advertised = advertised_now(plan, self.session.desired)
         if plan is not None:
             self._last_plan, self._advertised = plan, advertised or ()
         return ReconcileOutcome(outcome == "converged", advertised or (), error)
@@ -388,25 +406,35 @@ class Daemon(Stopping, Watching):
                 progress: Progress, cancel: threading.Event, force: frozenset[str]
             ) -> ReconcileOutcome:
                 self.reload()
-                return self.reconcile("remote command", progress=progress, cancel=cancel,
-                                      force_remove=force)  # fmt: skip
+                return self.reconcile(
+                    "remote command", progress=progress, cancel=cancel, force_remove=force
+                )
 
             self._runner = CommandRunner(
-                client=client, store=session.store, config_path=self.config_path,
+                client=client,
+                store=session.store,
+                config_path=self.config_path,
                 reconcile=reconcile,
-            )  # fmt: skip
+            )
         return self._runner
 
     def _status(self, *, running: bool = True) -> None:
         """What ``infernet status`` shows about the daemon."""
         if self.session is None:
             return
-        self.session.store.put_status(DAEMON_STATUS, {
-            "pid": os.getpid(), "running": running, "at": _now(),
-            "config_valid": self.config_error is None, "config_error": self.config_error,
-            "last_outcome": self.last_outcome, "drift": self.drift,
-            "errors": list(self.faults.reasons.values()),
-        })  # fmt: skip
+        self.session.store.put_status(
+            StatusKey.DAEMON,
+            {
+                "pid": os.getpid(),
+                "running": running,
+                "at": clock.stamp(),
+                "config_valid": self.config_error is None,
+                "config_error": self.config_error,
+                "last_outcome": self.last_outcome,
+                "drift": self.drift,
+                "errors": list(self.faults.reasons.values()),
+            },
+        )
 
 
-__all__ = ["DAEMON_STATUS", "Daemon"]
+__all__ = ["Daemon"]

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 RECONCILE_OUTCOMES = ("converged", "not_converged", "failed", "skipped_invalid")
 ACTION_OUTCOMES = ("ok", "failed", "skipped")
 HEARTBEAT_RESULTS = ("ok", "failed")
-VRAM_PARTS = ("total", "pinned", "largest_swap_in", "reserve")
 
 # A reconcile is milliseconds when nothing changes and can be an hour when it pulls 40 GB.
 _RECONCILE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)

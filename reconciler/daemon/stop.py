@@ -72,8 +72,9 @@ class Stopping:
         os.set_blocking(writer, False)
         self._wakeup = (reader, writer)
         self._old_wakeup_fd = signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
-        threading.Thread(target=self._stop_watchdog, args=(reader,), name="infernet-stop",
-                         daemon=True).start()  # fmt: skip
+        threading.Thread(
+            target=self._stop_watchdog, args=(reader,), name="infernet-stop", daemon=True
+        ).start()
 
     def _stop_watchdog(self, reader: int) -> None:
         """Wait for SIGTERM/SIGINT; make sure the process is gone ``STOP_DEADLINE`` s later."""
@@ -94,8 +95,12 @@ class Stopping:
             # The main thread is stuck in something slow and has not begun its goodbye.
             where = _main_thread_at()
             self._say_goodbye(signalled + STOP_DEADLINE - 0.2)
-            log.warning("stopping: the main thread did not stop within %.1fs of the signal "
-                        "(blocked in %s); ending the process", STOP_GRACE, where)  # fmt: skip
+            log.warning(
+                "stopping: the main thread did not stop within %.1fs of the signal "
+                "(blocked in %s); ending the process",
+                STOP_GRACE,
+                where,
+            )
             _exit_now()
         # The main thread is saying goodbye, or done: only the exit itself may still hang (a
         # pull's worker thread joined at interpreter exit).
@@ -109,8 +114,11 @@ class Stopping:
         session = self.session
         if session is None:
             return
-        jobs = [threading.Thread(target=self._safely, args=(lambda: self._status(running=False),),
-                                 daemon=True)]  # fmt: skip
+        jobs = [
+            threading.Thread(
+                target=self._safely, args=(lambda: self._status(running=False),), daemon=True
+            )
+        ]
         if session.heartbeater is not None:
             settings = session.heartbeater.settings
 
@@ -129,8 +137,11 @@ class Stopping:
         for job in jobs:
             job.join(max(0.0, min(deadline - time.monotonic(), GOODBYE)))
         if session.heartbeater is not None and jobs[-1].is_alive():
-            log.warning("offline heartbeat to %s got no answer within %.0fs; stopping anyway",
-                        session.heartbeater.settings.url, GOODBYE)  # fmt: skip
+            log.warning(
+                "offline heartbeat to %s got no answer within %.0fs; stopping anyway",
+                session.heartbeater.settings.url,
+                GOODBYE,
+            )
 
     def _shutdown(self) -> None:
         for reason in _drain(self.wake):
@@ -173,8 +184,11 @@ class Stopping:
         if outcome:
             log.info(outcome[0] or "offline heartbeat sent")
         else:
-            log.warning("offline heartbeat to %s got no answer within %.0fs; stopping anyway",
-                        beats.settings.url, GOODBYE)  # fmt: skip
+            log.warning(
+                "offline heartbeat to %s got no answer within %.0fs; stopping anyway",
+                beats.settings.url,
+                GOODBYE,
+            )
 
 
 def _main_thread_at() -> str:

@@ -21,19 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import names
-from reconciler.config import edit as configedit
-from reconciler.controlplane.args import install_target, name_problem
+from reconciler.controlplane.args import name_problem
 from reconciler.controlplane.progress import CommandProgress
-from reconciler.daemon.undo import keep_undo
+from reconciler.converge import edits
+from reconciler.errors import one_line
+from reconciler.limits import ANSWER_TEXT
 from reconciler.model import Desired, Op
-from state import NodeLock, Store
+from state import NodeLock, StatusKey, Store
 
 CANCELLED = "cancelled from the dashboard"
-# The state-store key where the session keeps models declared protect: true (still protected
-# after they leave the file). It is reconciler.converge.session.PROTECTED; the layering contract
-# keeps this module and the session independent, so a test checks the two stay equal.
-PROTECTED = "protected"
-_ERROR_MAX = 500  # characters of an error we send; the server keeps 2000, a line is enough
 
 
 @dataclass(frozen=True)
@@ -46,7 +42,7 @@ class Answer:
 
 
 def failed(error: str) -> Answer:
-    return Answer("failed", None, one_line(error))
+    return Answer("failed", None, answer_line(error))
 
 
 @dataclass(frozen=True)
@@ -83,15 +79,11 @@ class Context:
 def model_install(ctx: Context) -> Answer:
     """Add the model to the file (unless it is there) and reconcile; completed once the
     node advertises it."""
-    store, current, progress, cancel = ctx.store, ctx.current, ctx.progress, ctx.cancel
-    target = install_target(ctx.args, current)
-    if isinstance(target, str):
-        return failed(target)
-    model, backend, entry, advertised = target
-    wanted = names.key(backend, names.canonical(backend, _entry_name(entry)))
-    existing = next((m for m in current.models
-                     if names.key(m.backend, m.canonical) == wanted
-                     or m.advertise_as == advertised), None)  # fmt: skip
+    store, progress, cancel = ctx.store, ctx.progress, ctx.cancel
+    install = edits.remote_install(ctx.args, ctx.current)
+    if isinstance(install, str):
+        return failed(install)
+    backend, advertised, existing = install.backend, install.advertised, install.existing
     progress.stage("config", "editing infernet.yaml", 1)
     if cancel.is_set():
         return failed(CANCELLED)
@@ -99,25 +91,34 @@ def model_install(ctx: Context) -> Answer:
 
         def remember(before: bytes, after: bytes) -> None:
             # In the store before the file changes: a crash from here on is undone.
-            keep_undo(store, ctx.command_id, before, after, name=_entry_name(entry),
-                       backend=backend)  # fmt: skip
+            edits.keep_undo(
+                store,
+                ctx.command_id,
+                before,
+                after,
+                name=edits.entry_name(install.entry),
+                backend=backend,
+            )
 
         with ctx.file_lock():
-            configedit.add_model(ctx.config_path, entry, before_write=remember)
+            edits.add(ctx.config_path, install, before_write=remember)
     else:
         backend, advertised = existing.backend, existing.advertise_as
     outcome, crash = ctx.reconcile(progress, cancel, frozenset())
     ok = outcome is not None and outcome.converged and advertised in outcome.advertised
     if cancel.is_set():
-        # A cancelled or failed install must not stay in the file (``_settle_edit`` takes
-        # it out): the node would keep pulling (or failing to plan) a model nobody wants.
+        # A cancelled or failed install must not stay in the file (the runner takes it
+        # out): the node would keep pulling (or failing to plan) a model nobody wants.
         # The next tick prunes whatever was already downloaded (infernet owns it).
         return failed(CANCELLED)
     if not ok:
         return failed(crash or _why_not(outcome, progress, f"{advertised} is not advertised"))
     assert outcome is not None
-    result: dict[str, Any] = {"model": model, "backend": backend.value,
-                              "advertised": list(outcome.advertised)}  # fmt: skip
+    result: dict[str, Any] = {
+        "model": install.advertised,
+        "backend": backend.value,
+        "advertised": list(outcome.advertised),
+    }
     if existing is not None:
         result["note"] = f"{existing.name} was already in infernet.yaml"
     return Answer("completed", result)
@@ -133,32 +134,28 @@ def model_remove(ctx: Context) -> Answer:
     if problem is not None:
         return failed(problem)
     assert isinstance(name, str)
-    matched = [m for m in current.models if names.refers_to(m, name)]
-    if matched:
-        keys = {names.key(m.backend, m.canonical) for m in matched}
-    else:
-        reason = names.is_valid(current.default_backend, name)
-        if reason is not None:
-            return failed(reason)
-        keys = {names.key(current.default_backend,
-                          names.canonical(current.default_backend, name))}  # fmt: skip
-    guarded = [m.name for m in matched if m.protect]
     # A model that left the file stays protected until it is gone (the session keeps
     # those keys); the planner keeps it too, but the answer should say why.
-    remembered = keys & set(ctx.store.get_status(PROTECTED) or [])
-    if guarded or remembered:
-        where = "is protect: true in infernet.yaml" if guarded else "was declared protect: true"
-        return failed(
-            f"{guarded[0] if guarded else name} {where}; remote commands never remove "
-            "protected models"
+    remembered = ctx.store.get_status(StatusKey.PROTECTED) or []
+    removal = edits.removal(current, name, remembered=remembered)
+    if removal.invalid is not None:
+        return failed(removal.invalid)
+    matched, keys = removal.matched, removal.keys
+    if removal.protected is not None or removal.remembered:
+        where = (
+            "is protect: true in infernet.yaml"
+            if removal.protected is not None
+            else "was declared protect: true"
         )
+        shown = removal.protected.name if removal.protected is not None else name
+        return failed(f"{shown} {where}; remote commands never remove protected models")
     owned = {names.key(r.backend, r.canonical) for r in ctx.store.owned()}
     progress.stage("config", "editing infernet.yaml", 1)
     if cancel.is_set():
         return failed(CANCELLED)
     if matched:
         with ctx.file_lock():
-            configedit.remove_model(ctx.config_path, name, None)
+            edits.remove(ctx.config_path, name, None)
     # From here the removal runs to its end even if cancelled: the file no longer lists
     # the model, and a half-undone removal would be worse than a finished one. Nothing is
     # forced: the reconcile removes what the prune policy removes for any edit of the file.
@@ -172,8 +169,11 @@ def model_remove(ctx: Context) -> Answer:
         return failed(crash or _why_not(outcome, progress, f"{name} may still be served"))
     if any(a in outcome.advertised for a in gone):
         return failed(f"{name} is still advertised after the apply")
-    result: dict[str, Any] = {"model": name, "removed": [m.name for m in matched],
-                              "advertised": list(outcome.advertised)}  # fmt: skip
+    result: dict[str, Any] = {
+        "model": name,
+        "removed": [m.name for m in matched],
+        "advertised": list(outcome.advertised),
+    }
     if not any(removals.values()):
         kept = _kept_because(current.policy.prune, bool(keys & owned))
         result["note"] = (
@@ -193,10 +193,6 @@ def _kept_because(prune: str, owned: bool) -> str:
     return "it is not installed"
 
 
-def _entry_name(entry: str | dict[str, Any]) -> str:
-    return entry if isinstance(entry, str) else str(entry["name"])
-
-
 def _why_not(outcome: ReconcileOutcome | None, progress: CommandProgress, what: str) -> str:
     """The best one-line reason a reconcile didn't do what the command asked."""
     if outcome is not None and outcome.error:
@@ -209,10 +205,9 @@ def _why_not(outcome: ReconcileOutcome | None, progress: CommandProgress, what: 
     return f"the node did not converge, so {what} (see infernet status on the node)"
 
 
-def one_line(text: str) -> str:
-    """One line, cut: the dashboard shows it in a table cell."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= _ERROR_MAX else flat[: _ERROR_MAX - 1] + "…"
+def answer_line(text: str) -> str:
+    """An error as an answer carries it: one line, cut (the dashboard shows it in a cell)."""
+    return one_line(text, ANSWER_TEXT)
 
 
 VERBS: Mapping[str, Callable[[Context], Answer]] = {

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.config import desired as desired_mod
-from reconciler.converge.session import LAST_VALID, Session, load_or_last_valid
+from reconciler.converge.session import Session, load_or_last_valid
 from reconciler.daemon.metrics import Metrics
-from reconciler.errors import ConfigError, InfernetError
+from reconciler.errors import ConfigError, InfernetError, one_line
+from reconciler.limits import DETAIL_TEXT
 from reconciler.model import Desired
-from state import Store, clock
+from state import StatusKey, Store, clock
 
 log = logging.getLogger("infernet.daemon")
 
@@ -97,7 +98,7 @@ class Watching:
     def _kept(self, message: str) -> tuple[Desired, str]:
         """The last valid text ``watch`` kept, with why the file is not used."""
         with Store.open(self.state_dir) as store:
-            kept = store.get_status(LAST_VALID)
+            kept = store.get_status(StatusKey.LAST_VALID)
         if not isinstance(kept, dict) or not isinstance(kept.get("text"), str):
             raise ConfigError(message)
         return desired_mod.parse(kept["text"], path=str(self.config_path)), message
@@ -150,14 +151,14 @@ class Watching:
             return
         if hashlib.sha256(data).hexdigest() == wanted:
             text = data.decode("utf-8-sig")
-            self.session.store.put_status(LAST_VALID, {"at": clock.iso(clock.now()), "text": text})
+            self.session.store.put_status(StatusKey.LAST_VALID, {"at": clock.stamp(), "text": text})
             self._kept_sha = wanted
 
     # ------------------------------------------------------------------ acting
 
 
 def _unusable(path: Path, exc: Exception) -> str:
-    detail = " ".join(str(exc).split())[:200]
+    detail = one_line(str(exc), DETAIL_TEXT, mark="")
     return (
         f"{path}: could not be checked (internal error {type(exc).__name__}: {detail}); "
         "please report it with the file"

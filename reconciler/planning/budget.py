@@ -51,10 +51,24 @@ GRAPH_BYTES = 512 * MiB
 the default batch at contexts up to 8k for models up to ~14B."""
 
 BYTES_PER_PARAM = {
-    "F32": 4.0, "F16": 2.0, "BF16": 2.0, "Q8_0": 1.07, "Q6_K": 0.82, "Q5_K_M": 0.71,
-    "Q5_K_S": 0.69, "Q5_0": 0.69, "Q5_1": 0.75, "Q4_K_M": 0.61, "Q4_K_S": 0.57, "Q4_0": 0.56,
-    "Q4_1": 0.62, "Q3_K_L": 0.54, "Q3_K_M": 0.49, "Q3_K_S": 0.44, "Q2_K": 0.41,
-}  # fmt: skip
+    "F32": 4.0,
+    "F16": 2.0,
+    "BF16": 2.0,
+    "Q8_0": 1.07,
+    "Q6_K": 0.82,
+    "Q5_K_M": 0.71,
+    "Q5_K_S": 0.69,
+    "Q5_0": 0.69,
+    "Q5_1": 0.75,
+    "Q4_K_M": 0.61,
+    "Q4_K_S": 0.57,
+    "Q4_0": 0.56,
+    "Q4_1": 0.62,
+    "Q3_K_L": 0.54,
+    "Q3_K_M": 0.49,
+    "Q3_K_S": 0.44,
+    "Q2_K": 0.41,
+}
 """GGUF bytes per weight by file type (block scales included), for the rough layer."""
 
 
@@ -278,12 +292,20 @@ def check(
             )
     first = disks[0] if disks else None
     budget = Budget(
-        vram_total_bytes=base, vram_source=gpu.source, reserve_bytes=reserve,
-        vram_pinned_bytes=pinned_sum, largest_swap_in_bytes=largest, fits=not errors,
+        vram_total_bytes=base,
+        vram_source=gpu.source,
+        reserve_bytes=reserve,
+        vram_pinned_bytes=pinned_sum,
+        largest_swap_in_bytes=largest,
+        fits=not errors,
         disk_free_bytes=first.free_bytes if first else None,
         disk_reserve_bytes=settings.disk_reserve,
-        download_bytes=sum(d.download_bytes for d in disks), estimates=tuple(estimates),
-        vram_available_bytes=total, foreign_bytes=gpu.foreign_bytes,
-        unattributed_bytes=unexplained, foreign_processes=gpu.foreign_processes, disks=tuple(disks),
-    )  # fmt: skip
+        download_bytes=sum(d.download_bytes for d in disks),
+        estimates=tuple(estimates),
+        vram_available_bytes=total,
+        foreign_bytes=gpu.foreign_bytes,
+        unattributed_bytes=unexplained,
+        foreign_processes=gpu.foreign_processes,
+        disks=tuple(disks),
+    )
     return Fit(budget, tuple(errors), tuple(warnings), frozenset(unfit))

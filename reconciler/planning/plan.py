@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 from reconciler import backends
 from reconciler.backends.gguf.memory import quantization
-from reconciler.limits import MAX_ADVERTISED
 from reconciler.model import (
     FOREVER,
     Action,
@@ -25,9 +24,7 @@ from reconciler.model import (
     DiskBudget,
     Estimate,
     InstalledModel,
-    LoadedModel,
     ModelFacts,
-    ModelKey,
     ModelSpec,
     Noop,
     Observed,
@@ -37,7 +34,8 @@ from reconciler.model import (
     Upstream,
 )
 from reconciler.names import key
-from reconciler.planning import budget
+from reconciler.planning import budget, prune
+from reconciler.planning.advertised import first as advertised_first
 
 _ORDER = {Op.PULL: 0, Op.UPDATE: 0, Op.PIN: 1, Op.UNPIN: 2, Op.REMOVE: 3}
 
@@ -60,18 +58,6 @@ class _Draft:
 
 def _short(digest: str | None) -> str:
     return (digest or "?")[:12]
-
-
-def _find_loaded(state: BackendState, model: InstalledModel) -> LoadedModel | None:
-    """The runner serving ``model``: same name, or same manifest (``ps`` shows the name
-    that loaded the runner, not the alias we asked about)."""
-    for loaded in state.loaded:
-        if loaded.canonical == model.canonical:
-            return loaded
-    for loaded in state.loaded:
-        if loaded.digest and loaded.digest == model.facts.digest:
-            return loaded
-    return None
 
 
 def _quant_mismatch(spec: ModelSpec, facts: ModelFacts, where: str) -> str | None:
@@ -125,8 +111,9 @@ def plan(
         else:
             _plan_installed(draft, spec, installed, state)
 
-    desired_keys = {key(m.backend, m.canonical) for m in desired.models}
-    removals = _plan_removals(draft, desired_keys, force_remove)
+    removals = prune.removals(
+        desired, observed, owned, force_remove, noops=draft.noops, warnings=draft.warnings
+    )
     if len(removals) > desired.policy.max_removals and not allow_destroy:
         names = ", ".join(a.model for a in removals)
         draft.errors.append(
@@ -157,25 +144,36 @@ def _plan_missing(draft: _Draft, spec: ModelSpec, up: Upstream | None) -> None:
     draft.download[spec.backend] += up.download_bytes
     draft.actions.append(
         Action(
-            Op.PULL, spec.name, spec.backend, spec.canonical,
+            Op.PULL,
+            spec.name,
+            spec.backend,
+            spec.canonical,
             f"in served_models, not installed ({up.total_bytes} bytes, "
             f"{up.download_bytes} to download)",
-            download_bytes=up.download_bytes, vram_bytes=est.bytes, digest=up.facts.digest,
-            context=spec.context, embedding="embedding" in up.facts.capabilities,
+            download_bytes=up.download_bytes,
+            vram_bytes=est.bytes,
+            digest=up.facts.digest,
+            context=spec.context,
+            embedding="embedding" in up.facts.capabilities,
             source=_source(spec),
         )
-    )  # fmt: skip
+    )
     _warn_context(draft, spec, up.facts)
     if backends.driver(spec.backend).engine:
         draft.actions.append(_engine_start(spec, est.bytes, "start its engine once pulled"))
     elif spec.pinned:
         draft.actions.append(
             Action(
-                Op.PIN, spec.name, spec.backend, spec.canonical,
-                "keep_alive forever: load and pin once pulled", vram_bytes=est.bytes,
-                keep_alive=FOREVER, context=spec.context,
+                Op.PIN,
+                spec.name,
+                spec.backend,
+                spec.canonical,
+                "keep_alive forever: load and pin once pulled",
+                vram_bytes=est.bytes,
+                keep_alive=FOREVER,
+                context=spec.context,
             )
-        )  # fmt: skip
+        )
 
 
 def _plan_installed(
@@ -210,18 +208,24 @@ def _plan_installed(
             draft.download[spec.backend] += up.download_bytes
             draft.actions.append(
                 Action(
-                    Op.UPDATE, spec.name, spec.backend, spec.canonical,
+                    Op.UPDATE,
+                    spec.name,
+                    spec.backend,
+                    spec.canonical,
                     f"the tag now points at new weights upstream {moved}",
-                    download_bytes=up.download_bytes, vram_bytes=est.bytes,
-                    digest=up.facts.digest, embedding=embedding, context=spec.context,
+                    download_bytes=up.download_bytes,
+                    vram_bytes=est.bytes,
+                    digest=up.facts.digest,
+                    embedding=embedding,
+                    context=spec.context,
                 )
-            )  # fmt: skip
+            )
         else:
             draft.warnings.append(
                 f"{spec.name}: the tag points at new weights upstream {moved}; set "
                 "policy.updates: follow to pull them"
             )
-    loaded = _find_loaded(state, installed)
+    loaded = prune.find_loaded(state, installed)
     ours = draft.owned.models.get(k)
     if backends.driver(spec.backend).engine:
         if loaded is None:
@@ -233,30 +237,34 @@ def _plan_installed(
         why = "not loaded" if loaded is None else "loaded but not pinned"
         draft.actions.append(
             Action(
-                Op.PIN, spec.name, spec.backend, spec.canonical, f"keep_alive forever, {why}",
-                vram_bytes=est.bytes, keep_alive=FOREVER, embedding=embedding,
+                Op.PIN,
+                spec.name,
+                spec.backend,
+                spec.canonical,
+                f"keep_alive forever, {why}",
+                vram_bytes=est.bytes,
+                keep_alive=FOREVER,
+                embedding=embedding,
                 context=spec.context,
             )
-        )  # fmt: skip
+        )
     elif not spec.pinned and loaded and loaded.pinned and ours and ours.pinned_by_us:
         draft.actions.append(
             Action(
-                Op.UNPIN, spec.name, spec.backend, spec.canonical,
+                Op.UNPIN,
+                spec.name,
+                spec.backend,
+                spec.canonical,
                 "pinned by infernet, no longer keep_alive forever in the file",
                 keep_alive=spec.keep_alive if spec.keep_alive is not None else 0.0,
-                embedding=embedding, context=spec.context,
+                embedding=embedding,
+                context=spec.context,
             )
-        )  # fmt: skip
+        )
     else:
         pin = ", pinned" if spec.pinned else ""
         reason = f"installed (digest {_short(facts.digest)}){pin}"
         draft.noops.append(Noop(spec.name, spec.backend, reason))
-
-
-def _installed_name(kind: BackendKind, model: InstalledModel) -> str:
-    """An installed model's name as a file would write it: a repository at a revision is
-    listed as ``org/repo@revision``, and the revision is not part of the name."""
-    return model.name.partition("@")[0] if backends.driver(kind).revisions else model.name
 
 
 def _source(spec: ModelSpec) -> str | None:
@@ -272,9 +280,13 @@ def _estimate(draft: _Draft, spec: ModelSpec, facts: ModelFacts, measured: int |
         return budget.estimate(spec, facts, measured, gpu.total_bytes, accelerator=bool(gpu.gpus))
     settings = backends.settings_of(draft.desired, spec.backend)
     return budget.estimate(
-        spec, facts, measured, gpu.total_bytes, accelerator=bool(gpu.gpus),
+        spec,
+        facts,
+        measured,
+        gpu.total_bytes,
+        accelerator=bool(gpu.gpus),
         engine_share=share(settings),
-    )  # fmt: skip
+    )
 
 
 def _can_serve(draft: _Draft, spec: ModelSpec) -> bool:
@@ -286,9 +298,16 @@ def _can_serve(draft: _Draft, spec: ModelSpec) -> bool:
 def _engine_start(spec: ModelSpec, vram: int | None, why: str) -> Action:
     """A pin, for engine-served models: start the engine (it holds its claim while it runs)."""
     return Action(
-        Op.PIN, spec.name, spec.backend, spec.canonical, why, vram_bytes=vram,
-        keep_alive=FOREVER, context=spec.context, advertise_as=spec.advertise_as,
-    )  # fmt: skip
+        Op.PIN,
+        spec.name,
+        spec.backend,
+        spec.canonical,
+        why,
+        vram_bytes=vram,
+        keep_alive=FOREVER,
+        context=spec.context,
+        advertise_as=spec.advertise_as,
+    )
 
 
 def _plan_broken(draft: _Draft, spec: ModelSpec, installed: InstalledModel) -> None:
@@ -301,12 +320,17 @@ def _plan_broken(draft: _Draft, spec: ModelSpec, installed: InstalledModel) -> N
         draft.download[spec.backend] += up.download_bytes
         draft.actions.append(
             Action(
-                Op.PULL, spec.name, spec.backend, spec.canonical,
+                Op.PULL,
+                spec.name,
+                spec.backend,
+                spec.canonical,
                 f"installed file is damaged ({installed.error}); downloading it again",
-                download_bytes=up.download_bytes, digest=up.facts.digest,
-                context=spec.context, source=spec.source,
+                download_bytes=up.download_bytes,
+                digest=up.facts.digest,
+                context=spec.context,
+                source=spec.source,
             )
-        )  # fmt: skip
+        )
         return
     draft.warnings.append(f"{spec.name}: {installed.error}; not advertised until it is fixed")
     draft.noops.append(Noop(spec.name, spec.backend, f"installed but unusable: {installed.error}"))
@@ -329,57 +353,6 @@ def _warn_context(draft: _Draft, spec: ModelSpec, facts: ModelFacts) -> None:
             draft.warnings.append(text)
 
 
-def _plan_removals(
-    draft: _Draft, desired_keys: set[ModelKey], force: frozenset[str]
-) -> list[Action]:
-    """Installed models that left the file, filtered by the prune policy and ``protect``."""
-    out: list[Action] = []
-    prune = draft.desired.policy.prune
-    for kind, state in sorted(draft.observed.backends.items()):
-        if not state.reachable:
-            continue
-        for model in state.installed:
-            k = key(kind, model.canonical)
-            if k in desired_keys:
-                continue
-            mine = k in draft.owned.models
-            name = _installed_name(kind, model)
-            if k not in force and k in draft.owned.protected:
-                draft.warnings.append(
-                    f"{model.name} left the file but was declared protect: true; it stays "
-                    f"(to remove it, list it again without protect: true, then run: infernet "
-                    f"model remove {name})"
-                )
-                draft.noops.append(Noop(name, kind, "not in the file; protected"))
-                continue
-            if k not in force and prune == "none":
-                why = "not in the file; kept (policy.prune: none)"
-                draft.noops.append(Noop(name, kind, why))
-                continue
-            if k not in force and prune == "managed" and not mine:
-                why = "not installed by infernet; left alone (policy.prune: all would remove it)"
-                draft.noops.append(Noop(name, kind, why))
-                continue
-            if k in force:
-                reason = "removed by name"
-            else:
-                why = "installed by infernet" if mine else "policy.prune: all"
-                reason = f"not in served_models ({why})"
-            running = _find_loaded(state, model)
-            if running is not None and running.foreign:
-                draft.warnings.append(
-                    f"{model.name} left the file but an engine infernet did not start serves "
-                    "it; not removed (stop that engine first)"
-                )
-                draft.noops.append(Noop(name, kind, "served by a foreign engine; kept"))
-                continue
-            if running is not None:
-                reason += "; loaded: unloaded first"
-            embedding = "embedding" in model.facts.capabilities
-            out.append(Action(Op.REMOVE, name, kind, model.canonical, reason, embedding=embedding))
-    return out
-
-
 def _finish(draft: _Draft) -> Plan:
     """Check the budget, order the actions, and freeze the plan."""
     desired, observed = draft.desired, draft.observed
@@ -395,53 +368,40 @@ def _finish(draft: _Draft) -> Plan:
             continue
         disks.append(
             DiskBudget(
-                kind, disk.path if disk else "?", disk.free_bytes if disk else None,
+                kind,
+                disk.path if disk else "?",
+                disk.free_bytes if disk else None,
                 draft.download.get(kind, 0),
             )
-        )  # fmt: skip
+        )
         if disk and disk.error:
             draft.warnings.append(disk.error)
     # What the backends say their loaded models hold explains memory no process is named for.
     loaded = sum(m.size_vram for s in observed.backends.values() if s.reachable for m in s.loaded)
     fit = budget.check(
-        draft.estimates, gpu=observed.gpu, settings=desired.budget, disks=disks,
+        draft.estimates,
+        gpu=observed.gpu,
+        settings=desired.budget,
+        disks=disks,
         backend_loaded=loaded,
-    )  # fmt: skip
+    )
     draft.errors.extend(fit.errors)
     draft.warnings.extend(fit.warnings)
     if observed.gpu.note and observed.gpu.source in ("cpu", "none"):
         draft.warnings.append(observed.gpu.note)
     draft.actions.sort(key=lambda a: _ORDER[a.op])
-    advertised = tuple(s.advertise_as for s in draft.servable if s.name not in fit.unfit)
-    if len(advertised) > MAX_ADVERTISED:
-        # The control plane keeps at most 50 names: the first 50 in file order go out; every
-        # model is still installed and served, and reachable by its name on the node.
-        left = advertised[MAX_ADVERTISED:]
-        draft.warnings.append(
-            f"{len(advertised)} models to advertise, but the control plane lists at most "
-            f"{MAX_ADVERTISED} per node: the first {MAX_ADVERTISED} in file order are "
-            f"advertised; {len(left)} are installed and served but not advertised "
-            f"({', '.join(left[:5])}{', …' if len(left) > 5 else ''})"
-        )
-        advertised = advertised[:MAX_ADVERTISED]
+    advertised, left_out = advertised_first(
+        [s.advertise_as for s in draft.servable if s.name not in fit.unfit]
+    )
+    if left_out:
+        draft.warnings.append(left_out)
     return Plan(
-        source=desired.source, fingerprint=observed.fingerprint, actions=tuple(draft.actions),
-        noops=tuple(draft.noops), budget=fit.budget, advertised=advertised,
-        errors=tuple(draft.errors), warnings=tuple(draft.warnings),
-    )  # fmt: skip
-
-
-def serving(the_plan: Plan, desired: Desired) -> tuple[str, ...]:
-    """What may be advertised right now: the plan's advertised names minus models whose pull
-    is still pending (a model is advertised only once installed and verified)."""
-    pending = {
-        (a.backend, a.canonical)
-        for a in the_plan.actions
-        if a.op is Op.PULL or (a.op is Op.PIN and backends.driver(a.backend).engine)
-    }
-    return tuple(
-        spec.advertise_as
-        for spec in desired.models
-        if spec.advertise_as in the_plan.advertised
-        and (spec.backend, spec.canonical) not in pending
+        source=desired.source,
+        fingerprint=observed.fingerprint,
+        actions=tuple(draft.actions),
+        noops=tuple(draft.noops),
+        budget=fit.budget,
+        advertised=advertised,
+        errors=tuple(draft.errors),
+        warnings=tuple(draft.warnings),
     )

@@ -62,24 +62,26 @@ def ansible_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     home = tmp / "home"
     home.mkdir(exist_ok=True)
-    env.update({
-        "HOME": str(home),
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        "ANSIBLE_CONFIG": str(EXAMPLE / "ansible.cfg"),
-        "ANSIBLE_COLLECTIONS_PATH": str(REPO),
-        "ANSIBLE_HOME": str(tmp / "ansible-home"),
-        "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-local"),
-        "ANSIBLE_REMOTE_TEMP": str(tmp / "ansible-remote"),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_FORCE_COLOR": "0",
-        "ANSIBLE_RETRY_FILES_ENABLED": "0",
-        "ANSIBLE_LOCALHOST_WARNING": "0",
-        "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
-        "INFERNET_NO_NVML": "1",
-        "INFERNET_LOCK_TIMEOUT": "5",
-        "INFERNET_RETRY_BACKOFF": "0.05",
-        "PYTHONUNBUFFERED": "1",
-    })  # fmt: skip
+    env.update(
+        {
+            "HOME": str(home),
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "ANSIBLE_CONFIG": str(EXAMPLE / "ansible.cfg"),
+            "ANSIBLE_COLLECTIONS_PATH": str(REPO),
+            "ANSIBLE_HOME": str(tmp / "ansible-home"),
+            "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-local"),
+            "ANSIBLE_REMOTE_TEMP": str(tmp / "ansible-remote"),
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_FORCE_COLOR": "0",
+            "ANSIBLE_RETRY_FILES_ENABLED": "0",
+            "ANSIBLE_LOCALHOST_WARNING": "0",
+            "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
+            "INFERNET_NO_NVML": "1",
+            "INFERNET_LOCK_TIMEOUT": "5",
+            "INFERNET_RETRY_BACKOFF": "0.05",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -138,12 +140,15 @@ class Node:
             "infernet_config": str(self.config),
             "infernet_state_dir": str(self.state),
             "infernet_unit_dir": str(self.unit.parent),
-            "infernet_backends": {"ollama": {
-                "url": self.server.url, "registry": self.server.registry_url,
-                "models_dir": str(self.server.models_dir),
-            }},
+            "infernet_backends": {
+                "ollama": {
+                    "url": self.server.url,
+                    "registry": self.server.registry_url,
+                    "models_dir": str(self.server.models_dir),
+                }
+            },
             **self.host_vars,
-        }  # fmt: skip
+        }
 
 
 @dataclass
@@ -164,11 +169,16 @@ class Fleet:
         for node in self.nodes.values():
             hosts = groups.setdefault(node.group, {"hosts": {}})["hosts"]
             hosts[node.name] = node.inventory_vars()
-        doc = {"infernet_nodes": {"children": groups, "vars": {
-            "infernet_install": False,
-            "infernet_bin": INFERNET,
-            "infernet_systemd": False,
-        }}}  # fmt: skip
+        doc = {
+            "infernet_nodes": {
+                "children": groups,
+                "vars": {
+                    "infernet_install": False,
+                    "infernet_bin": INFERNET,
+                    "infernet_systemd": False,
+                },
+            }
+        }
         self.inventory.parent.mkdir(parents=True, exist_ok=True)
         self.inventory.write_text(yaml.safe_dump(doc, sort_keys=False))
         for group, variables in GROUP_VARS.items():
@@ -193,11 +203,23 @@ class Fleet:
         if batches == "one":
             extra.update(fleet_serial=len(self.nodes), fleet_max_fail_percentage=50)
         proc = subprocess.run(
-            [str(BIN / "ansible-playbook"), "-i", str(self.inventory), str(FLEET),
-             "-e", json.dumps(extra), *args],
-            capture_output=True, text=True, env=self.env, timeout=timeout, check=False,
-            stdin=subprocess.DEVNULL, cwd=self.tmp,
-        )  # fmt: skip
+            [
+                str(BIN / "ansible-playbook"),
+                "-i",
+                str(self.inventory),
+                str(FLEET),
+                "-e",
+                json.dumps(extra),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            cwd=self.tmp,
+        )
         rows = json.loads(report.read_text()) if report.exists() else []
         return Run(proc, rows)
 

@@ -26,9 +26,15 @@ pytestmark = pytest.mark.integration
 
 def run(tmp: Path, *argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        list(argv), capture_output=True, text=True, env=ansible_env(tmp), timeout=110,
-        check=False, stdin=subprocess.DEVNULL, cwd=cwd or tmp,
-    )  # fmt: skip
+        list(argv),
+        capture_output=True,
+        text=True,
+        env=ansible_env(tmp),
+        timeout=110,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd or tmp,
+    )
 
 
 def test_ansible_doc_documents_every_option(tmp_path: Path) -> None:
@@ -73,14 +79,26 @@ def test_role_defaults_are_the_documented_ones() -> None:
 
 
 def test_galaxy_build(tmp_path: Path) -> None:
-    out = run(tmp_path, str(BIN / "ansible-galaxy"), "collection", "build", "--output-path",
-              str(tmp_path), cwd=COLLECTION)  # fmt: skip
+    out = run(
+        tmp_path,
+        str(BIN / "ansible-galaxy"),
+        "collection",
+        "build",
+        "--output-path",
+        str(tmp_path),
+        cwd=COLLECTION,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     built = tmp_path / "infernet-node-0.1.0.tar.gz"
     with tarfile.open(built) as tar:
         names = set(tar.getnames())
-    assert {"plugins/modules/models.py", "plugins/module_utils/config_text.py",
-            "roles/node/tasks/main.yml", "meta/runtime.yml", "README.md"} <= names  # fmt: skip
+    assert {
+        "plugins/modules/models.py",
+        "plugins/module_utils/config_text.py",
+        "roles/node/tasks/main.yml",
+        "meta/runtime.yml",
+        "README.md",
+    } <= names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
 
@@ -89,8 +107,16 @@ def test_ansible_lint(tmp_path: Path) -> None:
     lint = BIN / "ansible-lint"
     if not lint.exists():
         pytest.skip("ansible-lint is not installed in this environment")
-    out = run(tmp_path, str(lint), "--nocolor", "-c", str(COLLECTION / ".ansible-lint"),
-              str(COLLECTION), str(EXAMPLE), cwd=REPO)  # fmt: skip
+    out = run(
+        tmp_path,
+        str(lint),
+        "--nocolor",
+        "-c",
+        str(COLLECTION / ".ansible-lint"),
+        str(COLLECTION),
+        str(EXAMPLE),
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Profile 'production' was required, and it passed" in out.stderr + out.stdout
 
@@ -113,9 +139,11 @@ def _directives(text: str) -> list[tuple[str, str, str]]:
 def test_unit_template_is_the_example_unit() -> None:
     """Rendered with the example's paths, the role's unit has exactly the example's settings."""
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(ROLE / "templates"), trim_blocks=True,
-        undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-    )  # fmt: skip
+        loader=jinja2.FileSystemLoader(ROLE / "templates"),
+        trim_blocks=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
     env.filters["dirname"] = lambda p: str(Path(p).parent)
     rendered = env.get_template("infernet-watch.service.j2").render(
         infernet_bin="/usr/local/bin/infernet",
@@ -144,8 +172,7 @@ def test_unit_template_is_the_example_unit() -> None:
 def test_example_inventory_parses(tmp_path: Path) -> None:
     """The example's inventory, as ansible-inventory sees it: GPU classes under infernet_nodes,
     each node with served models."""
-    out = run(tmp_path, str(BIN / "ansible-inventory"), "-i", str(EXAMPLE / "inventory"),
-              "--list")  # fmt: skip
+    out = run(tmp_path, str(BIN / "ansible-inventory"), "-i", str(EXAMPLE / "inventory"), "--list")
     assert out.returncode == 0, out.stderr
     inventory = json.loads(out.stdout)
     assert set(inventory["infernet_nodes"]["children"]) == {"gpu_24g", "gpu_80g"}
@@ -156,6 +183,12 @@ def test_example_inventory_parses(tmp_path: Path) -> None:
 
 
 def test_example_fleet_syntax(tmp_path: Path) -> None:
-    out = run(tmp_path, str(BIN / "ansible-playbook"), "--syntax-check", "-i",
-              str(EXAMPLE / "inventory"), str(EXAMPLE / "fleet.yml"))  # fmt: skip
+    out = run(
+        tmp_path,
+        str(BIN / "ansible-playbook"),
+        "--syntax-check",
+        "-i",
+        str(EXAMPLE / "inventory"),
+        str(EXAMPLE / "fleet.yml"),
+    )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -16,13 +16,70 @@ from ansible_collections.infernet.node.plugins.modules.models import build_docum
 LOADERS = [yaml.SafeLoader, *([yaml.CSafeLoader] if hasattr(yaml, "CSafeLoader") else [])]
 
 TRICKY = [
-    "qwen2.5:14b", "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M", "http://127.0.0.1:11434",
-    "~/.ollama/models", "24GiB", "10m", "forever", "-1", "1:30", "12:30:00", "1e3", "1_000",
-    "0x1F", "0o17", "012", ".5", "yes", "No", "on", "OFF", "y", "n", "null", "~", "Null", "",
-    " lead", "trail ", "a: b", "a #b", "#x", "- x", "-", "?", ":x", "x:", "@x", "`x", "!x", "&x",
-    "*x", "%x", "{x", "[x", "|", ">", "'", '"', "a\nb", "tab\there", "\u2028", "é", "=", "<<",
-    ".inf", "-.Inf", ".NaN", "2024-01-01", "2024-1-1 10:00:00", "3.", "+1", "true", "False",
-]  # fmt: skip
+    "qwen2.5:14b",
+    "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M",
+    "http://127.0.0.1:11434",
+    "~/.ollama/models",
+    "24GiB",
+    "10m",
+    "forever",
+    "-1",
+    "1:30",
+    "12:30:00",
+    "1e3",
+    "1_000",
+    "0x1F",
+    "0o17",
+    "012",
+    ".5",
+    "yes",
+    "No",
+    "on",
+    "OFF",
+    "y",
+    "n",
+    "null",
+    "~",
+    "Null",
+    "",
+    " lead",
+    "trail ",
+    "a: b",
+    "a #b",
+    "#x",
+    "- x",
+    "-",
+    "?",
+    ":x",
+    "x:",
+    "@x",
+    "`x",
+    "!x",
+    "&x",
+    "*x",
+    "%x",
+    "{x",
+    "[x",
+    "|",
+    ">",
+    "'",
+    '"',
+    "a\nb",
+    "tab\there",
+    "\u2028",
+    "é",
+    "=",
+    "<<",
+    ".inf",
+    "-.Inf",
+    ".NaN",
+    "2024-01-01",
+    "2024-1-1 10:00:00",
+    "3.",
+    "+1",
+    "true",
+    "False",
+]
 
 
 def load(text: str) -> Any:
@@ -38,13 +95,20 @@ def test_strings_read_back_as_themselves(text: str) -> None:
 
 
 def test_layout_is_plain_block_yaml() -> None:
-    doc = build_document({
-        "served_models": ["qwen2.5:14b", {"name": "llama3.2:3b", "keep_alive": -1,
-                                          "protect": True}],
-        "default_backend": None, "backends": {"ollama": {"url": "http://127.0.0.1:11434"}},
-        "budget": {"vram": "22GiB", "reserve": "1GiB"}, "control_plane": {}, "policy": None,
-        "settings": {"version": 1},
-    })  # fmt: skip
+    doc = build_document(
+        {
+            "served_models": [
+                "qwen2.5:14b",
+                {"name": "llama3.2:3b", "keep_alive": -1, "protect": True},
+            ],
+            "default_backend": None,
+            "backends": {"ollama": {"url": "http://127.0.0.1:11434"}},
+            "budget": {"vram": "22GiB", "reserve": "1GiB"},
+            "control_plane": {},
+            "policy": None,
+            "settings": {"version": 1},
+        }
+    )
     assert render(doc) == HEADER + (
         "version: 1\n"
         "served_models:\n"
@@ -62,8 +126,13 @@ def test_layout_is_plain_block_yaml() -> None:
 
 
 def test_empty_containers_and_scalars() -> None:
-    doc = {"served_models": [], "policy": {"allow_empty": True, "max_removals": 0, "x": 0.9},
-           "a": {}, "b": [[], {}, [1, [2]], None], "c": float("inf")}  # fmt: skip
+    doc = {
+        "served_models": [],
+        "policy": {"allow_empty": True, "max_removals": 0, "x": 0.9},
+        "a": {},
+        "b": [[], {}, [1, [2]], None],
+        "c": float("inf"),
+    }
     assert load(render(doc)) == doc
 
 
@@ -79,15 +148,20 @@ def test_an_option_given_twice_is_refused() -> None:
 
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.text(max_size=12),
-    st.floats(allow_nan=False), st.sampled_from(TRICKY),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.text(max_size=12),
+    st.floats(allow_nan=False),
+    st.sampled_from(TRICKY),
+)
 values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
-)  # fmt: skip
+)
 
 
 @settings(max_examples=300, deadline=None)

@@ -141,22 +141,28 @@ def test_nodes_make_a_key_and_heartbeat(fleet: Fleet, tmp_path: Path) -> None:
         for node in fleet.nodes.values():
             node.host_vars.clear()
             node.host_vars["infernet_control_plane"] = {
-                "url": cp.url, "key_file": str(node.root / "node.key"), "node_id": node.name,
-            }  # fmt: skip
+                "url": cp.url,
+                "key_file": str(node.root / "node.key"),
+                "node_id": node.name,
+            }
         fleet.write_inventory()
         run = fleet.playbook()
         assert run.proc.returncode == 0, run.out
         keys = {n.name: (n.root / "node.key").read_bytes() for n in fleet.nodes.values()}
-        assert all(stat.S_IMODE((n.root / "node.key").stat().st_mode) == 0o600
-                   for n in fleet.nodes.values())  # fmt: skip
+        assert all(
+            stat.S_IMODE((n.root / "node.key").stat().st_mode) == 0o600
+            for n in fleet.nodes.values()
+        )
         assert sorted(n["node_id"] for n in cp.nodes()) == ["node-a", "node-b", "node-c"]
         served = {
             r["body"]["specs"]["served_models"][0]: r["body"]["specs"]["served_models"]
             for r in cp.received()
             if r["path"] == "/api/v1/node/heartbeat" and r["pubkey"] and r["status"] == 200
         }
-        assert served == {"smollm2:135m": ["smollm2:135m", "all-minilm:latest"],
-                          "qwen2.5:0.5b": ["qwen2.5:0.5b"]}  # fmt: skip
+        assert served == {
+            "smollm2:135m": ["smollm2:135m", "all-minilm:latest"],
+            "qwen2.5:0.5b": ["qwen2.5:0.5b"],
+        }
 
         again = fleet.playbook()  # the keys are kept: the nodes stay who they are
         assert all(again.recap[n]["changed"] == 0 for n in fleet.nodes), again.out

@@ -32,8 +32,11 @@ class Target:
         return self.tmp / "etc" / "infernet.yaml"
 
     def args(self, **overrides: Any) -> dict[str, Any]:
-        backend = {"url": self.server.url, "registry": self.server.registry_url,
-                   "models_dir": str(self.server.models_dir)}  # fmt: skip
+        backend = {
+            "url": self.server.url,
+            "registry": self.server.registry_url,
+            "models_dir": str(self.server.models_dir),
+        }
         args: dict[str, Any] = {
             "served_models": ["smollm2:135m"],
             "backends": {"ollama": backend},
@@ -49,11 +52,23 @@ class Target:
         """Run the module once; its exit code and its result (``shown``: what was printed
         before it, such as the diff)."""
         proc = subprocess.run(
-            [str(BIN / "ansible"), "localhost", "-m", "infernet.node.models",
-             "-a", json.dumps(args), *flags],
-            capture_output=True, text=True, env=self.env, timeout=60, check=False,
-            stdin=subprocess.DEVNULL, cwd=self.tmp,
-        )  # fmt: skip
+            [
+                str(BIN / "ansible"),
+                "localhost",
+                "-m",
+                "infernet.node.models",
+                "-a",
+                json.dumps(args),
+                *flags,
+            ],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=60,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            cwd=self.tmp,
+        )
         shown, sep, tail = proc.stdout.partition(" => ")
         assert sep, proc.stdout + proc.stderr
         result: dict[str, Any] = json.loads(tail)
@@ -123,22 +138,38 @@ def test_check_apply_check(target: Target) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        pytest.param({"served_models": None}, "missing required arguments: served_models",
-                     id="missing-served_models"),
-        pytest.param({"servd_models": ["x"]},
-                     "Unsupported parameters for (infernet.node.models) module: servd_models",
-                     id="unknown-option"),
-        pytest.param({"apply": "maybe"}, "argument 'apply' is of type str and we were unable to "
-                     "convert to bool", id="not-a-bool"),
-        pytest.param({"backends": "ollama"}, "argument 'backends' is of type str and we were "
-                     "unable to convert to dict", id="not-a-dict"),
-        pytest.param({"settings": {"budget": {"vram": "8GiB"}}},
-                     "budget given both as an option and in settings; use one",
-                     id="option-twice"),
-        pytest.param({"served_models": [{"nam": "smollm2:135m"}]},
-                     "served_models[0]: missing required key 'name'", id="invalid-entry"),
+        pytest.param(
+            {"served_models": None},
+            "missing required arguments: served_models",
+            id="missing-served_models",
+        ),
+        pytest.param(
+            {"servd_models": ["x"]},
+            "Unsupported parameters for (infernet.node.models) module: servd_models",
+            id="unknown-option",
+        ),
+        pytest.param(
+            {"apply": "maybe"},
+            "argument 'apply' is of type str and we were unable to convert to bool",
+            id="not-a-bool",
+        ),
+        pytest.param(
+            {"backends": "ollama"},
+            "argument 'backends' is of type str and we were unable to convert to dict",
+            id="not-a-dict",
+        ),
+        pytest.param(
+            {"settings": {"budget": {"vram": "8GiB"}}},
+            "budget given both as an option and in settings; use one",
+            id="option-twice",
+        ),
+        pytest.param(
+            {"served_models": [{"nam": "smollm2:135m"}]},
+            "served_models[0]: missing required key 'name'",
+            id="invalid-entry",
+        ),
     ],
-)  # fmt: skip
+)
 def test_invalid_arguments_fail_and_write_nothing(
     target: Target, args: dict[str, Any], message: str
 ) -> None:
@@ -157,13 +188,18 @@ def test_invalid_arguments_fail_and_write_nothing(
 @pytest.mark.parametrize(
     ("executable", "message"),
     [
-        ("/nonexistent/bin/infernet", "infernet executable /nonexistent/bin/infernet not found "
-         "or not executable on this host: install infernet there"),
-        ("infernet-not-installed", "infernet executable 'infernet-not-installed' not found on "
-         "PATH"),
+        (
+            "/nonexistent/bin/infernet",
+            "infernet executable /nonexistent/bin/infernet not found "
+            "or not executable on this host: install infernet there",
+        ),
+        (
+            "infernet-not-installed",
+            "infernet executable 'infernet-not-installed' not found on PATH",
+        ),
     ],
     ids=["path", "name-on-PATH"],
-)  # fmt: skip
+)
 def test_missing_cli(target: Target, executable: str, message: str) -> None:
     for flags in ((), ("--check",)):
         rc, result = target.module(target.args(executable=executable), *flags)

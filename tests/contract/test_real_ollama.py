@@ -32,15 +32,22 @@ pytestmark = [
 def _run(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [INFERNET, *args, "-c", str(tmp / "infernet.yaml"), "--state-dir", str(tmp / "state")],
-        capture_output=True, text=True, timeout=900, check=False, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_real_ollama_plan_apply_plan_remove(tmp_path: Path) -> None:
     assert URL is not None
     config = tmp_path / "infernet.yaml"
-    doc = {"served_models": [{"name": MODEL, "keep_alive": "forever"}],
-           "backends": {"ollama": {"url": URL}}, "budget": {"disk_reserve": "1GiB"}}  # fmt: skip
+    doc = {
+        "served_models": [{"name": MODEL, "keep_alive": "forever"}],
+        "backends": {"ollama": {"url": URL}},
+        "budget": {"disk_reserve": "1GiB"},
+    }
     config.write_text(yaml.safe_dump(doc))
     plan = _run(tmp_path, "plan", "--json")
     assert plan.returncode in (0, 2), plan.stderr

@@ -1,4 +1,4 @@
-"""Fault campaigns (issue 9): loops of trials against the real CLI/daemon and the test servers.
+"""Fault campaigns: loops of trials against the real CLI/daemon and the test servers.
 
 Counts are bounded for CI; raise them with environment variables:
 
@@ -68,10 +68,15 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0) -> Non
 
 def node_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "INFERNET_"))}
-    env.update({
-        "HOME": str(tmp / "home"), "INFERNET_RETRY_BACKOFF": "0.05",
-        "INFERNET_LOCK_TIMEOUT": "2", "INFERNET_NO_NVML": "1", "PYTHONUNBUFFERED": "1",
-    })  # fmt: skip
+    env.update(
+        {
+            "HOME": str(tmp / "home"),
+            "INFERNET_RETRY_BACKOFF": "0.05",
+            "INFERNET_LOCK_TIMEOUT": "2",
+            "INFERNET_NO_NVML": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     (tmp / "home").mkdir(exist_ok=True)
     return env
 
@@ -80,8 +85,16 @@ def node_env(tmp: Path) -> dict[str, str]:
 def fnode(tmp_path: Path) -> Iterator[Node]:
     """A node on the Ollama-compatible test server (fault campaigns need its test routes)."""
     server = start_server(tmp_path / "ollama")
-    node = Node(tmp_path, server, server.url, server.registry_url, server.models_dir,
-                tmp_path / "infernet.yaml", tmp_path / "state", node_env(tmp_path))  # fmt: skip
+    node = Node(
+        tmp_path,
+        server,
+        server.url,
+        server.registry_url,
+        server.models_dir,
+        tmp_path / "infernet.yaml",
+        tmp_path / "state",
+        node_env(tmp_path),
+    )
     try:
         yield node
     finally:
@@ -93,11 +106,16 @@ def write_config(node: Node, served: list[Any], **extra: Any) -> None:
     """infernet.yaml for ``node`` with room for many removals; written atomically."""
     doc: dict[str, Any] = {
         "served_models": served,
-        "backends": {"ollama": {"url": node.url, "registry": node.registry,
-                                "models_dir": str(node.models_dir)}},
+        "backends": {
+            "ollama": {
+                "url": node.url,
+                "registry": node.registry,
+                "models_dir": str(node.models_dir),
+            }
+        },
         "budget": {"vram": "24GiB", "disk_reserve": "1MiB"},
         "policy": {"max_removals": 10, "allow_empty": True},
-    }  # fmt: skip
+    }
     doc.update(extra)
     tmp = node.config.with_name(".infernet.yaml.tmp")
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))

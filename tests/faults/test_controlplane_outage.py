@@ -47,8 +47,7 @@ def test_control_plane_outage(fnode: Node, tmp_path: Path) -> None:
     ledger = Ledger(f"control plane down {OUTAGE:.0f}s")
     with start_control_plane(tmp_path / "cp") as cp:
         pubkey = keygen(fnode)
-        plane = {"url": cp.url, "key_file": str(fnode.tmp / "node.key"),
-                 "heartbeat_interval": "1s"}  # fmt: skip
+        plane = {"url": cp.url, "key_file": str(fnode.tmp / "node.key"), "heartbeat_interval": "1s"}
         write_config(fnode, [SMALL, QWEN], control_plane=plane)
         watch = Watch(fnode, 0)
         gone_at: dict[str, float] = {}
@@ -76,19 +75,27 @@ def test_control_plane_outage(fnode: Node, tmp_path: Path) -> None:
                 ledger.trials += 1
                 write_config(fnode, [SMALL, QWEN], control_plane=plane)
                 wait_for("the start state", lambda: installed(fnode) == {SMALL, QWEN}, 30)
-                wait_for("a beat listing it", lambda: bool((b := verified_beats(cp)) and set(
-                    b[-1]["body"]["specs"]["served_models"]) == {SMALL, QWEN}), 15)  # fmt: skip
+                wait_for(
+                    "a beat listing it",
+                    lambda: bool(
+                        (b := verified_beats(cp))
+                        and set(b[-1]["body"]["specs"]["served_models"]) == {SMALL, QWEN}
+                    ),
+                    15,
+                )
                 gone_at.clear()
                 command = cp.enqueue_command(pubkey, "model_install", {"model": LLAMA})
-                wait_for("the command claimed",
-                         lambda c=command: cp.command(c)["status"] != "pending", 15)  # fmt: skip
+                wait_for(
+                    "the command claimed",
+                    lambda c=command: cp.command(c)["status"] != "pending",
+                    15,
+                )
                 mode = MODES[n % len(MODES)]
                 outage.set()
                 cp.set_down(OUTAGE, mode=mode)
                 down_at = time.monotonic()
                 ledger.fault(f"control plane down ({mode})")
-                wait_for("the install during the outage",
-                         lambda: LLAMA in installed(fnode), 30)  # fmt: skip
+                wait_for("the install during the outage", lambda: LLAMA in installed(fnode), 30)
                 wait_for("the command's file edit", lambda: LLAMA in fnode.config.read_text())
                 doc = yaml.safe_load(fnode.config.read_text())
                 doc["served_models"] = [m for m in doc["served_models"] if m != QWEN]
@@ -108,14 +115,25 @@ def test_control_plane_outage(fnode: Node, tmp_path: Path) -> None:
                 wait_for("the outage to end", lambda u=up_at: time.monotonic() > u, OUTAGE + 5)
                 cp.set_down(None)
                 resumed = time.time()
-                wait_for("the answer", lambda c=command: cp.command(c)["status"]
-                         in ("completed", "failed"), 30)  # fmt: skip
-                wait_for("heartbeats to resume", lambda r=resumed: any(
-                    b["time"] > r for b in verified_beats(cp)), 15)  # fmt: skip
+                wait_for(
+                    "the answer",
+                    lambda c=command: cp.command(c)["status"] in ("completed", "failed"),
+                    30,
+                )
+                wait_for(
+                    "heartbeats to resume",
+                    lambda r=resumed: any(b["time"] > r for b in verified_beats(cp)),
+                    15,
+                )
                 outage.clear()
-                wait_for("a beat with the new set", lambda: set(
-                    verified_beats(cp)[-1]["body"]["specs"]["served_models"]) == {SMALL, LLAMA},
-                    15)  # fmt: skip
+                wait_for(
+                    "a beat with the new set",
+                    lambda: (
+                        set(verified_beats(cp)[-1]["body"]["specs"]["served_models"])
+                        == {SMALL, LLAMA}
+                    ),
+                    15,
+                )
                 time.sleep(2.5)  # a few more ticks: a queued answer must not be re-sent
                 row = cp.command(command)
                 ledger.check(row["status"] == "completed", f"command ended {row}")

@@ -39,11 +39,17 @@ COUNT = max(2, trials(20) // 10)
 @contextlib.contextmanager
 def small_fs(where: Path) -> Iterator[Path]:
     where.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SIZE}", "tmpfs", str(where)],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={SIZE}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if made.returncode != 0:
-        pytest.skip(f"no small filesystem (mount -t tmpfs: {made.stderr.strip()}); "
-                    "the in-process ENOSPC test covers the boundary")  # fmt: skip
+        pytest.skip(
+            f"no small filesystem (mount -t tmpfs: {made.stderr.strip()}); "
+            "the in-process ENOSPC test covers the boundary"
+        )
     try:
         yield where
     finally:
@@ -51,9 +57,15 @@ def small_fs(where: Path) -> Iterator[Path]:
 
 
 def _run(config: Path, state: Path, env: dict[str, str], *args: str) -> Any:
-    return subprocess.run([INFERNET, *args, "-c", str(config), "--state-dir", str(state)],
-                          capture_output=True, text=True, env=env, timeout=120,
-                          stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+    return subprocess.run(
+        [INFERNET, *args, "-c", str(config), "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 def _pulls(config: Path, state: Path, env: dict[str, str]) -> list[str]:
@@ -73,17 +85,18 @@ def test_disk_fills_during_a_download(tmp_path: Path) -> None:
         try:
             env.update(hub.client_env(tmp_path / "hf-home"))
             hub.files_dir.mkdir(parents=True, exist_ok=True)
-            size = write_tiny_gguf(hub.files_dir / name, name="tiny-disk", hidden=64,
-                                   layers=2)  # fmt: skip
+            size = write_tiny_gguf(hub.files_dir / name, name="tiny-disk", hidden=64, layers=2)
             data = (hub.files_dir / name).read_bytes()
             config, state = tmp_path / "infernet.yaml", tmp_path / "state"
             doc = {
-                "served_models": [{"name": name, "backend": "llamacpp",
-                                   "source": hub.file_url(name)}],
-                "backends": {"llamacpp": {"models_dir": str(models_dir),
-                                          "url": "http://127.0.0.1:9"}},
+                "served_models": [
+                    {"name": name, "backend": "llamacpp", "source": hub.file_url(name)}
+                ],
+                "backends": {
+                    "llamacpp": {"models_dir": str(models_dir), "url": "http://127.0.0.1:9"}
+                },
                 "budget": {"vram": "24GiB", "disk_reserve": "1MiB"},
-            }  # fmt: skip
+            }
             config.write_text(yaml.safe_dump(doc))
             for _ in range(COUNT):
                 ledger.trials += 1
@@ -118,9 +131,10 @@ def test_disk_fills_during_a_download(tmp_path: Path) -> None:
                 ledger.check(_pulls(config, state, env) == [name], "the plan must still pull it")
                 hub.clear_faults()
                 out = _run(config, state, env, "apply", "--yes")
-                ledger.check((models_dir / name).exists()
-                             and (models_dir / name).read_bytes() == data,
-                             f"the retry did not install it: {out.stdout}{out.stderr}")  # fmt: skip
+                ledger.check(
+                    (models_dir / name).exists() and (models_dir / name).read_bytes() == data,
+                    f"the retry did not install it: {out.stdout}{out.stderr}",
+                )
                 ledger.check(_pulls(config, state, env) == [], "installed: nothing to pull")
                 (models_dir / name).unlink(missing_ok=True)  # the next trial downloads again
         finally:
@@ -162,11 +176,25 @@ def test_enospc_at_the_download_boundary(tmp_path: Path, monkeypatch: pytest.Mon
         remote = sources.probe(source, http, metadata=False)
         monkeypatch.setattr(Path, "open", full_open)
         with pytest.raises(PullFailed, match="disk full") as caught:
-            sources.fetch(source, remote, dest, http=http, expected_sha256=None,
-                          progress=lambda *_: None, cancel=threading.Event())  # fmt: skip
+            sources.fetch(
+                source,
+                remote,
+                dest,
+                http=http,
+                expected_sha256=None,
+                progress=lambda *_: None,
+                cancel=threading.Event(),
+            )
         monkeypatch.undo()
         assert "\n" not in str(caught.value)
         assert sorted(p.name for p in dest.parent.iterdir()) == []
-        sources.fetch(source, remote, dest, http=http, expected_sha256=None,
-                      progress=lambda *_: None, cancel=threading.Event())  # fmt: skip
+        sources.fetch(
+            source,
+            remote,
+            dest,
+            http=http,
+            expected_sha256=None,
+            progress=lambda *_: None,
+            cancel=threading.Event(),
+        )
     assert dest.read_bytes() == src.read_bytes()

@@ -1,4 +1,4 @@
-"""Issue 13, items 7, 9, 13, 14 and 25: the CLI never dies on what it is fed.
+"""The CLI never dies on what it is fed.
 
 * a file nested thousands of levels deep (flow, block, aliases) is one more invalid file: a
   ``FILE:LINE:COL: message`` line per problem, exit 1, no traceback, no crash report;
@@ -73,7 +73,7 @@ def test_deep_nesting_is_a_one_line_error_never_a_crash(fnode: Node, shape: str)
     assert _crash_files(tmp, fnode.state) == []
 
 
-# --------------------------------------------------------------------------- item 9
+# ------------------------------------------------------------------------ a reader that goes away
 
 
 @pytest.mark.parametrize(
@@ -96,8 +96,11 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(fnode: Node, args: tup
     assert run_cli(fnode, "apply", "--yes").returncode == 0
     proc = subprocess.Popen(
         [INFERNET, *args, "-c", str(fnode.config), "--state-dir", str(fnode.state)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=fnode.env, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=fnode.env,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # the reader is gone before the first byte is written
     err = proc.stderr.read().decode()
@@ -116,14 +119,18 @@ def test_infernet_plan_piped_into_a_reader_that_exits_at_once(fnode: Node) -> No
     # `true` exits without reading: the pipe is closed long before infernet has imported.
     out = subprocess.run(
         ["bash", "-c", f"set -o pipefail; {plan} 2>{fnode.tmp / 'err'} | true"],
-        env=fnode.env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        env=fnode.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 141, (fnode.tmp / "err").read_text()
     assert (fnode.tmp / "err").read_text() == ""
     assert _crash_files(tmp, fnode.state) == []
 
 
-# --------------------------------------------------------------------------- item 14
+# --------------------------------------------------------------------------- a crash report
 
 _BUG = """\
 import sys
@@ -145,10 +152,22 @@ def test_a_crash_report_is_a_new_private_file_in_the_state_dir(fnode: Node) -> N
     fnode.state.chmod(0o755)
     write_config(fnode, [SMALL])
     out = subprocess.run(
-        [sys.executable, "-c", _BUG, "validate", "-c", str(fnode.config),
-         "--state-dir", str(fnode.state)],
-        env=fnode.env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            _BUG,
+            "validate",
+            "-c",
+            str(fnode.config),
+            "--state-dir",
+            str(fnode.state),
+        ],
+        env=fnode.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 1
     assert "ZeroDivisionError: a bug in infernet" in out.stderr
     reports = _crash_files(fnode.state)
@@ -160,7 +179,7 @@ def test_a_crash_report_is_a_new_private_file_in_the_state_dir(fnode: Node) -> N
     assert list(tmp.iterdir()) == []  # nothing in the shared temp folder
 
 
-# --------------------------------------------------------------------------- item 25
+# --------------------------------------------------------------------------- damaged rows
 
 GARBAGE = bytes([0xFF, 0xFE, 0xC3, 0x28, 0x80]) * 20
 

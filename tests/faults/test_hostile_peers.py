@@ -1,4 +1,4 @@
-"""Hostile peers (issue 13, items 10-13 and 15-18): a control plane, registry or download source
+"""Hostile peers: a control plane, registry or download source
 that trickles, floods, lies about sizes or asks for internal URLs, and secrets in source URLs.
 
 Every peer here is a real process on loopback (``tests/servers/``) with a fault mode: the
@@ -76,9 +76,13 @@ def _run(
 ) -> subprocess.CompletedProcess[str]:
     out = subprocess.run(
         [INFERNET, *args, "-c", str(config), "--state-dir", str(state)],
-        capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
         check=False,
-    )  # fmt: skip
+    )
     assert "Traceback" not in out.stderr, out.stderr
     return out
 
@@ -155,8 +159,9 @@ def test_a_poll_answered_with_more_than_the_limit_runs_only_the_limit(
     store = Store.open(tmp_path / "state")
     with ControlPlane(ControlPlaneSettings(url=cp.url), key) as client:
         client.heartbeat({"status": "available", "specs": {"served_models": []}})
-        runner = CommandRunner(client=client, store=store, config_path=tmp_path / "x.yaml",
-                               reconcile=never)  # fmt: skip
+        runner = CommandRunner(
+            client=client, store=store, config_path=tmp_path / "x.yaml", reconcile=never
+        )
         handled = runner.run_pending(limit=5)
     assert handled == ids[:5]
     statuses = [cp.command(i)["status"] for i in ids]
@@ -234,8 +239,9 @@ def test_a_failed_heartbeat_is_logged_as_a_warning(fnode: Node, cp: ControlPlane
     write_config(fnode, [], control_plane={"url": cp.url, "key_file": str(fnode.tmp / "node.key")})
     cp.set_down(120, mode="503")
     out = _run(fnode.config, fnode.state, fnode.env, "watch", "--once")
-    lines = [line for line in out.stderr.splitlines()
-             if "heartbeat to" in line and "offline" not in line]  # fmt: skip
+    lines = [
+        line for line in out.stderr.splitlines() if "heartbeat to" in line and "offline" not in line
+    ]
     assert lines, out.stderr
     assert all(" WARNING " in line for line in lines), lines
 
@@ -272,10 +278,24 @@ def test_a_huge_registry_config_blob_is_refused_with_bounded_memory(fnode: Node)
         "print(out.stdout, end='', file=sys.stderr); print(out.stderr, end='', file=sys.stderr)"
     )
     out = subprocess.run(
-        [sys.executable, "-c", probe, INFERNET, "plan", "--json", "-c", str(fnode.config),
-         "--state-dir", str(fnode.state)],
-        capture_output=True, text=True, env=fnode.env, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            probe,
+            INFERNET,
+            "plan",
+            "--json",
+            "-c",
+            str(fnode.config),
+            "--state-dir",
+            str(fnode.state),
+        ],
+        capture_output=True,
+        text=True,
+        env=fnode.env,
+        timeout=60,
+        check=False,
+    )
     peak_mib = int(out.stdout.split()[0]) / 1024
     assert "Traceback" not in out.stderr, out.stderr
     assert "refused" in out.stderr and "4 MiB" in out.stderr, out.stderr
@@ -318,9 +338,12 @@ def _reconcile(node: Node) -> Any:
     "spelling", ["http://{host}/internal/admin:secret", "{host}/internal/admin"]
 )
 def test_a_remote_install_may_not_point_the_node_at_another_host(
-    fnode: Node, cp: ControlPlaneServer, hub: HubServer, monkeypatch: pytest.MonkeyPatch,
+    fnode: Node,
+    cp: ControlPlaneServer,
+    hub: HubServer,
+    monkeypatch: pytest.MonkeyPatch,
     spelling: str,
-) -> None:  # fmt: skip
+) -> None:
     """SSRF: a name carrying a host made the node fetch it and echo the answer upstream."""
     monkeypatch.setenv("INFERNET_NO_NVML", "1")
     internal = f"127.0.0.1:{_port(hub.url)}"
@@ -329,12 +352,16 @@ def test_a_remote_install_may_not_point_the_node_at_another_host(
     plane = {"url": cp.url, "key_file": str(fnode.tmp / "node.key")}
     write_config(fnode, [SMALL], control_plane=plane)
     before = fnode.config.read_bytes()
-    command = cp.enqueue_command(pubkey, "model_install",
-                                 {"model": spelling.format(host=internal)})  # fmt: skip
+    command = cp.enqueue_command(pubkey, "model_install", {"model": spelling.format(host=internal)})
     store = Store.open(fnode.state)
     with ControlPlane(ControlPlaneSettings(url=cp.url), load_key(fnode.tmp / "node.key")) as client:
-        runner = CommandRunner(client=client, store=store, config_path=fnode.config,
-                               reconcile=_reconcile(fnode), progress_interval=0.0)  # fmt: skip
+        runner = CommandRunner(
+            client=client,
+            store=store,
+            config_path=fnode.config,
+            reconcile=_reconcile(fnode),
+            progress_interval=0.0,
+        )
         assert runner.run_pending() == [command]
     row = cp.command(command)
     assert row["status"] == "failed"
@@ -402,8 +429,11 @@ def test_a_trickling_source_fails_as_a_stall(tmp_path: Path, hub: HubServer, whe
     name = f"trickle-{where}.gguf"
     write_tiny_gguf(hub.files_dir / name, name="trickle", hidden=256, layers=4)
     config, state = _gguf_node(tmp_path, hub, hub.file_url(name), name)
-    env = {**node_env(tmp_path), "INFERNET_PULL_STALL_TIMEOUT": "2",
-           "INFERNET_RETRY_BACKOFF": "0.01"}  # fmt: skip
+    env = {
+        **node_env(tmp_path),
+        "INFERNET_PULL_STALL_TIMEOUT": "2",
+        "INFERNET_RETRY_BACKOFF": "0.01",
+    }
     if where == "headers":
         hub.fault(f"*/{name}", "trickle", rate=2, method="GET")
     else:
@@ -431,9 +461,16 @@ def test_a_download_stops_before_eating_the_disk_reserve(tmp_path: Path) -> None
         free = os.statvfs(dest.parent).f_bavail * os.statvfs(dest.parent).f_frsize
         reserve = free - size // 2  # room for half the file above the reserve
         with pytest.raises(PullFailed, match=r"disk full.*disk_reserve") as caught:
-            sources.fetch(source, remote, dest, http=http, expected_sha256=None,
-                          progress=lambda *_: None, cancel=threading.Event(),
-                          reserve=reserve)  # fmt: skip
+            sources.fetch(
+                source,
+                remote,
+                dest,
+                http=http,
+                expected_sha256=None,
+                progress=lambda *_: None,
+                cancel=threading.Event(),
+                reserve=reserve,
+            )
     assert "\n" not in str(caught.value)
     assert sorted(p.name for p in dest.parent.iterdir()) == []
 
@@ -449,8 +486,10 @@ def test_source_credentials_never_leave_the_file(
     state DB. They stay in infernet.yaml; everything else shows ``***``."""
     port = _port(hub.url)
     write_tiny_gguf(hub.files_dir / "tiny-secret.gguf", name="tiny-secret")
-    good = (f"http://alice:{PASSWORD}@127.0.0.1:{port}/files/tiny-secret.gguf"
-            f"?X-Amz-Signature={SIGNATURE}")  # fmt: skip
+    good = (
+        f"http://alice:{PASSWORD}@127.0.0.1:{port}/files/tiny-secret.gguf"
+        f"?X-Amz-Signature={SIGNATURE}"
+    )
     bad = f"http://alice:{PASSWORD}@127.0.0.1:{port}/files/missing.gguf?sig={SIGNATURE}"
     config, state = _gguf_node(tmp_path, hub, good, "tiny-secret.gguf")
     generate_key(tmp_path / "node.key")
@@ -504,9 +543,14 @@ def test_an_engine_with_a_relative_state_dir_records_its_exit(
 ) -> None:
     """``--state-dir state`` gave "Directory nonexistent" for the exit file: the code was lost."""
     monkeypatch.chdir(tmp_path)
-    spec = EngineSpec(key="vllm:acme/x@main", kind="vllm", path=str(tmp_path),
-                      command="{python} -c 'import sys; sys.exit(3)'", served_name="x",
-                      fraction=0.5)  # fmt: skip
+    spec = EngineSpec(
+        key="vllm:acme/x@main",
+        kind="vllm",
+        path=str(tmp_path),
+        command="{python} -c 'import sys; sys.exit(3)'",
+        served_name="x",
+        fraction=0.5,
+    )
     with Engines(Path("state/engines"), base_port=18_700) as engines:
         engines.start(spec)
         with pytest.raises(BackendError, match="exit code 3") as caught:

@@ -49,8 +49,12 @@ def test_withdrawal_waits_out_the_whole_timeout(
         return BackendUnreachable("control plane unreachable")
 
     with Store.open(tmp_path / "state") as store:
-        beater = Heartbeater(ControlPlaneSettings(url="https://cp.example"), store,
-                             withdraw_timeout=timeout, sleep=sleep)  # fmt: skip
+        beater = Heartbeater(
+            ControlPlaneSettings(url="https://cp.example"),
+            store,
+            withdraw_timeout=timeout,
+            sleep=sleep,
+        )
         monkeypatch.setattr(beater, "_send", down)
         note = beater.withdraw((), None, {})  # type: ignore[arg-type]
     assert note is not None and "not confirmed" in note
@@ -106,11 +110,18 @@ def test_a_non_finite_argument_is_answered_once(tmp_path: Path) -> None:
     config = tmp_path / "infernet.yaml"
     config.write_text("served_models: [smollm2:135m]\n")
     client = _Client()
-    client.queue = [RemoteCommand("c1", "model_install", {"model": float("inf")}),
-                    RemoteCommand("c2", "model_remove", {"model": float("nan")})]  # fmt: skip
+    client.queue = [
+        RemoteCommand("c1", "model_install", {"model": float("inf")}),
+        RemoteCommand("c2", "model_remove", {"model": float("nan")}),
+    ]
     with Store.open(tmp_path / "state") as store:
-        runner = CommandRunner(client=client, store=store, config_path=config,  # type: ignore[arg-type]
-                               reconcile=lambda *_: None, progress_interval=0.0)  # type: ignore[arg-type,return-value]  # fmt: skip
+        runner = CommandRunner(
+            client=client,
+            store=store,
+            config_path=config,  # type: ignore[arg-type]
+            reconcile=lambda *_: None,
+            progress_interval=0.0,
+        )  # type: ignore[arg-type,return-value]
         runner.run_pending()
         assert store.unreported_commands() == []
     assert client.answers == {"c1": 1, "c2": 1}

@@ -41,10 +41,21 @@ class Watch:
         self.log = node.tmp / f"watch-{n}.log"
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
-                [INFERNET, "watch", "-c", str(node.config), "--state-dir", str(node.state),
-                 "--tick", "1"],
-                stdout=subprocess.DEVNULL, stderr=log, env=node.env, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+                [
+                    INFERNET,
+                    "watch",
+                    "-c",
+                    str(node.config),
+                    "--state-dir",
+                    str(node.state),
+                    "--tick",
+                    "1",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=node.env,
+                stdin=subprocess.DEVNULL,
+            )
 
     def text(self) -> str:
         return self.log.read_text()
@@ -88,8 +99,7 @@ def test_watch_killed_mid_apply(fnode: Node, tmp_path: Path) -> None:
     ledger = Ledger("watch SIGKILLed mid-apply")
     with start_control_plane(tmp_path / "cp") as cp:
         keygen(fnode)
-        plane = {"url": cp.url, "key_file": str(fnode.tmp / "node.key"),
-                 "heartbeat_interval": "1s"}  # fmt: skip
+        plane = {"url": cp.url, "key_file": str(fnode.tmp / "node.key"), "heartbeat_interval": "1s"}
         write_config(fnode, [MODELS[0]], control_plane=plane)
         first = Watch(fnode, 0)
         wait_for("the first convergence", lambda: installed(fnode) == {MODELS[0]}, 30)
@@ -113,11 +123,17 @@ def test_watch_killed_mid_apply(fnode: Node, tmp_path: Path) -> None:
                 ledger.fault("watch SIGKILL mid-apply")
                 again = Watch(fnode, n + 1000)
                 try:
-                    wait_for("convergence after the restart",
-                             lambda t=target: installed(fnode) == t, 30)  # fmt: skip
-                    wait_for("a heartbeat listing the file", lambda t=target: bool(
-                        (b := verified_beats(cp)) and set(b[-1]["body"]["specs"]["served_models"])
-                        == t), 15)  # fmt: skip
+                    wait_for(
+                        "convergence after the restart", lambda t=target: installed(fnode) == t, 30
+                    )
+                    wait_for(
+                        "a heartbeat listing the file",
+                        lambda t=target: bool(
+                            (b := verified_beats(cp))
+                            and set(b[-1]["body"]["specs"]["served_models"]) == t
+                        ),
+                        15,
+                    )
                 except AssertionError as exc:
                     ledger.check(False, f"{exc}: installed {sorted(installed(fnode))}")
                 finally:

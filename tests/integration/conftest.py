@@ -43,8 +43,13 @@ class Node:
     def write_config(self, served: list[Any], **extra: Any) -> Path:
         """Write infernet.yaml pointing at this node's backend."""
         doc: dict[str, Any] = {"served_models": served}
-        backends = {"ollama": {"url": self.url, "registry": self.registry,
-                               "models_dir": str(self.models_dir)}}  # fmt: skip
+        backends = {
+            "ollama": {
+                "url": self.url,
+                "registry": self.registry,
+                "models_dir": str(self.models_dir),
+            }
+        }
         doc["backends"] = backends
         doc.setdefault("budget", {"vram": "24GiB", "disk_reserve": "1GiB"})
         for k, v in extra.items():
@@ -56,17 +61,25 @@ class Node:
         """Run the real ``infernet`` CLI against this node."""
         return subprocess.run(
             [INFERNET, *args, "-c", str(self.config), "--state-dir", str(self.state)],
-            capture_output=True, text=True, timeout=timeout, env=self.env,
-            stdin=subprocess.DEVNULL, check=False, **kw,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            check=False,
+            **kw,
+        )
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         """Start the CLI without waiting (for concurrency and kill tests)."""
         return subprocess.Popen(
             [INFERNET, *args, "-c", str(self.config), "--state-dir", str(self.state)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
             stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
 
     def throttle(self, bandwidth: int) -> OllamaServer:
         """Swap in a fresh test server whose downloads crawl at ``bandwidth`` bytes/s."""
@@ -107,19 +120,40 @@ def needs_fake(node: Node) -> OllamaServer:
 def node(tmp_path: Path) -> Iterator[Node]:
     """A fresh node: test server (or the real Ollama), empty state, isolated HOME."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "INFERNET_"))}
-    env.update({
-        "HOME": str(tmp_path / "home"), "INFERNET_RETRY_BACKOFF": "0.05",
-        "INFERNET_LOCK_TIMEOUT": "2", "INFERNET_NO_NVML": "1", "PYTHONUNBUFFERED": "1",
-    })  # fmt: skip
+    env.update(
+        {
+            "HOME": str(tmp_path / "home"),
+            "INFERNET_RETRY_BACKOFF": "0.05",
+            "INFERNET_LOCK_TIMEOUT": "2",
+            "INFERNET_NO_NVML": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     (tmp_path / "home").mkdir()
     if REAL_OLLAMA:
         models = Path(os.environ.get("OLLAMA_MODELS", "~/.ollama/models")).expanduser()
-        yield Node(tmp_path, None, REAL_OLLAMA, "https://registry.ollama.ai", models,
-                   tmp_path / "infernet.yaml", tmp_path / "state", env)  # fmt: skip
+        yield Node(
+            tmp_path,
+            None,
+            REAL_OLLAMA,
+            "https://registry.ollama.ai",
+            models,
+            tmp_path / "infernet.yaml",
+            tmp_path / "state",
+            env,
+        )
         return
     server = start_server(tmp_path / "ollama")
-    node = Node(tmp_path, server, server.url, server.registry_url, server.models_dir,
-                tmp_path / "infernet.yaml", tmp_path / "state", env)  # fmt: skip
+    node = Node(
+        tmp_path,
+        server,
+        server.url,
+        server.registry_url,
+        server.models_dir,
+        tmp_path / "infernet.yaml",
+        tmp_path / "state",
+        env,
+    )
     try:
         yield node
     finally:
@@ -140,8 +174,13 @@ def cp(tmp_path: Path) -> Iterator[ControlPlaneServer]:
 def keygen(node: Node) -> str:
     """``infernet keygen`` into the node's folder; returns the public key it printed."""
     key = node.tmp / "node.key"
-    out = subprocess.run([INFERNET, "keygen", "--out", str(key)], capture_output=True,
-                         text=True, env=node.env, check=False)  # fmt: skip
+    out = subprocess.run(
+        [INFERNET, "keygen", "--out", str(key)],
+        capture_output=True,
+        text=True,
+        env=node.env,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
     pubkey = out.stdout.strip().splitlines()[-1]
@@ -152,6 +191,7 @@ def keygen(node: Node) -> str:
 def verified_beats(cp: ControlPlaneServer) -> list[dict[str, Any]]:
     """Heartbeats that verified and were accepted, with their pubkey and time."""
     return [
-        r for r in cp.received()
+        r
+        for r in cp.received()
         if r["path"] == "/api/v1/node/heartbeat" and r["pubkey"] and r["status"] == 200
-    ]  # fmt: skip
+    ]

@@ -28,9 +28,11 @@ def _configure(node: Node, cp: ControlPlaneServer, served: list[Any]) -> Path:
         "backends": {"toy": {"dir": str(toys)}},
         "budget": {"vram": "24GiB", "disk_reserve": "1MiB"},
         "control_plane": {
-            "url": cp.url, "key_file": str(node.tmp / "node.key"), "node_id": "toy-node",
+            "url": cp.url,
+            "key_file": str(node.tmp / "node.key"),
+            "node_id": "toy-node",
         },
-    }  # fmt: skip
+    }
     node.config.write_text(yaml.safe_dump(doc, sort_keys=False))
     return toys
 
@@ -51,8 +53,10 @@ def test_a_backend_from_a_plugin_is_validated_planned_applied_and_advertised(
     assert out.returncode == 0, out.stderr
     plan = json.loads(node.run("plan", "--json").stdout)
     assert [(a["op"], a["model"], a["backend"]) for a in plan["actions"]] == [
-        ("pull", "alpha", "toy"), ("pull", "beta", "toy"), ("pin", "beta", "toy"),
-    ]  # fmt: skip
+        ("pull", "alpha", "toy"),
+        ("pull", "beta", "toy"),
+        ("pin", "beta", "toy"),
+    ]
     assert plan["advertised"] == ["alpha", "beta"]
 
     out = node.run("apply", "--yes")

@@ -54,14 +54,20 @@ def test_install_and_remove_by_remote_command(
     monkeypatch.setenv("INFERNET_RETRY_BACKOFF", "0.05")
     key_file = node.tmp / "node.key"
     pubkey = generate_key(key_file)
-    node.write_config([SMALL], control_plane={"url": cp.url, "key_file": str(key_file),
-                                              "node_id": "test-node"})  # fmt: skip
+    node.write_config(
+        [SMALL], control_plane={"url": cp.url, "key_file": str(key_file), "node_id": "test-node"}
+    )
     events, reconcile = _reconcile_for(node)
     client = ControlPlane(ControlPlaneSettings(url=cp.url), load_key(key_file))
     store = Store.open(node.state)
     try:
-        runner = CommandRunner(client=client, store=store, config_path=node.config,
-                               reconcile=reconcile, progress_interval=0.0)  # fmt: skip
+        runner = CommandRunner(
+            client=client,
+            store=store,
+            config_path=node.config,
+            reconcile=reconcile,
+            progress_interval=0.0,
+        )
         install = cp.enqueue_command(pubkey, "model_install", {"model": QWEN})
         assert runner.run_pending() == [install]
 

@@ -1,4 +1,4 @@
-"""Issue 3 end to end: the real CLI, the Ollama-compatible server and the control-plane test
+"""Heartbeats end to end: the real CLI, the Ollama-compatible server and the control-plane test
 server, which verifies every signature exactly as the real control plane does."""
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ QWEN = "qwen2.5:0.5b"
 
 
 def _configure(node: Node, cp: ControlPlaneServer, served: list[object]) -> None:
-    node.write_config(served, control_plane={
-        "url": cp.url, "key_file": str(node.tmp / "node.key"), "node_id": "test-node",
-    })  # fmt: skip
+    node.write_config(
+        served,
+        control_plane={
+            "url": cp.url,
+            "key_file": str(node.tmp / "node.key"),
+            "node_id": "test-node",
+        },
+    )
 
 
 def _served(beat: dict) -> list[str]:  # type: ignore[type-arg]
@@ -39,8 +44,10 @@ def test_apply_heartbeats_exactly_what_is_served(node: Node, cp: ControlPlaneSer
     calls = cp.received()
     assert all(r["pubkey"] == pubkey for r in calls), "every request must verify"
     assert [(r["path"].rsplit("/", 1)[-1], r["status"]) for r in calls] == [
-        ("heartbeat", 404), ("register", 200), ("heartbeat", 200)
-    ]  # fmt: skip
+        ("heartbeat", 404),
+        ("register", 200),
+        ("heartbeat", 200),
+    ]
     status = json.loads(node.run("status", "--json").stdout)
     assert status["last_heartbeat"]["ok"] is True
     assert status["last_heartbeat"]["served_models"] == [SMALL, QWEN]

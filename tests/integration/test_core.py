@@ -1,4 +1,4 @@
-"""plan → apply → plan over loopback, through the real CLI (issue 2's end-to-end checks)."""
+"""plan → apply → plan over loopback, through the real CLI: the reconcile end to end."""
 
 from __future__ import annotations
 
@@ -65,8 +65,9 @@ def test_removal_unloads_before_delete_and_spares_hand_pulled(node: Node) -> Non
     assert QWEN not in node.installed()
     assert QWEN not in node.loaded()
     calls = [(r["method"], r["path"], r.get("body") or {}) for r in server.requests()]
-    unload = next(i for i, c in enumerate(calls)
-                  if c[1] == "/api/generate" and c[2].get("keep_alive") == 0)  # fmt: skip
+    unload = next(
+        i for i, c in enumerate(calls) if c[1] == "/api/generate" and c[2].get("keep_alive") == 0
+    )
     delete = next(i for i, c in enumerate(calls) if c[1] == "/api/delete")
     assert unload < delete
     assert not any(c[1] == "/api/delete" and c[2].get("model") == EMBED for c in calls)

@@ -112,9 +112,13 @@ def engines(folder: Path, tag: str) -> Iterator[Engines]:
 
 def spec(model: Path, **kw: object) -> EngineSpec:
     fields: dict[str, object] = {
-        "key": KEY, "kind": "vllm", "command": TEMPLATE, "path": str(model),
-        "served_name": "tiny-instruct", "fraction": 0.5,
-    }  # fmt: skip
+        "key": KEY,
+        "kind": "vllm",
+        "command": TEMPLATE,
+        "path": str(model),
+        "served_name": "tiny-instruct",
+        "fraction": 0.5,
+    }
     fields.update(kw)
     return EngineSpec(**fields)  # type: ignore[arg-type]
 
@@ -127,11 +131,23 @@ class FakeOutsider:
         env = {**os.environ, "PYTHONPATH": str(ROOT), TAG: tag}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.servers.fake_engine", "serve", str(model),
-                 "--served-model-name", name, "--port", str(port)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.servers.fake_engine",
+                    "serve",
+                    str(model),
+                    "--served-model-name",
+                    name,
+                    "--port",
+                    str(port),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=env,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         self.url = f"http://127.0.0.1:{port}"
         wait_for("the outsider engine", self.answers)
 
@@ -220,9 +236,13 @@ def test_engine_outlives_the_process_that_started_it(
                                        "tiny-instruct", 0.5)).pid)
     """)
     starter = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=30,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
         check=False,
-    )  # fmt: skip
+    )
     assert starter.returncode == 0, starter.stderr
     ready = engines.wait_ready(KEY, 10)
     assert ready.state == "ready" and ready.ours
@@ -365,9 +385,10 @@ def test_a_reused_pid_is_never_signalled(
     # ...and its PID now belongs to a stranger (as the record reads it): same number, other
     # process. The create time in the record is the old one.
     stranger = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True,
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        start_new_session=True,
         env={**os.environ, TAG: tag + "-stranger"},
-    )  # fmt: skip
+    )
     try:
         raw["pid"] = stranger.pid
         record(folder, KEY).write_text(json.dumps(raw))

@@ -36,9 +36,13 @@ ENGINE = (
     "--served-model-name {advertise_as} --port {port} --gpu-memory-utilization {fraction}"
 )
 CONFIG = {
-    "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": 2048,
-}  # fmt: skip
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 2048,
+}
 
 
 def safetensors(tensors: dict[str, tuple[str, list[int]]]) -> bytes:
@@ -81,14 +85,20 @@ class Hf:
         doc: dict[str, Any] = {
             "served_models": served,
             "backends": {
-                "ollama": {"url": self.node.url, "registry": self.node.registry,
-                           "models_dir": str(self.node.models_dir)},
-                "hf": {"cache_dir": str(self.cache), "url": f"http://127.0.0.1:{self.port}",
-                       "gpu_memory_utilization": 0.3,
-                       "commands": {"vllm": ENGINE, "sglang": ENGINE}},
+                "ollama": {
+                    "url": self.node.url,
+                    "registry": self.node.registry,
+                    "models_dir": str(self.node.models_dir),
+                },
+                "hf": {
+                    "cache_dir": str(self.cache),
+                    "url": f"http://127.0.0.1:{self.port}",
+                    "gpu_memory_utilization": 0.3,
+                    "commands": {"vllm": ENGINE, "sglang": ENGINE},
+                },
             },
             "budget": {"vram": "24GiB", "disk_reserve": "1MiB"},
-        }  # fmt: skip
+        }
         doc.update(extra)
         self.node.config.write_text(yaml.safe_dump(doc, sort_keys=False))
 
@@ -237,8 +247,12 @@ def test_port_in_use_moves_the_engine_to_the_next_port(hf: Hf, node: Node) -> No
 
 def test_missing_revision_and_repo_are_plan_errors(hf: Hf, node: Node) -> None:
     publish_repo(hf.hub.root)
-    hf.write([{"name": REPO, "backend": "vllm", "revision": "v9"},
-              {"name": "acme/nothing", "backend": "sglang"}])  # fmt: skip
+    hf.write(
+        [
+            {"name": REPO, "backend": "vllm", "revision": "v9"},
+            {"name": "acme/nothing", "backend": "sglang"},
+        ]
+    )
     out = node.run("plan")
     assert out.returncode == 1
     assert f"revision not found in {REPO}@v9" in out.stdout
@@ -261,8 +275,11 @@ def test_cut_download_is_never_counted_installed_and_resumes(hf: Hf, node: Node)
     hf.hub.fault("*/model.safetensors", "cut", after_bytes=11 << 20, times=1000)
     assert node.run("apply", "--yes").returncode == 0
     assert "model.safetensors" in hf.snapshots()
-    gets = [r for r in hf.hub.requests()
-            if r["method"] == "GET" and r["path"].endswith("model.safetensors")]  # fmt: skip
+    gets = [
+        r
+        for r in hf.hub.requests()
+        if r["method"] == "GET" and r["path"].endswith("model.safetensors")
+    ]
     assert any((r["range"] or "").startswith("bytes=10485760-") for r in gets), gets
 
 
@@ -279,10 +296,23 @@ def test_foreign_engine_is_observed_never_touched(hf: Hf, node: Node, tmp_path: 
     snapshot.mkdir()
     (snapshot / "config.json").write_text("{}")
     foreign = subprocess.Popen(
-        [sys.executable, "-m", "tests.servers.fake_engine", "serve", str(snapshot),
-         "--served-model-name", REPO, "--port", str(hf.port), "--gpu-memory-utilization", "0.1"],
-        env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tests.servers.fake_engine",
+            "serve",
+            str(snapshot),
+            "--served-model-name",
+            REPO,
+            "--port",
+            str(hf.port),
+            "--gpu-memory-utilization",
+            "0.1",
+        ],
+        env={**os.environ},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):
             try:
@@ -308,8 +338,12 @@ def test_foreign_engine_is_observed_never_touched(hf: Hf, node: Node, tmp_path: 
 
 def test_engine_claim_counts_against_the_budget(hf: Hf, node: Node) -> None:
     publish_repo(hf.hub.root)
-    hf.write([{"name": OLLAMA_SMALL, "keep_alive": -1, "vram": "4GiB"},
-              {"name": REPO, "backend": "vllm", "keep_alive": "5m"}])  # fmt: skip
+    hf.write(
+        [
+            {"name": OLLAMA_SMALL, "keep_alive": -1, "vram": "4GiB"},
+            {"name": REPO, "backend": "vllm", "keep_alive": "5m"},
+        ]
+    )
     doc = yaml.safe_load(node.config.read_text())
     doc["backends"]["hf"]["gpu_memory_utilization"] = 0.9  # 21.6 GiB of the 24 GiB budget
     node.config.write_text(yaml.safe_dump(doc))
@@ -337,10 +371,12 @@ def test_watch_restarts_an_engine_that_dies(hf: Hf, node: Node) -> None:
     hf.write([{"name": REPO, "backend": "vllm"}])
     log = (node.tmp / "watch.log").open("w")
     watch = subprocess.Popen(
-        [INFERNET, "watch", "-c", str(node.config), "--state-dir", str(node.state),
-         "--tick", "1"],
-        stdout=subprocess.DEVNULL, stderr=log, env=node.env, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        [INFERNET, "watch", "-c", str(node.config), "--state-dir", str(node.state), "--tick", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        env=node.env,
+        stdin=subprocess.DEVNULL,
+    )
     try:
 
         def engines_up(n: int) -> list[psutil.Process]:

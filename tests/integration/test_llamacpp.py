@@ -64,12 +64,15 @@ class Llama:
         doc: dict[str, Any] = {
             "served_models": served,
             "backends": {
-                "ollama": {"url": self.node.url, "registry": self.node.registry,
-                           "models_dir": str(self.node.models_dir)},
+                "ollama": {
+                    "url": self.node.url,
+                    "registry": self.node.registry,
+                    "models_dir": str(self.node.models_dir),
+                },
                 "llamacpp": {"models_dir": str(self.models_dir), "url": self.router.url},
             },
             "budget": {"vram": "24GiB", "disk_reserve": "1MiB"},
-        }  # fmt: skip
+        }
         doc.update(extra)
         self.node.config.write_text(yaml.safe_dump(doc, sort_keys=False))
         return self.node.config
@@ -113,16 +116,25 @@ def test_mixed_file_plans_applies_pins_and_heartbeats(
     data_c = llama.publish("tiny-c.gguf", hidden=96, layers=4, ff=192, heads=6, kv_heads=3)
     served = [
         OLLAMA_SMALL,
-        {"name": "tiny-a.gguf", "backend": "llamacpp", "source": local.as_uri(),
-         "keep_alive": -1},
+        {"name": "tiny-a.gguf", "backend": "llamacpp", "source": local.as_uri(), "keep_alive": -1},
         {"name": "tiny-b.gguf", "backend": "llamacpp", "source": f"hf://{REPO}/tiny-b.gguf"},
-        {"name": "tiny-c.gguf", "backend": "llamacpp", "source": llama.hub.file_url("tiny-c.gguf"),
-         "sha256": hashlib.sha256(data_c).hexdigest(), "advertise_as": "tiny-c"},
-    ]  # fmt: skip
+        {
+            "name": "tiny-c.gguf",
+            "backend": "llamacpp",
+            "source": llama.hub.file_url("tiny-c.gguf"),
+            "sha256": hashlib.sha256(data_c).hexdigest(),
+            "advertise_as": "tiny-c",
+        },
+    ]
     pubkey = keygen(node)
-    llama.write(served, control_plane={
-        "url": cp.url, "key_file": str(node.tmp / "node.key"), "node_id": "mixed",
-    })  # fmt: skip
+    llama.write(
+        served,
+        control_plane={
+            "url": cp.url,
+            "key_file": str(node.tmp / "node.key"),
+            "node_id": "mixed",
+        },
+    )
 
     plan = _plan(node)
     assert plan["errors"] == [], plan["errors"]
@@ -168,8 +180,9 @@ def test_download_is_invisible_until_complete_and_resumes(llama: Llama, node: No
     # The plan's header read (256 KiB) takes one of the two; the download takes the other.
     llama.hub.fault("*/tiny-c.gguf", "cut", after_bytes=cut, times=2)
     llama.hub.fault("*/tiny-c.gguf", "slow", rate=len(data))  # about a second in all
-    llama.write([{"name": "tiny-c.gguf", "backend": "llamacpp",
-                  "source": f"hf://{REPO}/tiny-c.gguf"}])  # fmt: skip
+    llama.write(
+        [{"name": "tiny-c.gguf", "backend": "llamacpp", "source": f"hf://{REPO}/tiny-c.gguf"}]
+    )
     seen: list[list[str]] = []
     listed: list[set[str]] = []
     stop = threading.Event()
@@ -202,8 +215,16 @@ def test_download_is_invisible_until_complete_and_resumes(llama: Llama, node: No
 
 def test_checksum_mismatch_discards_the_download(llama: Llama, node: Node) -> None:
     llama.publish("tiny-b.gguf")
-    llama.write([{"name": "tiny-b.gguf", "backend": "llamacpp",
-                  "source": llama.hub.file_url("tiny-b.gguf"), "sha256": "ab" * 32}])  # fmt: skip
+    llama.write(
+        [
+            {
+                "name": "tiny-b.gguf",
+                "backend": "llamacpp",
+                "source": llama.hub.file_url("tiny-b.gguf"),
+                "sha256": "ab" * 32,
+            }
+        ]
+    )
     out = node.run("apply", "--yes")
     assert out.returncode != 0
     assert "checksum mismatch" in out.stdout + out.stderr
@@ -214,11 +235,13 @@ def test_checksum_mismatch_discards_the_download(llama: Llama, node: Node) -> No
 def test_missing_source_is_a_plan_error_naming_the_url(llama: Llama, node: Node) -> None:
     url = llama.hub.file_url("nope.gguf")
     llama.publish("tiny-a.gguf")  # the repository exists; the file doesn't
-    llama.write([{"name": "nope.gguf", "backend": "llamacpp", "source": url},
-                 {"name": "gone.gguf", "backend": "llamacpp",
-                  "source": f"hf://{REPO}/gone.gguf"},
-                 {"name": "norepo.gguf", "backend": "llamacpp",
-                  "source": "hf://acme/missing/x.gguf"}])  # fmt: skip
+    llama.write(
+        [
+            {"name": "nope.gguf", "backend": "llamacpp", "source": url},
+            {"name": "gone.gguf", "backend": "llamacpp", "source": f"hf://{REPO}/gone.gguf"},
+            {"name": "norepo.gguf", "backend": "llamacpp", "source": "hf://acme/missing/x.gguf"},
+        ]
+    )
     out = node.run("plan")
     assert out.returncode == 1
     assert f"source {url}: 404 Not Found" in out.stderr + out.stdout
@@ -231,8 +254,12 @@ def test_damaged_gguf_is_not_advertised_and_named(llama: Llama, node: Node) -> N
     good = llama.gguf("tiny-a.gguf")
     (llama.models_dir / "tiny-a.gguf").write_bytes(good.read_bytes())
     corrupt_gguf(llama.models_dir / "broken.gguf")
-    llama.write([{"name": "tiny-a.gguf", "backend": "llamacpp", "keep_alive": "10m"},
-                 {"name": "broken.gguf", "backend": "llamacpp", "keep_alive": -1}])  # fmt: skip
+    llama.write(
+        [
+            {"name": "tiny-a.gguf", "backend": "llamacpp", "keep_alive": "10m"},
+            {"name": "broken.gguf", "backend": "llamacpp", "keep_alive": -1},
+        ]
+    )
     plan = _plan(node)
     assert plan["advertised"] == ["tiny-a.gguf"]
     assert any("keep_alive 600s can't be set per model on llama.cpp" in w for w in plan["warnings"])
@@ -243,8 +270,15 @@ def test_damaged_gguf_is_not_advertised_and_named(llama: Llama, node: Node) -> N
 def test_damaged_file_with_a_source_is_downloaded_again(llama: Llama, node: Node) -> None:
     data = llama.publish("tiny-b.gguf")
     corrupt_gguf(llama.models_dir / "tiny-b.gguf")
-    llama.write([{"name": "tiny-b.gguf", "backend": "llamacpp",
-                  "source": llama.hub.file_url("tiny-b.gguf")}])  # fmt: skip
+    llama.write(
+        [
+            {
+                "name": "tiny-b.gguf",
+                "backend": "llamacpp",
+                "source": llama.hub.file_url("tiny-b.gguf"),
+            }
+        ]
+    )
     plan = _plan(node)
     assert [(a["op"], a["model"]) for a in plan["actions"]] == [("pull", "tiny-b.gguf")]
     assert "damaged" in plan["actions"][0]["reason"]
@@ -275,8 +309,16 @@ def test_removal_unloads_deletes_and_rescans(llama: Llama, node: Node) -> None:
 
 def test_pinned_model_is_loaded_again_after_a_router_restart(llama: Llama, node: Node) -> None:
     a = llama.gguf("tiny-a.gguf")
-    llama.write([{"name": "tiny-a.gguf", "backend": "llamacpp", "source": a.as_uri(),
-                  "keep_alive": "forever"}])  # fmt: skip
+    llama.write(
+        [
+            {
+                "name": "tiny-a.gguf",
+                "backend": "llamacpp",
+                "source": a.as_uri(),
+                "keep_alive": "forever",
+            }
+        ]
+    )
     assert node.run("apply", "--yes").returncode == 0
     llama.router.stop()
     llama.router.start()
@@ -324,8 +366,12 @@ def _read_only(folder: Path) -> Iterator[None]:
         finally:
             folder.chmod(0o755)
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64m", "tmpfs", str(folder)],
-                             capture_output=True, text=True, check=False)  # fmt: skip
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64m", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if mounted.returncode != 0:
         pytest.skip(f"root writes through permission bits and can't mount here: {mounted.stderr}")
     try:
@@ -359,8 +405,9 @@ def test_hf_revision_and_gated_repo_with_token(llama: Llama, node: Node, tmp_pat
     gate_repo(root, "acme/pinned")
     with start_hub_server(tmp_path / "gated", root, token="hf_secret") as hub:
         node.env.update(hub.client_env(tmp_path / "hf-home-2"))
-        llama.write([{"name": "v1.gguf", "backend": "llamacpp",
-                      "source": "hf://acme/pinned@v1/m.gguf"}])  # fmt: skip
+        llama.write(
+            [{"name": "v1.gguf", "backend": "llamacpp", "source": "hf://acme/pinned@v1/m.gguf"}]
+        )
         out = node.run("plan")
         assert out.returncode == 1
         assert "acme/pinned is gated" in out.stdout and "HF_TOKEN" in out.stdout

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from reconciler.backends.gguf import meta as ggufmeta
-from reconciler.backends.llamacpp.backend import run_settings
+from reconciler.backends.llamacpp.router import run_settings
 from reconciler.model import BackendKind, ModelSpec
 from reconciler.planning import budget
 from tests.integration.conftest import Node
@@ -36,12 +36,15 @@ def _write(
     doc = {
         "served_models": served,
         "backends": {
-            "ollama": {"url": node.url, "registry": node.registry,
-                       "models_dir": str(node.models_dir)},
+            "ollama": {
+                "url": node.url,
+                "registry": node.registry,
+                "models_dir": str(node.models_dir),
+            },
             "llamacpp": {"models_dir": str(models_dir), "url": router_url, **llamacpp},
         },
         "budget": {"vram": "24GiB", "disk_reserve": "1MiB"},
-    }  # fmt: skip
+    }
     node.config.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
@@ -113,8 +116,13 @@ def test_plan_uses_the_files_parallel_while_the_router_is_down(
     router = start_router(tmp_path / "router", folder)
     url = router.url
     router.close()  # down: the plan reads the folder, and the file says how it runs
-    _write(node, url, folder, [{"name": "tiny-a.gguf", "backend": "llamacpp", "context": 512}],
-           parallel=3)  # fmt: skip
+    _write(
+        node,
+        url,
+        folder,
+        [{"name": "tiny-a.gguf", "backend": "llamacpp", "context": 512}],
+        parallel=3,
+    )
     doc, _ = _plan(node)
     want = _expected(path, ["-c", str(3 * 512), "-np", "3"], spec_context=512)
     assert _estimate(doc, "tiny-a.gguf")["estimated_bytes"] == want
@@ -128,8 +136,10 @@ def test_a_deeply_nested_gguf_in_the_folder_is_one_line_and_never_advertised(
     router = start_router(tmp_path / "router", folder)
     try:
         router.models(reload=True)
-        served = [{"name": "deep.gguf", "backend": "llamacpp"},
-                  {"name": "tiny-a.gguf", "backend": "llamacpp"}]  # fmt: skip
+        served = [
+            {"name": "deep.gguf", "backend": "llamacpp"},
+            {"name": "tiny-a.gguf", "backend": "llamacpp"},
+        ]
         _write(node, router.url, folder, served)
         doc, _ = _plan(node)
         said = [w for w in doc["warnings"] if w.startswith("deep.gguf:")]

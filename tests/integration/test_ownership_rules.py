@@ -1,4 +1,4 @@
-"""Never delete what it must keep (issue 13, items 1-6), through the real CLI, the daemon's own
+"""Never delete what it must keep, through the real CLI, the daemon's own
 reconcile and ``infernet watch``, against the Ollama-compatible and control-plane test servers.
 
 * a remote ``model_remove`` follows the rules of a file edit: the entry leaves the file and
@@ -77,7 +77,7 @@ def daemon(node: Node, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
         watch.session.close()
 
 
-# --------------------------------------------------------------------------- item 1
+# --------------------------------------------------------------------------- remote removals
 
 
 @pytest.mark.parametrize(("prune", "deleted"), [("none", False), ("managed", False), ("all", True)])
@@ -129,8 +129,11 @@ def test_a_remote_removal_never_touches_a_protected_model(
     node: Node, cp: ControlPlaneServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pubkey = keygen(node)
-    node.write_config([SMALL, {"name": QWEN, "protect": True}], control_plane=plane(node, cp),
-                      policy={"prune": "all"})  # fmt: skip
+    node.write_config(
+        [SMALL, {"name": QWEN, "protect": True}],
+        control_plane=plane(node, cp),
+        policy={"prune": "all"},
+    )
     before = node.config.read_bytes()
     with daemon(node, monkeypatch) as watch:
         watch.tick()
@@ -143,7 +146,7 @@ def test_a_remote_removal_never_touches_a_protected_model(
     assert node.config.read_bytes() == before
 
 
-# --------------------------------------------------------------------------- item 2
+# --------------------------------------------------------------------------- protection recorded
 
 
 @pytest.mark.parametrize("noop", ["apply", "watch"])
@@ -169,7 +172,7 @@ def test_protection_is_remembered_by_a_run_that_changed_nothing(node: Node, noop
     assert f"{QWEN} left the file but was declared protect: true" in out.stdout
 
 
-# --------------------------------------------------------------------------- item 3
+# ------------------------------------------------------------------------- the lock before the file
 
 
 @pytest.mark.parametrize(
@@ -234,7 +237,7 @@ def test_concurrent_model_installs_all_end_in_the_file_and_installed(node: Node)
     assert node.run("plan", "--detailed-exitcode").returncode == 0
 
 
-# --------------------------------------------------------------------------- item 4
+# --------------------------------------------------------------------------- failed installs
 
 
 def _crlf_file_with_comments(node: Node, **extra: Any) -> bytes:
@@ -256,8 +259,11 @@ def test_a_failed_model_install_leaves_the_file_byte_for_byte(node: Node, failur
         server.fault(QWEN, "digest_mismatch")
     out = node.run("model", "install", name[failure], *args)
     assert out.returncode == 1, out.stdout + out.stderr
-    why = {"not in the registry": "is not in the registry", "over the budget": "> VRAM budget",
-           "pull fails": "digest mismatch"}  # fmt: skip
+    why = {
+        "not in the registry": "is not in the registry",
+        "over the budget": "> VRAM budget",
+        "pull fails": "digest mismatch",
+    }
     assert why[failure] in out.stderr and "Traceback" not in out.stderr
     assert node.config.read_bytes() == before
     assert f"Restored {node.config} as it was before the install" in out.stderr
@@ -278,15 +284,18 @@ def test_model_remove_of_a_name_not_in_the_file_exits_1_and_deletes_nothing(node
     assert node.config.read_bytes() == before
 
 
-# --------------------------------------------------------------------------- item 5
+# --------------------------------------------------------------------------- crashes mid-install
 
 
 def _watch(node: Node, n: int) -> tuple[subprocess.Popen[bytes], Any]:
     log = (node.tmp / f"watch-{n}.log").open("w")
     proc = subprocess.Popen(
         [INFERNET, "watch", "-c", str(node.config), "--state-dir", str(node.state), "--tick", "1"],
-        stdout=subprocess.DEVNULL, stderr=log, env=node.env, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        env=node.env,
+        stdin=subprocess.DEVNULL,
+    )
     return proc, log
 
 
@@ -304,8 +313,7 @@ def test_a_remote_install_cut_off_by_a_crash_is_taken_back_and_answered_failed(
         wait_for("a heartbeat", lambda: bool(verified_beats(cp)))
         command = cp.enqueue_command(pubkey, "model_install", {"model": QWEN})
         wait_for("the file edit", lambda: QWEN in models_in(node))
-        wait_for("the pull", lambda: any(
-            r["path"] == "/api/pull" for r in server.requests()))  # fmt: skip
+        wait_for("the pull", lambda: any(r["path"] == "/api/pull" for r in server.requests()))
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     finally:
@@ -332,7 +340,7 @@ def test_a_remote_install_cut_off_by_a_crash_is_taken_back_and_answered_failed(
         assert store.get_status("command_undo") in (None, {})
 
 
-# --------------------------------------------------------------------------- item 6
+# --------------------------------------------------------------------------- revisions
 
 
 def test_model_remove_checks_protection_with_the_entrys_revision(node: Node) -> None:

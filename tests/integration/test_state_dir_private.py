@@ -1,4 +1,4 @@
-"""Issue 13, item 13: everything infernet writes in its state dir is 0600, whoever made the
+"""Everything infernet writes in its state dir is 0600, whoever made the
 folder (systemd's ``StateDirectory=`` makes it 0755) and whatever the umask (022 by default).
 
 The store and its lock are checked in ``tests/unit/state``; here the real CLI and a real engine

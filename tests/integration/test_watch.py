@@ -1,4 +1,4 @@
-"""Issue 4 end to end: ``infernet watch`` as a real process, the Ollama-compatible server, and
+"""The daemon end to end: ``infernet watch`` as a real process, the Ollama-compatible server, and
 (where named) the control-plane test server."""
 
 from __future__ import annotations
@@ -62,10 +62,22 @@ class Watch:
         self.log = node.tmp / f"watch-{time.monotonic_ns()}.log"
         self._log = self.log.open("w")
         self.proc = subprocess.Popen(
-            [INFERNET, "watch", "-c", str(node.config), "--state-dir", str(node.state),
-             "--tick", "1", *extra],
-            stdout=subprocess.DEVNULL, stderr=self._log, env=node.env, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                INFERNET,
+                "watch",
+                "-c",
+                str(node.config),
+                "--state-dir",
+                str(node.state),
+                "--tick",
+                "1",
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            env=node.env,
+            stdin=subprocess.DEVNULL,
+        )
 
     def text(self) -> str:
         return self.log.read_text()
@@ -125,8 +137,10 @@ def test_invalid_file_keeps_the_last_valid_state(node: Node, watch: Any) -> None
     time.sleep(1.5)
     assert SMALL in node.installed()
     node.write_config([QWEN], policy={"prune": "managed"})
-    wait_for("the fixed file to apply", lambda: QWEN in node.installed()
-             and SMALL not in node.installed())  # fmt: skip
+    wait_for(
+        "the fixed file to apply",
+        lambda: QWEN in node.installed() and SMALL not in node.installed(),
+    )
 
 
 def test_a_storm_of_saves_ends_on_the_last_content(node: Node, watch: Any) -> None:
@@ -189,9 +203,14 @@ def test_killed_daemon_restarts_and_converges(node: Node, watch: Any, tmp_path: 
     node.throttle(40_000)
     with start_control_plane(tmp_path / "cp") as cp:
         keygen(node)
-        node.write_config([SMALL, QWEN], control_plane={
-            "url": cp.url, "key_file": str(node.tmp / "node.key"), "heartbeat_interval": "1s",
-        })  # fmt: skip
+        node.write_config(
+            [SMALL, QWEN],
+            control_plane={
+                "url": cp.url,
+                "key_file": str(node.tmp / "node.key"),
+                "heartbeat_interval": "1s",
+            },
+        )
         w = watch()
         wait_for("the pull to start", lambda: "reconciling" in w.text())
         w.stop(signal.SIGKILL)
@@ -234,9 +253,14 @@ def test_sighup_reloads(node: Node, watch: Any) -> None:
 def test_dashboard_commands_heartbeats_and_goodbye(node: Node, watch: Any, tmp_path: Any) -> None:
     with start_control_plane(tmp_path / "cp") as cp:
         pubkey = keygen(node)
-        node.write_config([SMALL], control_plane={
-            "url": cp.url, "key_file": str(node.tmp / "node.key"), "heartbeat_interval": "1s",
-        })  # fmt: skip
+        node.write_config(
+            [SMALL],
+            control_plane={
+                "url": cp.url,
+                "key_file": str(node.tmp / "node.key"),
+                "heartbeat_interval": "1s",
+            },
+        )
         w = watch()
         wait_for("the first heartbeat", lambda: bool(verified_beats(cp)))
         install = cp.enqueue_command(pubkey, "model_install", {"model": QWEN})
@@ -337,8 +361,12 @@ def test_once_reconciles_and_exits(node: Node) -> None:
     node.write_config([SMALL])
     out = subprocess.run(
         [INFERNET, "watch", "--once", "-c", str(node.config), "--state-dir", str(node.state)],
-        capture_output=True, text=True, env=node.env, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=node.env,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert SMALL in node.installed()
     assert "stopped" in out.stderr

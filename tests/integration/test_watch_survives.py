@@ -1,4 +1,4 @@
-"""Issue 13, items 7, 8, 11 and 13: ``infernet watch`` survives what it is fed and stops when told.
+"""``infernet watch`` survives what it is fed and stops when told.
 
 Real processes on loopback: the daemon, the Ollama-compatible test server, the control-plane
 test server, and (for SIGTERM) a peer that accepts a request and then trickles one byte every
@@ -44,8 +44,12 @@ def watch(node: Node) -> Iterator[Callable[..., Watch]]:
 
 
 def _cp_config(node: Node, cp_url: str, **extra: Any) -> dict[str, Any]:
-    return {"url": cp_url, "key_file": str(node.tmp / "node.key"), "heartbeat_interval": "1s",
-            **extra}  # fmt: skip
+    return {
+        "url": cp_url,
+        "key_file": str(node.tmp / "node.key"),
+        "heartbeat_interval": "1s",
+        **extra,
+    }
 
 
 def _daemon(node: Node) -> dict[str, Any]:
@@ -55,7 +59,7 @@ def _daemon(node: Node) -> dict[str, Any]:
     return doc
 
 
-# --------------------------------------------------------------------------- item 7
+# --------------------------------------------------------------------------- a file nested too deep
 
 
 def test_a_file_nested_2000_deep_keeps_the_last_valid_state_also_across_a_restart(
@@ -120,20 +124,29 @@ def test_a_bug_inside_a_reconcile_is_contained_reported_and_backed_off(
     w = watch()  # only the daemon has the bug; `status` below is the plain CLI
     node.env.clear()
     node.env.update(plain)
-    wait_for("a first heartbeat listing the model",
-             lambda: any(b["body"]["specs"]["served_models"] == [SMALL]
-                         for b in verified_beats(cp) if b["body"].get("specs")))  # fmt: skip
+    wait_for(
+        "a first heartbeat listing the model",
+        lambda: any(
+            b["body"]["specs"]["served_models"] == [SMALL]
+            for b in verified_beats(cp)
+            if b["body"].get("specs")
+        ),
+    )
 
     fault.touch()
     wait_for("the fault in the log", lambda: "injected fault" in w.text())
     wait_for("the fault in status", lambda: _daemon(node)["daemon"].get("errors"))
     errors = _daemon(node)["daemon"]["errors"]
-    assert errors == ["reconcile failed: internal error RuntimeError: injected fault: a bug in "
-                      "planning"], errors  # fmt: skip
+    assert errors == [
+        "reconcile failed: internal error RuntimeError: injected fault: a bug in planning"
+    ], errors
 
     def fault_beats() -> list[dict[str, Any]]:
-        return [b for b in verified_beats(cp) if b["body"].get("specs")
-                and errors[0] in b["body"]["specs"]["reconciler"]["errors"]]  # fmt: skip
+        return [
+            b
+            for b in verified_beats(cp)
+            if b["body"].get("specs") and errors[0] in b["body"]["specs"]["reconciler"]["errors"]
+        ]
 
     wait_for("a heartbeat carrying the fault", lambda: bool(fault_beats()))
     # Serving goes on: the beat still advertises what the last good reconcile verified.
@@ -163,7 +176,7 @@ def test_a_bug_inside_a_reconcile_is_contained_reported_and_backed_off(
     assert modes == dict.fromkeys(modes, 0o600), modes
 
 
-# --------------------------------------------------------------------------- item 8
+# --------------------------------------------------------------------------- control-plane edits
 
 
 def test_editing_control_plane_settings_while_watching_keeps_the_command_poll_alive(
@@ -189,7 +202,7 @@ def test_editing_control_plane_settings_while_watching_keeps_the_command_poll_al
     assert w.stop() == 0, w.text()
 
 
-# --------------------------------------------------------------------------- item 11
+# -------------------------------------------------------------------- SIGTERM while a peer trickles
 
 
 class TricklingPeer:

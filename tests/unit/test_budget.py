@@ -18,17 +18,25 @@ from reconciler.planning import budget
 
 GiB = 1 << 30
 LLAMA8B = ModelFacts(
-    size=4_920_000_000, weights_bytes=4_920_000_000, block_count=32, head_count=32,
-    head_count_kv=8, embedding_length=4096, context_length=131072, quantization="Q4_K_M",
+    size=4_920_000_000,
+    weights_bytes=4_920_000_000,
+    block_count=32,
+    head_count=32,
+    head_count_kv=8,
+    embedding_length=4096,
+    context_length=131072,
+    quantization="Q4_K_M",
     parameter_count=8_030_000_000,
-)  # fmt: skip
+)
 
 
 def _spec(**kw: object) -> ModelSpec:
     base: dict[str, object] = {
-        "name": "m:1b", "backend": BackendKind.OLLAMA,
-        "canonical": "registry.ollama.ai/library/m:1b", "advertise_as": "m:1b",
-    }  # fmt: skip
+        "name": "m:1b",
+        "backend": BackendKind.OLLAMA,
+        "canonical": "registry.ollama.ai/library/m:1b",
+        "advertise_as": "m:1b",
+    }
     base.update(kw)
     return ModelSpec(**base)  # type: ignore[arg-type]
 
@@ -51,11 +59,17 @@ def test_kv_cache_is_128k_per_token_for_llama31_8b() -> None:
 
 @pytest.mark.parametrize(
     ("vram", "trained", "expected"),
-    [(8 * GiB, None, 4096), (24 * GiB, None, 32768), (48 * GiB, None, 262144),
-     (48 * GiB, 8192, 8192), (None, None, 4096)],
-)  # fmt: skip
-def test_default_context_follows_ollama_tiers(vram: int | None, trained: int | None,
-                                               expected: int) -> None:  # fmt: skip
+    [
+        (8 * GiB, None, 4096),
+        (24 * GiB, None, 32768),
+        (48 * GiB, None, 262144),
+        (48 * GiB, 8192, 8192),
+        (None, None, 4096),
+    ],
+)
+def test_default_context_follows_ollama_tiers(
+    vram: int | None, trained: int | None, expected: int
+) -> None:
     assert budget.default_context(vram, trained) == expected
 
 
@@ -88,9 +102,10 @@ def test_pinned_plus_each_swap_in() -> None:
     swap_ok = Estimate("a", 12 * GiB, "config", False)
     swap_bad = Estimate("b", 14 * GiB, "config", False)
     fit = budget.check(
-        [pinned, swap_ok, swap_bad], gpu=GpuState("nvml", 24 * GiB, None),
+        [pinned, swap_ok, swap_bad],
+        gpu=GpuState("nvml", 24 * GiB, None),
         settings=BudgetSettings(reserve=1 * GiB),
-    )  # fmt: skip
+    )
     assert fit.unfit == frozenset({"b"})
     assert fit.budget.vram_pinned_bytes == 10 * GiB
     assert fit.budget.largest_swap_in_bytes == 14 * GiB

@@ -24,13 +24,25 @@ MiB = 1 << 20
 H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 80 * GiB, 0, 0)
 
 
-def _gpu(*, foreign: int = 0, unattributed: int = 0, backend: int = 0, total: int | None = None,
-         source: str = "nvml") -> GpuState:  # fmt: skip
+def _gpu(
+    *,
+    foreign: int = 0,
+    unattributed: int = 0,
+    backend: int = 0,
+    total: int | None = None,
+    source: str = "nvml",
+) -> GpuState:
     procs = (GpuProcess(4242, "python", foreign),) if foreign else ()
     return GpuState(
-        source, 80 * GiB if total is None else total, None, (H100,), backend_bytes=backend,
-        foreign_bytes=foreign, unattributed_bytes=unattributed, foreign_processes=procs,
-    )  # fmt: skip
+        source,
+        80 * GiB if total is None else total,
+        None,
+        (H100,),
+        backend_bytes=backend,
+        foreign_bytes=foreign,
+        unattributed_bytes=unattributed,
+        foreign_processes=procs,
+    )
 
 
 @pytest.mark.parametrize(
@@ -51,7 +63,7 @@ def _gpu(*, foreign: int = 0, unattributed: int = 0, backend: int = 0, total: in
         (GpuState("config", 40 * GiB, None), 0, 40 * GiB),
         (GpuState("none", None, None), 0, None),
     ],
-)  # fmt: skip
+)
 def test_available_vram(state: GpuState, loaded: int, expected: int | None) -> None:
     assert budget.available_vram(state, loaded) == expected
 
@@ -70,8 +82,10 @@ def test_refusal_names_the_other_processes() -> None:
     )
     b = fit.budget
     assert (b.vram_total_bytes, b.vram_available_bytes, b.foreign_bytes) == (
-        80 * GiB, 50 * GiB, 30 * GiB,
-    )  # fmt: skip
+        80 * GiB,
+        50 * GiB,
+        30 * GiB,
+    )
     assert b.foreign_processes == (GpuProcess(4242, "python", 30 * GiB),)
     # the same model fits once the other process is gone
     assert budget.check([model], gpu=_gpu(), settings=BudgetSettings()).errors == ()
@@ -123,9 +137,18 @@ def test_file_type_table_matches_the_gguf_package() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "name"), [(0, "F32"), (1, "F16"), (7, "Q8_0"), (15, "Q4_K_M"), (32, "BF16"),
-                        (4, None), (1024, None), (None, None)],
-)  # fmt: skip
+    ("value", "name"),
+    [
+        (0, "F32"),
+        (1, "F16"),
+        (7, "Q8_0"),
+        (15, "Q4_K_M"),
+        (32, "BF16"),
+        (4, None),
+        (1024, None),
+        (None, None),
+    ],
+)
 def test_file_type_names(value: int | None, name: str | None) -> None:
     assert file_type_name(value) == name
 
@@ -144,10 +167,18 @@ def test_file_type_fills_in_a_missing_quantization() -> None:
 # The bench's ~100M model (bench/accuracy.py "m100"): 12 layers, 768 wide, 4 KV heads of 64,
 # a feed-forward of 2048, Llama 2's 32000-token SentencePiece vocabulary (no merges).
 M100 = ModelFacts(
-    size=201_000_000, weights_bytes=201_000_000, block_count=12, head_count=12, head_count_kv=4,
-    embedding_length=768, context_length=16384, file_type=1, feed_forward_length=2048,
-    vocab_size=32000, vocab_merges=0,
-)  # fmt: skip
+    size=201_000_000,
+    weights_bytes=201_000_000,
+    block_count=12,
+    head_count=12,
+    head_count_kv=4,
+    embedding_length=768,
+    context_length=16384,
+    file_type=1,
+    feed_forward_length=2048,
+    vocab_size=32000,
+    vocab_merges=0,
+)
 LLAMA = ModelSpec("m100.gguf", BackendKind.LLAMACPP, "m100.gguf", "m100")
 
 
@@ -187,7 +218,7 @@ def test_llamacpp_context_comes_from_the_router_then_the_file_then_the_gguf() ->
         return parts["kv"]
 
     with_ctx = ModelSpec("m100.gguf", BackendKind.LLAMACPP, "m100.gguf", "m100", context=1024)
-    # the router's -c is what its children run, whatever the file says (issue 13)
+    # the router's -c is what its children run, whatever the file says
     assert kv_of(with_ctx, _with(run_context=8192)) == _kv(8192)
     assert kv_of(LLAMA, _with(run_context=8192)) == _kv(8192)
     assert kv_of(with_ctx, M100) == _kv(1024)  # the router could not be asked
@@ -210,16 +241,23 @@ def test_llamacpp_on_cpu_pays_no_cuda_context_but_its_slots_host_memory() -> Non
     assert {k: v for k, v in gpu_parts.items() if k != "runtime"} == {
         k: v for k, v in cpu_parts.items() if k != "runtime"
     }
-    cpu_est = budget.estimate(LLAMA, _with(run_context=2048, parallel=2), None, None,
-                              accelerator=False)  # fmt: skip
+    cpu_est = budget.estimate(
+        LLAMA, _with(run_context=2048, parallel=2), None, None, accelerator=False
+    )
     assert cpu_est.bytes == sum(cpu_parts.values())
 
 
 @pytest.mark.parametrize(
     ("hidden", "context", "parallel", "logged_mib"),
-    [(64, 256, 1, 1.20), (64, 256, 2, 2.39), (64, 2048, 1, 4.14), (64, 2048, 2, 4.14),
-     (64, 8192, 1, 10.14), (64, 8192, 2, 10.14)],
-)  # fmt: skip
+    [
+        (64, 256, 1, 1.20),
+        (64, 256, 2, 2.39),
+        (64, 2048, 1, 4.14),
+        (64, 2048, 2, 4.14),
+        (64, 8192, 1, 10.14),
+        (64, 8192, 2, 10.14),
+    ],
+)
 def test_compute_buffer_matches_what_llama_server_logged(
     hidden: int, context: int, parallel: int, logged_mib: float
 ) -> None:
@@ -246,8 +284,9 @@ def test_gpu_estimate_adds_unfused_attention_only_for_head_sizes_without_flash_k
     plain = llamacpp_estimate.parts(M100, 8192, 1, accelerator=False)
     assert fused is not None and plain is not None and fused["compute"] == plain["compute"]
     # 16-wide heads (the H200 run's tiny model): one micro-batch's f32 scores over every cell
-    tiny = ModelFacts(weights_bytes=9 << 20, block_count=2, head_count=4, head_count_kv=2,
-                      embedding_length=64)  # fmt: skip
+    tiny = ModelFacts(
+        weights_bytes=9 << 20, block_count=2, head_count=4, head_count_kv=2, embedding_length=64
+    )
     on_gpu = llamacpp_estimate.parts(tiny, 8192, 2, accelerator=True)
     on_cpu = llamacpp_estimate.parts(tiny, 8192, 2, accelerator=False)
     assert on_gpu is not None and on_cpu is not None

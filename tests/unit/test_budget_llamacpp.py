@@ -1,4 +1,4 @@
-"""The llama.cpp estimate counts what really runs (issue 13): the router's slots and context,
+"""The llama.cpp estimate counts what really runs: the router's slots and context,
 the whole file, the vocabulary and feed-forward width read from the GGUF, repacked weights."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 from reconciler.backends.gguf import meta as ggufmeta
 from reconciler.backends.gguf.header import GGML_TYPES, MERGE_COUNT, TOKEN_COUNT, TensorInfo
 from reconciler.backends.llamacpp import estimate as llamacpp_estimate
-from reconciler.backends.llamacpp.backend import AUTO_PARALLEL, LlamacppBackend, run_settings
+from reconciler.backends.llamacpp.backend import LlamacppBackend
+from reconciler.backends.llamacpp.router import AUTO_PARALLEL, run_settings
 from reconciler.backends.llamacpp.settings import LlamacppSettings
 from reconciler.converge.observe import _merge
 from reconciler.errors import BackendError
@@ -29,10 +30,19 @@ MiB = 1 << 20
 
 # A Llama-3.2-1B-like file: 16 layers, 2048 wide, 8 KV heads of 64, feed-forward 8192 (4x).
 FACTS = ModelFacts(
-    size=1_000_000_000, weights_bytes=990_000_000, block_count=16, head_count=32,
-    head_count_kv=8, embedding_length=2048, context_length=131072, file_type=7,
-    feed_forward_length=8192, vocab_size=128256, vocab_merges=280147, cpu_repack_bytes=0,
-)  # fmt: skip
+    size=1_000_000_000,
+    weights_bytes=990_000_000,
+    block_count=16,
+    head_count=32,
+    head_count_kv=8,
+    embedding_length=2048,
+    context_length=131072,
+    file_type=7,
+    feed_forward_length=8192,
+    vocab_size=128256,
+    vocab_merges=280147,
+    cpu_repack_bytes=0,
+)
 SPEC = ModelSpec("m.gguf", BackendKind.LLAMACPP, "m.gguf", "m")
 
 
@@ -44,7 +54,7 @@ def _facts(**kw: Any) -> ModelFacts:
     return dataclasses.replace(FACTS, **kw)
 
 
-# --------------------------------------------------------------------------- item 21: slots
+# --------------------------------------------------------------------------- slots
 
 
 @pytest.mark.parametrize(
@@ -70,7 +80,7 @@ def _facts(**kw: Any) -> ModelFacts:
         # the micro-batch: -ub, capped by -b
         (["-c", "4096", "-np", "1", "-b", "1024", "-ub", "2048"], 16384, (4096, 1, False, 1024)),
     ],
-)  # fmt: skip
+)
 def test_run_settings_follow_llama_servers_rules(
     args: list[str], trained: int | None, want: tuple[Any, ...]
 ) -> None:
@@ -116,7 +126,7 @@ def test_the_files_parallel_stands_in_for_the_router_while_it_cant_be_asked() ->
         silent.close()
 
 
-# --------------------------------------------------------------------------- item 22: the file
+# --------------------------------------------------------------------------- the file
 
 
 def test_the_weights_are_the_whole_mapped_file_not_the_tensor_bytes() -> None:
@@ -125,7 +135,7 @@ def test_the_weights_are_the_whole_mapped_file_not_the_tensor_bytes() -> None:
         assert parts is not None and parts["weights"] == 1_000_000_000
 
 
-# --------------------------------------------------------------------------- item 23: the GGUF
+# --------------------------------------------------------------------------- the GGUF
 
 
 def test_a_128k_vocabulary_with_its_merges_costs_more_than_llama_2s() -> None:
@@ -150,14 +160,20 @@ def test_the_compute_buffer_uses_the_ggufs_feed_forward_width(ratio: float) -> N
 
 def test_header_keys_give_the_vocabulary_merges_and_feed_forward() -> None:
     meta = {
-        "general.architecture": "llama", "llama.block_count": 16,
-        "llama.embedding_length": 2048, "llama.attention.head_count": 32,
-        "llama.feed_forward_length": 8192, TOKEN_COUNT: 128256, MERGE_COUNT: 280147,
-    }  # fmt: skip
+        "general.architecture": "llama",
+        "llama.block_count": 16,
+        "llama.embedding_length": 2048,
+        "llama.attention.head_count": 32,
+        "llama.feed_forward_length": 8192,
+        TOKEN_COUNT: 128256,
+        MERGE_COUNT: 280147,
+    }
     facts = ggufmeta.facts_from_metadata(meta, size=10)
     assert (facts.vocab_size, facts.vocab_merges, facts.feed_forward_length) == (
-        128256, 280147, 8192,
-    )  # fmt: skip
+        128256,
+        280147,
+        8192,
+    )
     # an arch that states its vocabulary size directly
     facts = ggufmeta.facts_from_metadata({**meta, "llama.vocab_size": 128000}, size=10)
     assert facts.vocab_size == 128000
@@ -168,8 +184,10 @@ def test_a_local_file_is_read_for_the_estimate(tmp_path: Path) -> None:
     write_tiny_gguf(path, name="tiny", hidden=64, ff=176)
     facts = ggufmeta.read_file(path)
     assert (facts.vocab_size, facts.vocab_merges, facts.feed_forward_length) == (
-        VOCAB_SIZE, 0, 176,
-    )  # fmt: skip
+        VOCAB_SIZE,
+        0,
+        176,
+    )
     assert facts.size == path.stat().st_size and facts.cpu_repack_bytes == 0  # F32
 
 
@@ -186,9 +204,12 @@ def test_cpu_repack_counts_the_multiplied_matrices_of_repacked_types() -> None:
     q = _tensor("blk.0.attn_q.weight", "Q4_K", (2048, 2048))
     down = _tensor("blk.0.ffn_down.weight", "Q6_K", (8192, 2048))
     tensors = [
-        embd, q, down, _tensor("blk.0.attn_norm.weight", "F32", (2048,)),
+        embd,
+        q,
+        down,
+        _tensor("blk.0.attn_norm.weight", "F32", (2048,)),
         _tensor("blk.0.odd.weight", "Q4_K", (2048, 6)),  # rows not a multiple of 4
-    ]  # fmt: skip
+    ]
     assert q.n_bytes == 2048 * 2048 // 256 * 144
     assert ggufmeta.cpu_repack_bytes(tensors, "x86_64") == embd.n_bytes + q.n_bytes
     arm = embd.n_bytes + q.n_bytes + down.n_bytes  # Arm repacks Q6_K too
@@ -204,15 +225,17 @@ def test_repacked_weights_count_on_cpu_only() -> None:
     assert cpu is not None and gpu is not None
     assert (cpu["repack"], gpu["repack"]) == (300 * MiB, 0)
     # no tensor table (a file not downloaded yet): the whole file for a repacked type
-    remote = llamacpp_estimate.parts(_facts(cpu_repack_bytes=None, file_type=15), 4096, 1,
-                                   accelerator=False)  # fmt: skip
+    remote = llamacpp_estimate.parts(
+        _facts(cpu_repack_bytes=None, file_type=15), 4096, 1, accelerator=False
+    )
     assert remote is not None and remote["repack"] == 1_000_000_000
-    f16 = llamacpp_estimate.parts(_facts(cpu_repack_bytes=None, file_type=1), 4096, 1,
-                                accelerator=False)  # fmt: skip
+    f16 = llamacpp_estimate.parts(
+        _facts(cpu_repack_bytes=None, file_type=1), 4096, 1, accelerator=False
+    )
     assert f16 is not None and f16["repack"] == 0
 
 
-# --------------------------------------------------------------------------- item 7: headers
+# --------------------------------------------------------------------------- headers
 
 
 @pytest.mark.parametrize("depth", [5, 100_000])

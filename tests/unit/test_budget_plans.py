@@ -34,14 +34,27 @@ GiB = 1 << 30
 OLLAMA, LLAMACPP = BackendKind.OLLAMA, BackendKind.LLAMACPP
 # Qwen2.5-14B Q4_K_M as the registry describes it: 8.4 GiB of weights, 48 layers, 8 KV heads.
 QWEN14 = ModelFacts(
-    digest="sha256:q14", size=9_000_000_000, weights_bytes=9_000_000_000, block_count=48,
-    head_count=40, head_count_kv=8, embedding_length=5120, context_length=32768,
+    digest="sha256:q14",
+    size=9_000_000_000,
+    weights_bytes=9_000_000_000,
+    block_count=48,
+    head_count=40,
+    head_count_kv=8,
+    embedding_length=5120,
+    context_length=32768,
     quantization="Q4_K_M",
-)  # fmt: skip
+)
 TINY_GGUF = ModelFacts(
-    digest="sha256:t", size=2 * GiB, weights_bytes=2 * GiB, block_count=16, head_count=32,
-    head_count_kv=8, embedding_length=2048, context_length=8192, file_type=15,
-)  # fmt: skip
+    digest="sha256:t",
+    size=2 * GiB,
+    weights_bytes=2 * GiB,
+    block_count=16,
+    head_count=32,
+    head_count_kv=8,
+    embedding_length=2048,
+    context_length=8192,
+    file_type=15,
+)
 
 
 def _spec(name: str, backend: BackendKind = OLLAMA, **kw: object) -> ModelSpec:
@@ -49,8 +62,11 @@ def _spec(name: str, backend: BackendKind = OLLAMA, **kw: object) -> ModelSpec:
 
 
 def _desired(*specs: ModelSpec, budget: BudgetSettings | None = None) -> Desired:
-    return Desired(ConfigSource("infernet.yaml", "ab" * 32), specs,
-                   budget=budget or BudgetSettings(reserve=GiB, disk_reserve=10 * GiB))  # fmt: skip
+    return Desired(
+        ConfigSource("infernet.yaml", "ab" * 32),
+        specs,
+        budget=budget or BudgetSettings(reserve=GiB, disk_reserve=10 * GiB),
+    )
 
 
 def _observed(
@@ -61,10 +77,14 @@ def _observed(
 ) -> Observed:
     """Every spec not installed; the registry offers it with ``download`` bytes to fetch."""
     backends = {
-        kind: BackendState(kind, f"http://127.0.0.1/{kind.value}", True,
-                           loaded=tuple(m for m in loaded if m.backend is kind))
+        kind: BackendState(
+            kind,
+            f"http://127.0.0.1/{kind.value}",
+            True,
+            loaded=tuple(m for m in loaded if m.backend is kind),
+        )
         for kind in (OLLAMA, LLAMACPP)
-    }  # fmt: skip
+    }
     upstream = {
         key(s.backend, s.canonical): Upstream(s.backend, s.canonical, facts, download, download)
         for s, facts, download in specs
@@ -78,8 +98,9 @@ DISKS = {OLLAMA: DiskState("/srv/ollama", 500 * GiB)}
 
 
 def _plan_with_trainer(*specs: tuple[ModelSpec, ModelFacts, int]) -> Plan:
-    gpu = GpuState("nvml", 80 * GiB, 30 * GiB, (H100,), foreign_bytes=48 * GiB,
-                   foreign_processes=(TRAINER,))  # fmt: skip
+    gpu = GpuState(
+        "nvml", 80 * GiB, 30 * GiB, (H100,), foreign_bytes=48 * GiB, foreign_processes=(TRAINER,)
+    )
     return plan(_desired(*(s for s, _, _ in specs)), _observed(list(specs), gpu, DISKS), Owned())
 
 
@@ -110,8 +131,16 @@ def test_memory_held_by_another_process_refuses_a_model_that_fits_the_bare_gpu()
 def test_unattributed_memory_explained_by_the_backends_loaded_models_is_not_lost() -> None:
     spec = _spec("qwen2.5:14b", context=8192)
     hidden = GpuState("nvml", 80 * GiB, 10 * GiB, (H100,), unattributed_bytes=66 * GiB)
-    runner = LoadedModel(OLLAMA, "llama3.3:70b", canonical(OLLAMA, "llama3.3:70b"), "sha256:l",
-                         60 * GiB, 60 * GiB, None, False)  # fmt: skip
+    runner = LoadedModel(
+        OLLAMA,
+        "llama3.3:70b",
+        canonical(OLLAMA, "llama3.3:70b"),
+        "sha256:l",
+        60 * GiB,
+        60 * GiB,
+        None,
+        False,
+    )
     observed = _observed([(spec, QWEN14, 9_000_000_000)], hidden, DISKS, loaded=(runner,))
     result = plan(_desired(spec), observed, Owned())
     # 66 GiB no process accounts for, 60 GiB of it the backend's loaded 70b: 74 GiB left
@@ -156,11 +185,19 @@ def test_plan_json_carries_the_new_figures_and_validates() -> None:
     assert schemacheck.check(doc, plandoc.schema_text()) == []
     b = doc["budget"]
     assert (b["vram_total_bytes"], b["vram_available_bytes"], b["foreign_bytes"]) == (
-        80 * GiB, 32 * GiB, 48 * GiB,
-    )  # fmt: skip
+        80 * GiB,
+        32 * GiB,
+        48 * GiB,
+    )
     assert b["foreign_processes"] == [{"pid": 4242, "name": "python", "bytes": 48 * GiB}]
-    assert b["disks"] == [{"backend": "ollama", "path": "/srv/ollama", "free_bytes": 500 * GiB,
-                           "download_bytes": 9_000_000_000}]  # fmt: skip
+    assert b["disks"] == [
+        {
+            "backend": "ollama",
+            "path": "/srv/ollama",
+            "free_bytes": 500 * GiB,
+            "download_bytes": 9_000_000_000,
+        }
+    ]
     assert plandoc.from_document(doc, path="plan.json") == result
     doc["budget"]["foreign_processes"][0]["pid"] = "4242"
     assert schemacheck.check(doc, plandoc.schema_text()) != []

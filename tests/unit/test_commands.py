@@ -20,13 +20,11 @@ from reconciler.config import desired
 from reconciler.controlplane.args import NO_HF, model_problem, name_problem
 from reconciler.controlplane.client import ControlPlane
 from reconciler.controlplane.identity import generate_key, load_key
-from reconciler.daemon import undo, verbs
-from reconciler.daemon.commands import REJECTED, CommandRunner
-from reconciler.daemon.undo import INTERRUPTED
+from reconciler.daemon.commands import INTERRUPTED, REJECTED, CommandRunner, settle_interrupted
 from reconciler.daemon.verbs import CANCELLED, ReconcileOutcome
 from reconciler.events import Event, Kind, Progress
 from reconciler.model import Action, BackendKind, ControlPlaneSettings, Op
-from state import Store
+from state import StatusKey, Store
 from tests.servers.controlplane_harness import ControlPlaneServer, start_control_plane
 
 OLLAMA, LLAMACPP, VLLM = BackendKind.OLLAMA, BackendKind.LLAMACPP, BackendKind.VLLM
@@ -98,12 +96,6 @@ def test_length_limit_is_the_heartbeats() -> None:
     assert name_problem(7, field="hf") == "args.hf must be a model name (a string), not int"
 
 
-def test_protected_key_is_the_sessions() -> None:
-    from reconciler.converge.session import PROTECTED
-
-    assert verbs.PROTECTED == PROTECTED
-
-
 # --------------------------------------------------------------------------- the runner
 
 CONFIG = """\
@@ -169,8 +161,14 @@ class Node:
         return text
 
     def runner(self, **kw: Any) -> CommandRunner:
-        return CommandRunner(client=self.client, store=self.store, config_path=self.config,
-                             reconcile=self.reconcile, clock=self.clock, **kw)  # fmt: skip
+        return CommandRunner(
+            client=self.client,
+            store=self.store,
+            config_path=self.config,
+            reconcile=self.reconcile,
+            clock=self.clock,
+            **kw,
+        )
 
     def send(self, command: str, **args: Any) -> str:
         return self.cp.enqueue_command(self.pubkey, command, args)
@@ -390,7 +388,7 @@ def test_protected_models_are_never_removed_remotely(node: Node) -> None:
     assert row["status"] == "failed"
     assert "qwen2.5:0.5b is protect: true in infernet.yaml" in row["error"]
     # Still protected after it left the file (the session remembers it until it's gone).
-    node.store.put_status(verbs.PROTECTED, ["ollama:registry.ollama.ai/library/gemma3:1b"])
+    node.store.put_status(StatusKey.PROTECTED, ["ollama:registry.ollama.ai/library/gemma3:1b"])
     row = node.run("model_remove", model="gemma3:1b")
     assert row["status"] == "failed" and "protect: true" in row["error"]
     assert node.reconcile.calls == []
@@ -543,7 +541,7 @@ def test_an_install_cut_off_by_a_crash_is_taken_back_out_of_the_file(node: Node)
     assert (row["status"], row["error"]) == ("failed", INTERRUPTED)
     assert node.config.read_bytes() == before, "answered failed, so not in the file either"
     assert node.reconcile.calls == [frozenset()], "never run again"
-    assert node.store.get_status(undo.UNDO) == {}
+    assert node.store.get_status(StatusKey.COMMAND_UNDO) == {}
     _answered(node, command_id)
 
 
@@ -553,11 +551,13 @@ def test_undoing_a_cut_off_install_keeps_what_someone_edited_since(node: Node) -
 
     configedit.add_model(node.config, "phi3:mini")  # the owner edits the file meanwhile
     edited = node.config.read_text()
-    assert undo.settle_interrupted(node.store, node.config) == [command_id]
+    assert settle_interrupted(node.store, node.config) == [command_id]
     text = node.config.read_text()
     assert [m.name for m in desired.load(node.config).models] == [
-        "llama3.2:3b", "qwen2.5:0.5b", "phi3:mini",
-    ]  # fmt: skip
+        "llama3.2:3b",
+        "qwen2.5:0.5b",
+        "phi3:mini",
+    ]
     assert text == edited.replace("  - mistral:7b\n", "")
 
 

@@ -65,11 +65,24 @@ def test_bad_file_reports_every_problem_located(path: Path) -> None:
 def test_bad_cases_cover_the_brief() -> None:
     names = {p.stem for p in BAD}
     assert {
-        "malformed", "tabs", "comments_only", "half_written_list", "half_written_missing",
-        "top_level_list", "duplicate_key", "unknown_key", "bad_backend", "type_errors",
-        "invalid_names", "duplicate_models", "advertise_collision",
-        "source_on_ollama", "revision_non_hf", "empty_list", "reserve_vram",
-    } <= names  # fmt: skip
+        "malformed",
+        "tabs",
+        "comments_only",
+        "half_written_list",
+        "half_written_missing",
+        "top_level_list",
+        "duplicate_key",
+        "unknown_key",
+        "bad_backend",
+        "type_errors",
+        "invalid_names",
+        "duplicate_models",
+        "advertise_collision",
+        "source_on_ollama",
+        "revision_non_hf",
+        "empty_list",
+        "reserve_vram",
+    } <= names
 
 
 def test_problem_prints_as_file_line_col_message() -> None:
@@ -99,24 +112,41 @@ def test_problems_are_sorted_by_position() -> None:
         ("", "1:1: file is empty: expected at least 'served_models: [...]'"),
         ("\n\n   \n", "1:1: file is empty: expected at least 'served_models: [...]'"),
         ("---\n", "1:1: file is empty: expected at least 'served_models: [...]'"),
-        ("served_models: [a, b", "1:21: the file ends unexpectedly inside a [...] list that "
-         "starts at line 1, column 16: is it half-written?"),
-        ("served_models:\n  - name: x\n    keep_alive: '10", "3:20: the file ends unexpectedly "
-         "inside a quoted string that starts at line 3, column 17: is it half-written?"),
-        ("policy: {prune: all}\n", "1:1: missing required key 'served_models': "
-         "a list of models, e.g. ['qwen2.5:14b']"),
-        ("served_models: oops\n", "1:16: served_models: expected a list of models, "
-         "e.g. ['qwen2.5:14b'], got 'oops'"),
+        (
+            "served_models: [a, b",
+            "1:21: the file ends unexpectedly inside a [...] list that "
+            "starts at line 1, column 16: is it half-written?",
+        ),
+        (
+            "served_models:\n  - name: x\n    keep_alive: '10",
+            "3:20: the file ends unexpectedly "
+            "inside a quoted string that starts at line 3, column 17: is it half-written?",
+        ),
+        (
+            "policy: {prune: all}\n",
+            "1:1: missing required key 'served_models': a list of models, e.g. ['qwen2.5:14b']",
+        ),
+        (
+            "served_models: oops\n",
+            "1:16: served_models: expected a list of models, e.g. ['qwen2.5:14b'], got 'oops'",
+        ),
         ("served_models:\n\t- a\n", "2:1: tabs are not allowed in YAML indentation; use spaces"),
-        ("served_models:\n  -\tname: a\n", "2:4: tabs are not allowed in YAML indentation; "
-         "use spaces"),
+        (
+            "served_models:\n  -\tname: a\n",
+            "2:4: tabs are not allowed in YAML indentation; use spaces",
+        ),
         ("served_models: [a,\tb]\n", None),  # a tab between flow items is not indentation
-        ("served_models: [{name: a, context: 8192.0}]\n", "1:36: served_models[0].context: "
-         "expected an integer, got 8192.0"),
-        ("served_models: [on]\n", "1:17: served_models[0]: expected a model name or a mapping "
-         "with at least 'name', got true"),
+        (
+            "served_models: [{name: a, context: 8192.0}]\n",
+            "1:36: served_models[0].context: expected an integer, got 8192.0",
+        ),
+        (
+            "served_models: [on]\n",
+            "1:17: served_models[0]: expected a model name or a mapping "
+            "with at least 'name', got true",
+        ),
     ],
-)  # fmt: skip
+)
 def test_parse_inline(text: str, expected: str | None) -> None:
     if expected is None:
         assert desired.parse(text, path="f.yaml", env=NO_ENV).models
@@ -155,13 +185,28 @@ def test_seed_one_liner_means_three_ollama_models_with_defaults() -> None:
     text = 'served_models: ["qwen2.5:14b", "llama3.2:3b", "deepseek-coder:6.7b"]\n'
     got = desired.parse(text, path="infernet.yaml", env=NO_ENV)
     assert got.models == (
-        ModelSpec("qwen2.5:14b", BackendKind.OLLAMA, "registry.ollama.ai/library/qwen2.5:14b",
-                  "qwen2.5:14b", line=1),
-        ModelSpec("llama3.2:3b", BackendKind.OLLAMA, "registry.ollama.ai/library/llama3.2:3b",
-                  "llama3.2:3b", line=1),
-        ModelSpec("deepseek-coder:6.7b", BackendKind.OLLAMA,
-                  "registry.ollama.ai/library/deepseek-coder:6.7b", "deepseek-coder:6.7b", line=1),
-    )  # fmt: skip
+        ModelSpec(
+            "qwen2.5:14b",
+            BackendKind.OLLAMA,
+            "registry.ollama.ai/library/qwen2.5:14b",
+            "qwen2.5:14b",
+            line=1,
+        ),
+        ModelSpec(
+            "llama3.2:3b",
+            BackendKind.OLLAMA,
+            "registry.ollama.ai/library/llama3.2:3b",
+            "llama3.2:3b",
+            line=1,
+        ),
+        ModelSpec(
+            "deepseek-coder:6.7b",
+            BackendKind.OLLAMA,
+            "registry.ollama.ai/library/deepseek-coder:6.7b",
+            "deepseek-coder:6.7b",
+            line=1,
+        ),
+    )
     assert got.default_backend is BackendKind.OLLAMA
     assert got.backend_settings == {
         "ollama": OllamaSettings(),
@@ -180,18 +225,42 @@ def test_contract_full_example() -> None:
     path = CONFIGS / "full.yaml"
     got = desired.load(path, env=NO_ENV)
     assert got.models == (
-        ModelSpec("qwen2.5:14b", BackendKind.OLLAMA, "registry.ollama.ai/library/qwen2.5:14b",
-                  "qwen2.5:14b", line=3),
-        ModelSpec("llama3.2:3b", BackendKind.OLLAMA, "registry.ollama.ai/library/llama3.2:3b",
-                  "llama3.2:3b", quantization="Q4_K_M", keep_alive=FOREVER, context=8192,
-                  vram=6 << 30, protect=True, line=4),
-        ModelSpec("qwen2.5-7b-instruct-q4_k_m.gguf", BackendKind.LLAMACPP,
-                  "qwen2.5-7b-instruct-q4_k_m.gguf", "qwen2.5-7b-instruct-q4_k_m.gguf",
-                  source="hf://Qwen/Qwen2.5-7B-Instruct-GGUF/qwen2.5-7b-instruct-q4_k_m.gguf",
-                  line=12),
-        ModelSpec("Qwen/Qwen2.5-7B-Instruct", BackendKind.VLLM, "Qwen/Qwen2.5-7B-Instruct@main",
-                  "Qwen/Qwen2.5-7B-Instruct", revision="main", line=15),
-    )  # fmt: skip
+        ModelSpec(
+            "qwen2.5:14b",
+            BackendKind.OLLAMA,
+            "registry.ollama.ai/library/qwen2.5:14b",
+            "qwen2.5:14b",
+            line=3,
+        ),
+        ModelSpec(
+            "llama3.2:3b",
+            BackendKind.OLLAMA,
+            "registry.ollama.ai/library/llama3.2:3b",
+            "llama3.2:3b",
+            quantization="Q4_K_M",
+            keep_alive=FOREVER,
+            context=8192,
+            vram=6 << 30,
+            protect=True,
+            line=4,
+        ),
+        ModelSpec(
+            "qwen2.5-7b-instruct-q4_k_m.gguf",
+            BackendKind.LLAMACPP,
+            "qwen2.5-7b-instruct-q4_k_m.gguf",
+            "qwen2.5-7b-instruct-q4_k_m.gguf",
+            source="hf://Qwen/Qwen2.5-7B-Instruct-GGUF/qwen2.5-7b-instruct-q4_k_m.gguf",
+            line=12,
+        ),
+        ModelSpec(
+            "Qwen/Qwen2.5-7B-Instruct",
+            BackendKind.VLLM,
+            "Qwen/Qwen2.5-7B-Instruct@main",
+            "Qwen/Qwen2.5-7B-Instruct",
+            revision="main",
+            line=15,
+        ),
+    )
     assert got.models[1].pinned
     assert got.backend_settings == {
         "ollama": OllamaSettings(
@@ -230,8 +299,10 @@ def test_shipped_examples_are_valid(path: Path) -> None:
 def test_repo_example_has_a_pinned_model() -> None:
     got = desired.load(REPO / "infernet.yaml", env=NO_ENV)
     assert [m.name for m in got.models if not m.pinned] == [
-        "qwen2.5:14b", "llama3.2:3b", "deepseek-coder:6.7b"
-    ]  # fmt: skip
+        "qwen2.5:14b",
+        "llama3.2:3b",
+        "deepseek-coder:6.7b",
+    ]
     assert any(m.pinned for m in got.models)
 
 
@@ -246,9 +317,17 @@ def test_string_entries_take_default_backend() -> None:
 
 @pytest.mark.parametrize(
     ("keep_alive", "seconds"),
-    [("-1", FOREVER), ("forever", FOREVER), ("0", 0.0), ("10m", 600.0), ("1h30m", 5400.0),
-     ("300", 300.0), ("'-1m'", FOREVER), ("2.5", 2.5)],
-)  # fmt: skip
+    [
+        ("-1", FOREVER),
+        ("forever", FOREVER),
+        ("0", 0.0),
+        ("10m", 600.0),
+        ("1h30m", 5400.0),
+        ("300", 300.0),
+        ("'-1m'", FOREVER),
+        ("2.5", 2.5),
+    ],
+)
 def test_keep_alive_is_seconds(keep_alive: str, seconds: float) -> None:
     text = f"served_models:\n  - name: a\n    keep_alive: {keep_alive}\n"
     assert desired.parse(text, path="f", env=NO_ENV).models[0].keep_alive == seconds
@@ -278,7 +357,7 @@ def test_heartbeat_interval_must_be_positive() -> None:
 
 @pytest.mark.parametrize("url", ["http://cp.example:8080", "http://10.0.0.7", "http://[fd00::1]"])
 def test_plain_http_control_plane_off_loopback_is_refused(url: str) -> None:
-    """Issue 13, item 15: commands could be injected on the path, and it was accepted."""
+    """Commands could be injected on the network path, and such a URL was accepted."""
     text = f"served_models: [a]\ncontrol_plane: {{url: '{url}'}}\n"
     with pytest.raises(ValidationError) as caught:
         desired.parse(text, path="f", env=NO_ENV)
@@ -413,8 +492,11 @@ def test_locate_missing_explicit_file_says_where_it_came_from(tmp_path: Path) ->
 def _git(cwd: Path, *args: str) -> str:
     done = subprocess.run(
         ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
-        cwd=cwd, check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return done.stdout.strip()
 
 
@@ -522,9 +604,12 @@ def test_import_is_lazy() -> None:
         "print(json.dumps(sorted(m for m in ('jsonschema', 'ruamel') if m in sys.modules)))"
     )
     done = subprocess.run(
-        [sys.executable, "-c", "import json; " + code], cwd=REPO, check=True,
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [sys.executable, "-c", "import json; " + code],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert json.loads(done.stdout) == []
 
 

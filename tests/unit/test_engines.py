@@ -15,9 +15,13 @@ from reconciler.errors import BackendError
 
 def spec(command: str, **kw: object) -> EngineSpec:
     fields: dict[str, object] = {
-        "key": "vllm:Qwen/Qwen2.5-7B-Instruct@main", "kind": "vllm", "command": command,
-        "path": "/models/Qwen 7B", "served_name": "qwen2.5-7b", "fraction": 0.9,
-    }  # fmt: skip
+        "key": "vllm:Qwen/Qwen2.5-7B-Instruct@main",
+        "kind": "vllm",
+        "command": command,
+        "path": "/models/Qwen 7B",
+        "served_name": "qwen2.5-7b",
+        "fraction": 0.9,
+    }
     fields.update(kw)
     return EngineSpec(**fields)  # type: ignore[arg-type]
 
@@ -53,13 +57,25 @@ def test_default_commands_fill_every_engine_flag(kind: str, flags: list[str]) ->
 
 def test_template_placeholders_and_quoting() -> None:
     argv = format_command(
-        spec("{python} -m x --host {host} --alias {served_name} --f {fraction:.2f} '{{literal}}'",
-             fraction=1 / 3),
+        spec(
+            "{python} -m x --host {host} --alias {served_name} --f {fraction:.2f} '{{literal}}'",
+            fraction=1 / 3,
+        ),
         9000,
         host="0.0.0.0",
-    )  # fmt: skip
-    assert argv == [sys.executable, "-m", "x", "--host", "0.0.0.0", "--alias", "qwen2.5-7b",
-                    "--f", "0.33", "{literal}"]  # fmt: skip
+    )
+    assert argv == [
+        sys.executable,
+        "-m",
+        "x",
+        "--host",
+        "0.0.0.0",
+        "--alias",
+        "qwen2.5-7b",
+        "--f",
+        "0.33",
+        "{literal}",
+    ]
     assert format_command(spec("e --f {fraction}", fraction=0.1 + 0.2), 1)[-1] == "0.3"
     assert shlex.join(format_command(spec("e {path}"), 1)) == "e '/models/Qwen 7B'"
 

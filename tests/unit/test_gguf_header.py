@@ -18,12 +18,23 @@ from reconciler.backends.gguf.header import (
     parse_header,
 )
 from reconciler.backends.ollama import registry
-from reconciler.backends.ollama.backend import apply_gguf_header
 from reconciler.backends.ollama.names import parse_ollama
+from reconciler.backends.ollama.parse import apply_gguf_header
 from reconciler.model import ModelFacts
 
-FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-       10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
+FMT = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 
 
 def _s(text: str) -> bytes:
@@ -71,21 +82,42 @@ def test_v3_keeps_wanted_keys_and_walks_the_rest() -> None:
     header = parse_header(gguf(LLAMA))
     assert header.complete and header.version == 3 and header.kv_count == len(LLAMA)
     assert header.metadata == {
-        "general.architecture": "llama", "general.parameter_count": 1_235_814_432,
-        "general.file_type": 15, "llama.block_count": 16, "llama.context_length": 131072,
-        "llama.embedding_length": 2048, "llama.attention.head_count": 32,
-        "llama.attention.head_count_kv": 8, "llama.attention.key_length": 64,
-        "llama.attention.value_length": 64, TOKEN_COUNT: 5000, MERGE_COUNT: 0,
-    }  # fmt: skip
+        "general.architecture": "llama",
+        "general.parameter_count": 1_235_814_432,
+        "general.file_type": 15,
+        "llama.block_count": 16,
+        "llama.context_length": 131072,
+        "llama.embedding_length": 2048,
+        "llama.attention.head_count": 32,
+        "llama.attention.head_count_kv": 8,
+        "llama.attention.key_length": 64,
+        "llama.attention.value_length": 64,
+        TOKEN_COUNT: 5000,
+        MERGE_COUNT: 0,
+    }
     assert has_essentials(header.metadata)
 
 
 @pytest.mark.parametrize(
     ("kind", "value"),
-    [(0, 200), (1, -5), (2, 60000), (3, -300), (4, 7), (5, -7), (6, 1.5), (7, False),
-     (10, 2**40), (11, -(2**40)), (12, 0.25), (8, "hello"),
-     (9, (4, [1, 2, 3])), (9, (8, ["a", "bc"])), (9, (9, [(5, [1, -1]), (5, [])]))],
-)  # fmt: skip
+    [
+        (0, 200),
+        (1, -5),
+        (2, 60000),
+        (3, -300),
+        (4, 7),
+        (5, -7),
+        (6, 1.5),
+        (7, False),
+        (10, 2**40),
+        (11, -(2**40)),
+        (12, 0.25),
+        (8, "hello"),
+        (9, (4, [1, 2, 3])),
+        (9, (8, ["a", "bc"])),
+        (9, (9, [(5, [1, -1]), (5, [])])),
+    ],
+)
 def test_every_value_type_round_trips(kind: int, value: Any) -> None:
     data = gguf([("phi.block_count", kind, value), ("general.architecture", 8, "phi")])
     header = parse_header(data, wanted=lambda _key: True)
@@ -118,9 +150,10 @@ def test_a_prefix_cut_in_the_middle_gives_what_was_read() -> None:
     assert has_essentials(header.metadata)
     early = parse_header(data[: data.index(b"llama.block_count") + 3])
     assert not early.complete and early.metadata == {
-        "general.architecture": "llama", "general.parameter_count": 1_235_814_432,
+        "general.architecture": "llama",
+        "general.parameter_count": 1_235_814_432,
         "general.file_type": 15,
-    }  # fmt: skip
+    }
     assert not has_essentials(early.metadata)
     assert parse_header(data[:10]).metadata == {}
     assert not parse_header(b"").complete
@@ -197,9 +230,13 @@ def test_fetch_doubles_the_range_until_the_keys_are_in() -> None:
     assert seen == ["bytes=0-1023", "bytes=0-2047", "bytes=0-4095"]
     seen.clear()
     meta = registry.fetch_gguf_header(
-        _client(blob, seen), parse_ollama("llama3.2:1b"), "http://reg.test", layer,
-        first=1024, limit=2048,
-    )  # fmt: skip
+        _client(blob, seen),
+        parse_ollama("llama3.2:1b"),
+        "http://reg.test",
+        layer,
+        first=1024,
+        limit=2048,
+    )
     assert "llama.block_count" not in meta and meta["general.architecture"] == "llama"
     assert seen == ["bytes=0-1023", "bytes=0-2047"]
 
@@ -209,8 +246,11 @@ def test_header_keys_complete_the_registry_facts() -> None:
     header = parse_header(gguf(LLAMA)).metadata
     out = apply_gguf_header(facts, header)
     assert (out.block_count, out.head_count, out.head_count_kv, out.context_length) == (
-        16, 32, 8, 131072,
-    )  # fmt: skip
+        16,
+        32,
+        8,
+        131072,
+    )
     assert (out.embedding_length, out.key_length, out.value_length) == (2048, 64, 64)
     assert out.parameter_count == 1_235_814_432 and out.quantization == "Q4_K_M"
     assert apply_gguf_header(facts, {}) is facts

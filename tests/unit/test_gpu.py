@@ -64,8 +64,10 @@ def test_nvml_present_but_failing_falls_back_with_a_note(monkeypatch: pytest.Mon
     assert state.note and "NVMLError_DriverNotLoaded" in state.note
     configured = gpu.read_gpus(24 * GiB)
     assert (configured.source, configured.total_bytes, configured.free_bytes) == (
-        "config", 24 * GiB, None,
-    )  # fmt: skip
+        "config",
+        24 * GiB,
+        None,
+    )
     assert configured.note and "Driver Not Loaded" in configured.note
 
 
@@ -86,13 +88,16 @@ def test_two_gpus_sum_their_totals(monkeypatch: pytest.MonkeyPatch) -> None:
     state = gpu.read_gpus(None)
     assert (state.source, state.total_bytes, state.free_bytes) == ("nvml", 104 * GiB, 102 * GiB)
     assert [(g.index, g.name, g.total_bytes) for g in state.gpus] == [
-        (0, "NVIDIA H100 80GB HBM3", 80 * GiB), (1, "NVIDIA L4", 24 * GiB),
-    ]  # fmt: skip
+        (0, "NVIDIA H100 80GB HBM3", 80 * GiB),
+        (1, "NVIDIA L4", 24 * GiB),
+    ]
     assert state.note is None
     configured = gpu.read_gpus(40 * GiB)
     assert (configured.source, configured.total_bytes, configured.free_bytes) == (
-        "config", 40 * GiB, 102 * GiB,
-    )  # fmt: skip
+        "config",
+        40 * GiB,
+        102 * GiB,
+    )
 
 
 def test_no_nvml_env_skips_the_library(monkeypatch: pytest.MonkeyPatch) -> None:

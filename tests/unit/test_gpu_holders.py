@@ -39,7 +39,7 @@ READ_PROCESS = gpu.read_process  # the real one; the fixture below swaps in a ta
         ("maxima", ["/usr/bin/maxima"], None),
         ("Xorg", ["/usr/lib/xorg/Xorg", ":0"], None),
     ],
-)  # fmt: skip
+)
 def test_backend_processes_are_told_from_others(
     name: str, cmdline: list[str], expected: str | None
 ) -> None:
@@ -60,8 +60,9 @@ def test_visible_processes_split_into_backend_and_foreign() -> None:
     # used memory no listed process accounts for (driver, unlisted contexts) is unattributed
     assert acc.unattributed == {0: 300 * MiB}
     assert acc.foreign_processes == (
-        GpuProcess(4242, "python", 12 * GiB), GpuProcess(77, "jupyter-lab", 1 * GiB),
-    )  # fmt: skip
+        GpuProcess(4242, "python", 12 * GiB),
+        GpuProcess(77, "jupyter-lab", 1 * GiB),
+    )
 
 
 def test_pids_we_cannot_see_or_measure_are_unattributed() -> None:
@@ -84,9 +85,11 @@ def test_descriptors_we_cannot_read_do_not_hide_a_process() -> None:
 
 def test_a_process_in_both_lists_counts_once_and_gpus_add_up() -> None:
     uses = [
-        GpuUse(0, 4242, 4 * GiB), GpuUse(0, 4242, 4 * GiB),  # compute and graphics lists
-        GpuUse(1, 4242, 2 * GiB), GpuUse(1, 10, 5 * GiB),
-    ]  # fmt: skip
+        GpuUse(0, 4242, 4 * GiB),
+        GpuUse(0, 4242, 4 * GiB),  # compute and graphics lists
+        GpuUse(1, 4242, 2 * GiB),
+        GpuUse(1, 10, 5 * GiB),
+    ]
     acc = classify(uses, {10: OLLAMA, 4242: TRAINER}, {0: 4 * GiB, 1: 7 * GiB})
     assert acc.foreign == {0: 4 * GiB, 1: 2 * GiB}
     assert acc.backend == {0: 0, 1: 5 * GiB}
@@ -165,14 +168,18 @@ def test_read_gpus_reports_foreign_and_unattributed_memory(
     state = gpu.read_gpus(None)
     assert (state.source, state.total_bytes) == ("nvml", 160 * GiB)
     assert (state.backend_bytes, state.foreign_bytes, state.unattributed_bytes) == (
-        6 * GiB, 13 * GiB, 2 * GiB,
-    )  # fmt: skip
+        6 * GiB,
+        13 * GiB,
+        2 * GiB,
+    )
     assert [(g.foreign_bytes, g.unattributed_bytes) for g in state.gpus] == [
-        (12 * GiB, 0), (GiB, 2 * GiB),
-    ]  # fmt: skip
+        (12 * GiB, 0),
+        (GiB, 2 * GiB),
+    ]
     assert state.foreign_processes == (
-        GpuProcess(4242, "python", 12 * GiB), GpuProcess(77, "jupyter-lab", GiB),
-    )  # fmt: skip
+        GpuProcess(4242, "python", 12 * GiB),
+        GpuProcess(77, "jupyter-lab", GiB),
+    )
     configured = gpu.read_gpus(40 * GiB)
     assert (configured.source, configured.foreign_bytes) == ("config", 13 * GiB)
 
@@ -184,8 +191,9 @@ def test_mig_instances_are_read_one_by_one(monkeypatch: pytest.MonkeyPatch) -> N
     state = gpu.read_gpus(None)
     assert len(state.gpus) == 2
     assert [(g.foreign_bytes, g.unattributed_bytes) for g in state.gpus] == [
-        (5 * GiB, 0), (0, 7 * GiB),
-    ]  # fmt: skip
+        (5 * GiB, 0),
+        (0, 7 * GiB),
+    ]
 
 
 def test_the_biggest_foreign_processes_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,14 +18,19 @@ from reconciler.model import ModelFacts
 @pytest.mark.parametrize(
     ("url", "scheme", "repo", "revision", "path"),
     [
-        ("hf://Qwen/Qwen2.5-7B-Instruct-GGUF/q4.gguf", "hf", "Qwen/Qwen2.5-7B-Instruct-GGUF",
-         None, "q4.gguf"),
+        (
+            "hf://Qwen/Qwen2.5-7B-Instruct-GGUF/q4.gguf",
+            "hf",
+            "Qwen/Qwen2.5-7B-Instruct-GGUF",
+            None,
+            "q4.gguf",
+        ),
         ("hf://org/repo@v1.0/sub/dir/m.gguf", "hf", "org/repo", "v1.0", "sub/dir/m.gguf"),
         ("hf://org/repo@refs%2Fpr%2F3/m.gguf", "hf", "org/repo", "refs/pr/3", "m.gguf"),
         ("https://cdn.example/m.gguf?x=1", "https", None, None, "https://cdn.example/m.gguf?x=1"),
         ("file:///srv/models/m%20x.gguf", "file", None, None, "/srv/models/m x.gguf"),
     ],
-)  # fmt: skip
+)
 def test_sources_parse(url: str, scheme: str, repo: str, revision: str, path: str) -> None:
     got = sources.parse(url)
     assert (got.scheme, got.repo, got.revision, got.path) == (scheme, repo, revision, path)
@@ -51,14 +56,39 @@ def test_sources_refuse_bad_urls_in_one_line(url: str, message: str) -> None:
 
 
 def test_router_model_list_parses_loaded_failed_and_args() -> None:
-    raw = {"data": [
-        {"id": "tiny-a", "status": {"value": "loaded", "args": [
-            "llama-server", "--port", "41234", "--alias", "tiny-a", "--ctx-size", "256",
-            "--model", "/m/tiny-a.gguf", "--parallel", "2"]},
-         "meta": {"n_ctx": 256, "size": 362496}},
-        {"id": "trunc", "status": {"value": "unloaded", "failed": True, "exit_code": 1,
-                                   "args": ["llama-server", "--port", "0", "-c", "512"]}},
-    ]}  # fmt: skip
+    raw = {
+        "data": [
+            {
+                "id": "tiny-a",
+                "status": {
+                    "value": "loaded",
+                    "args": [
+                        "llama-server",
+                        "--port",
+                        "41234",
+                        "--alias",
+                        "tiny-a",
+                        "--ctx-size",
+                        "256",
+                        "--model",
+                        "/m/tiny-a.gguf",
+                        "--parallel",
+                        "2",
+                    ],
+                },
+                "meta": {"n_ctx": 256, "size": 362496},
+            },
+            {
+                "id": "trunc",
+                "status": {
+                    "value": "unloaded",
+                    "failed": True,
+                    "exit_code": 1,
+                    "args": ["llama-server", "--port", "0", "-c", "512"],
+                },
+            },
+        ]
+    }
     a, b = parse_models(raw)
     assert (a.status, a.port, a.ctx, a.parallel, a.weights, a.path) == (
         "loaded",
@@ -96,8 +126,15 @@ def test_fetch_discards_a_non_gguf_download(tmp_path: Path) -> None:
     dest = tmp_path / "models" / "x.gguf"
     dest.parent.mkdir()
     with pytest.raises(PullFailed, match="not a valid GGUF"):
-        sources.fetch(source, remote, dest, http=None, expected_sha256=None,  # type: ignore[arg-type]
-                      progress=lambda *_: None, cancel=threading.Event())  # fmt: skip
+        sources.fetch(
+            source,
+            remote,
+            dest,
+            http=None,
+            expected_sha256=None,  # type: ignore[arg-type]
+            progress=lambda *_: None,
+            cancel=threading.Event(),
+        )
     assert list(dest.parent.iterdir()) == []
 
 
@@ -107,7 +144,14 @@ def test_fetch_checks_the_expected_checksum_before_the_rename(tmp_path: Path) ->
     dest = tmp_path / "models" / "x.gguf"
     dest.parent.mkdir()
     with pytest.raises(PullFailed, match="checksum mismatch") as err:
-        sources.fetch(source, remote, dest, http=None, expected_sha256="00" * 32,  # type: ignore[arg-type]
-                      progress=lambda *_: None, cancel=threading.Event())  # fmt: skip
+        sources.fetch(
+            source,
+            remote,
+            dest,
+            http=None,
+            expected_sha256="00" * 32,  # type: ignore[arg-type]
+            progress=lambda *_: None,
+            cancel=threading.Event(),
+        )
     assert hashlib.sha256(data).hexdigest() in str(err.value)
     assert list(dest.parent.iterdir()) == []

@@ -169,7 +169,7 @@ def test_close_stops_serving_and_frees_the_port() -> None:
 
 
 def test_empty_host_listens_on_loopback_only() -> None:
-    """``--metrics-addr :PORT`` used to listen on every interface (issue 13, item 17)."""
+    """``--metrics-addr :PORT`` used to listen on every interface."""
     m = Metrics.start(":0")
     try:
         assert m.address is not None
@@ -225,9 +225,17 @@ def test_port_in_use_is_a_one_line_config_error_naming_the_address() -> None:
 
 @pytest.mark.parametrize(
     "addr",
-    ["", "9464", "127.0.0.1", "127.0.0.1:", "127.0.0.1:http", "127.0.0.1:65536", "::1:9464",
-     "host.invalid:9464"],
-)  # fmt: skip
+    [
+        "",
+        "9464",
+        "127.0.0.1",
+        "127.0.0.1:",
+        "127.0.0.1:http",
+        "127.0.0.1:65536",
+        "::1:9464",
+        "host.invalid:9464",
+    ],
+)
 def test_bad_address_is_a_one_line_config_error_naming_it(addr: str) -> None:
     with pytest.raises(ConfigError) as caught:
         Metrics.start(addr)

@@ -1,4 +1,4 @@
-"""Names are the file's (issue 13, items 6 and 20): which entry a typed name refers to, and the
+"""Names are the file's: which entry a typed name refers to, and the
 name every action, row and document carries: as written, with an HF revision in its own field."""
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ def test_backend_memory_is_kept_per_process() -> None:
 
 
 def _loaded(pid: int | None, rss: int) -> LoadedModel:
-    return LoadedModel(BackendKind.LLAMACPP, "a.gguf", "a.gguf", None, rss, rss, None, True,
-                       pid=pid)  # fmt: skip
+    return LoadedModel(
+        BackendKind.LLAMACPP, "a.gguf", "a.gguf", None, rss, rss, None, True, pid=pid
+    )
 
 
 def test_loaded_model_takes_its_process_trees_gpu_memory() -> None:

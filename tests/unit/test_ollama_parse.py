@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reconciler.backends.ollama.backend import (
+from reconciler.backends.ollama.parse import (
     parse_config_blob,
     parse_parameter_size,
     parse_ps,

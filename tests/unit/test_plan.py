@@ -40,14 +40,18 @@ def _size(value: Any) -> int | None:
 
 def _facts(raw: dict[str, Any]) -> ModelFacts:
     return ModelFacts(
-        digest=raw.get("digest"), size=_size(raw.get("size")),
+        digest=raw.get("digest"),
+        size=_size(raw.get("size")),
         weights_bytes=_size(raw.get("weights", raw.get("size"))),
-        quantization=raw.get("quantization"), parameter_count=raw.get("parameter_count"),
-        context_length=raw.get("context_length"), block_count=raw.get("block_count"),
-        head_count=raw.get("head_count"), head_count_kv=raw.get("head_count_kv"),
+        quantization=raw.get("quantization"),
+        parameter_count=raw.get("parameter_count"),
+        context_length=raw.get("context_length"),
+        block_count=raw.get("block_count"),
+        head_count=raw.get("head_count"),
+        head_count_kv=raw.get("head_count_kv"),
         embedding_length=raw.get("embedding_length"),
         capabilities=tuple(raw.get("capabilities", ())),
-    )  # fmt: skip
+    )
 
 
 def _observed(raw: dict[str, Any], vram: int | None = None) -> Observed:
@@ -58,23 +62,35 @@ def _observed(raw: dict[str, Any], vram: int | None = None) -> Observed:
     )
     loaded = tuple(
         LoadedModel(
-            OLLAMA, m["name"], canonical(OLLAMA, m["name"]), m.get("digest"),
-            _size(m.get("size", 0)) or 0, _size(m.get("size_vram", 0)) or 0,
+            OLLAMA,
+            m["name"],
+            canonical(OLLAMA, m["name"]),
+            m.get("digest"),
+            _size(m.get("size", 0)) or 0,
+            _size(m.get("size_vram", 0)) or 0,
             "2318-01-01T00:00:00Z" if m.get("pinned") else "2026-11-27T05:00:00Z",
             bool(m.get("pinned")),
         )
         for m in o.get("loaded", [])
-    )  # fmt: skip
+    )
     state = BackendState(
-        OLLAMA, "http://127.0.0.1:11434", o.get("reachable", True),
-        error=o.get("error"), installed=installed, loaded=loaded,
-    )  # fmt: skip
+        OLLAMA,
+        "http://127.0.0.1:11434",
+        o.get("reachable", True),
+        error=o.get("error"),
+        installed=installed,
+        loaded=loaded,
+    )
     upstream = {}
     for name, u in raw.get("upstream", {}).items():
         upstream[key(OLLAMA, canonical(OLLAMA, name))] = Upstream(
-            OLLAMA, canonical(OLLAMA, name), _facts(u), _size(u.get("total", 0)) or 0,
-            _size(u.get("download", u.get("total", 0))) or 0, error=u.get("error"),
-        )  # fmt: skip
+            OLLAMA,
+            canonical(OLLAMA, name),
+            _facts(u),
+            _size(u.get("total", 0)) or 0,
+            _size(u.get("download", u.get("total", 0))) or 0,
+            error=u.get("error"),
+        )
     # As gpu.read_gpus does: budget.vram in the file wins over what NVML says.
     gpu = raw.get("gpu", {"total": "24GiB", "source": "nvml"})
     if vram is not None:

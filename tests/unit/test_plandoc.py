@@ -34,31 +34,71 @@ FULL = Plan(
     source=ConfigSource("infernet.yaml", SHA, COMMIT),
     fingerprint="sha256:" + "ef" * 32,
     actions=(
-        Action(Op.PULL, "qwen2.5:14b", BackendKind.OLLAMA, "registry.ollama.ai/library/qwen2.5:14b",
-               "in served_models, not installed", download_bytes=8_988_124_069,
-               vram_bytes=10_200_547_328, digest="sha256:" + "12" * 32, context=8192),
-        Action(Op.PIN, "nomic-embed-text:latest", BackendKind.OLLAMA,
-               "registry.ollama.ai/library/nomic-embed-text:latest", "keep_alive forever",
-               vram_bytes=300_000_000, keep_alive=FOREVER, embedding=True),
-        Action(Op.UNPIN, "llama3.2:3b", BackendKind.OLLAMA,
-               "registry.ollama.ai/library/llama3.2:3b", "no longer pinned", keep_alive=300.0),
-        Action(Op.UPDATE, "a.gguf", BackendKind.LLAMACPP, "a.gguf", "new weights upstream",
-               download_bytes=0),
-        Action(Op.REMOVE, "Qwen/Qwen2.5-7B-Instruct", BackendKind.VLLM,
-               "Qwen/Qwen2.5-7B-Instruct@main", "left served_models"),
+        Action(
+            Op.PULL,
+            "qwen2.5:14b",
+            BackendKind.OLLAMA,
+            "registry.ollama.ai/library/qwen2.5:14b",
+            "in served_models, not installed",
+            download_bytes=8_988_124_069,
+            vram_bytes=10_200_547_328,
+            digest="sha256:" + "12" * 32,
+            context=8192,
+        ),
+        Action(
+            Op.PIN,
+            "nomic-embed-text:latest",
+            BackendKind.OLLAMA,
+            "registry.ollama.ai/library/nomic-embed-text:latest",
+            "keep_alive forever",
+            vram_bytes=300_000_000,
+            keep_alive=FOREVER,
+            embedding=True,
+        ),
+        Action(
+            Op.UNPIN,
+            "llama3.2:3b",
+            BackendKind.OLLAMA,
+            "registry.ollama.ai/library/llama3.2:3b",
+            "no longer pinned",
+            keep_alive=300.0,
+        ),
+        Action(
+            Op.UPDATE,
+            "a.gguf",
+            BackendKind.LLAMACPP,
+            "a.gguf",
+            "new weights upstream",
+            download_bytes=0,
+        ),
+        Action(
+            Op.REMOVE,
+            "Qwen/Qwen2.5-7B-Instruct",
+            BackendKind.VLLM,
+            "Qwen/Qwen2.5-7B-Instruct@main",
+            "left served_models",
+        ),
     ),
     noops=(Noop("deepseek-coder:6.7b", BackendKind.OLLAMA, "installed (digest 3ddd2d3f)"),),
     budget=Budget(
-        vram_total_bytes=25_769_803_776, vram_source="nvml", reserve_bytes=1 << 30,
-        vram_pinned_bytes=300_000_000, largest_swap_in_bytes=10_200_547_328, fits=True,
-        disk_free_bytes=500 << 30, disk_reserve_bytes=10 << 30, download_bytes=8_988_124_069,
-        estimates=(Estimate("qwen2.5:14b", 10_200_547_328, "metadata", False),
-                   Estimate("mystery:1b", None, "unknown", False)),
+        vram_total_bytes=25_769_803_776,
+        vram_source="nvml",
+        reserve_bytes=1 << 30,
+        vram_pinned_bytes=300_000_000,
+        largest_swap_in_bytes=10_200_547_328,
+        fits=True,
+        disk_free_bytes=500 << 30,
+        disk_reserve_bytes=10 << 30,
+        download_bytes=8_988_124_069,
+        estimates=(
+            Estimate("qwen2.5:14b", 10_200_547_328, "metadata", False),
+            Estimate("mystery:1b", None, "unknown", False),
+        ),
     ),
     advertised=("qwen2.5:14b", "nomic-embed-text:latest", "deepseek-coder:6.7b"),
     errors=("a plan error",),
     warnings=("a warning", "another"),
-)  # fmt: skip
+)
 
 EMPTY = Plan(
     source=ConfigSource("/etc/infernet/infernet.yaml", SHA),
@@ -86,20 +126,36 @@ def test_document_has_the_contract_shape() -> None:
     assert doc["config"] == {"path": "infernet.yaml", "sha256": SHA, "git_commit": COMMIT}
     assert doc["observed"] == {"fingerprint": FULL.fingerprint}
     assert doc["actions"][0] == {
-        "op": "pull", "model": "qwen2.5:14b", "revision": None, "backend": "ollama",
+        "op": "pull",
+        "model": "qwen2.5:14b",
+        "revision": None,
+        "backend": "ollama",
         "canonical": "registry.ollama.ai/library/qwen2.5:14b",
-        "reason": "in served_models, not installed", "download_bytes": 8_988_124_069,
-        "vram_bytes": 10_200_547_328, "keep_alive": None, "digest": "sha256:" + "12" * 32,
-        "embedding": False, "context": 8192, "source": None, "advertise_as": None,
-    }  # fmt: skip
+        "reason": "in served_models, not installed",
+        "download_bytes": 8_988_124_069,
+        "vram_bytes": 10_200_547_328,
+        "keep_alive": None,
+        "digest": "sha256:" + "12" * 32,
+        "embedding": False,
+        "context": 8192,
+        "source": None,
+        "advertise_as": None,
+    }
     hf = doc["actions"][4]
     assert (hf["model"], hf["revision"]) == ("Qwen/Qwen2.5-7B-Instruct", "main")
     assert doc["budget"]["fits"] is True
     assert doc["errors"] == ["a plan error"]
     assert list(doc) == [
-        "format_version", "config", "observed", "actions", "noops", "budget", "advertised",
-        "errors", "warnings",
-    ]  # fmt: skip
+        "format_version",
+        "config",
+        "observed",
+        "actions",
+        "noops",
+        "budget",
+        "advertised",
+        "errors",
+        "warnings",
+    ]
 
 
 def test_documents_we_write_validate_against_the_plan_schema() -> None:
@@ -140,19 +196,29 @@ def _refusal(why: str, path: str = "plan.json") -> str:
     [
         (lambda d: d.update(format_version=2), "format_version is 2, this version reads 1"),
         (lambda d: d.pop("format_version"), "format_version is null, this version reads 1"),
-        (lambda d: d["actions"][0].update(op="explode"),
-         "actions[0].op: 'explode' is not one of pull, remove, pin, unpin, update"),
-        (lambda d: d["actions"][0].pop("canonical"),
-         "actions[0]: missing required key 'canonical'"),
-        (lambda d: d["budget"].update(fits="yes"),
-         "budget.fits: expected true or false, got 'yes'"),
-        (lambda d: d.update(extra=1),
-         "unknown key 'extra' at the top level; valid keys are: format_version, config, observed, "
-         "actions, noops, budget, advertised, errors, warnings"),
-        (lambda d: (d["noops"][0].update(backend="docker"), d.update(advertised="x")),
-         "advertised: expected a list, got 'x' (and 1 more)"),
+        (
+            lambda d: d["actions"][0].update(op="explode"),
+            "actions[0].op: 'explode' is not one of pull, remove, pin, unpin, update",
+        ),
+        (
+            lambda d: d["actions"][0].pop("canonical"),
+            "actions[0]: missing required key 'canonical'",
+        ),
+        (
+            lambda d: d["budget"].update(fits="yes"),
+            "budget.fits: expected true or false, got 'yes'",
+        ),
+        (
+            lambda d: d.update(extra=1),
+            "unknown key 'extra' at the top level; valid keys are: format_version, config, "
+            "observed, actions, noops, budget, advertised, errors, warnings",
+        ),
+        (
+            lambda d: (d["noops"][0].update(backend="docker"), d.update(advertised="x")),
+            "advertised: expected a list, got 'x' (and 1 more)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_invalid_documents_are_refused(change: Any, why: str) -> None:
     doc = plandoc.to_document(FULL)
     change(doc)

@@ -1,4 +1,4 @@
-"""What the store remembers as protected (issue 13, item 2): every apply and reconcile records
+"""What the store remembers as protected: every apply and reconcile records
 it now, plans with nothing to do included, so a reconcile against a backend that is down must
 not forget a protection: a backend that doesn't answer says nothing about what it has."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reconciler.config import desired
-from reconciler.converge.session import PROTECTED, remember_protected
+from reconciler.converge.session import remember_protected
 from reconciler.model import (
     BackendKind,
     BackendState,
@@ -17,7 +17,7 @@ from reconciler.model import (
     Observed,
 )
 from reconciler.names import canonical, key
-from state import Store
+from state import StatusKey, Store
 
 OLLAMA = BackendKind.OLLAMA
 PRECIOUS = key(OLLAMA, canonical(OLLAMA, "precious:7b"))
@@ -36,11 +36,11 @@ def test_a_protection_outlives_the_file_until_the_model_is_seen_gone(tmp_path: P
     dropped = desired.parse("served_models: [other:1b]\n", path="f")
     with Store.open(tmp_path / "state") as store:
         remember_protected(store, declared, _observed(reachable=True, installed=("precious:7b",)))
-        assert store.get_status(PROTECTED) == [PRECIOUS]
+        assert store.get_status(StatusKey.PROTECTED) == [PRECIOUS]
         # Ollama is down: it lists nothing, which does not mean the model is gone.
         remember_protected(store, dropped, _observed(reachable=False, installed=()))
-        assert store.get_status(PROTECTED) == [PRECIOUS]
+        assert store.get_status(StatusKey.PROTECTED) == [PRECIOUS]
         remember_protected(store, dropped, _observed(reachable=True, installed=("precious:7b",)))
-        assert store.get_status(PROTECTED) == [PRECIOUS]
+        assert store.get_status(StatusKey.PROTECTED) == [PRECIOUS]
         remember_protected(store, dropped, _observed(reachable=True, installed=()))  # gone now
-        assert store.get_status(PROTECTED) == []
+        assert store.get_status(StatusKey.PROTECTED) == []

@@ -1,4 +1,4 @@
-"""``redact``: URLs shown without credentials or query string (issue 13, item 13)."""
+"""``redact``: URLs shown without credentials or query string."""
 
 from __future__ import annotations
 

@@ -23,8 +23,9 @@ class Terminal(io.StringIO):
 
 def _feed(printer: ProgressPrinter) -> None:
     printer(Event(Kind.STARTED, PULL))
-    printer(Event(Kind.PROGRESS, PULL, phase="pulling aa", completed=4_500_000_000,
-                  total=9_000_000_000))  # fmt: skip
+    printer(
+        Event(Kind.PROGRESS, PULL, phase="pulling aa", completed=4_500_000_000, total=9_000_000_000)
+    )
     printer(Event(Kind.FINISHED, PULL, outcome="ok"))
     printer.close()
 

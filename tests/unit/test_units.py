@@ -130,9 +130,16 @@ def test_format_bytes(n: int, text: str) -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(FOREVER, "forever"), (0, "0s"), (30, "30s"), (600, "10m"), (3600, "1h"), (5415, "1h30m15s"),
-     (2.5, "2.5s")],
-)  # fmt: skip
+    [
+        (FOREVER, "forever"),
+        (0, "0s"),
+        (30, "30s"),
+        (600, "10m"),
+        (3600, "1h"),
+        (5415, "1h30m15s"),
+        (2.5, "2.5s"),
+    ],
+)
 def test_format_duration_reads_back(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
     assert parse_keep_alive(text) == seconds

@@ -34,9 +34,11 @@ tokens with their merges) take about 20 MiB."""
 _REPACKED_X86 = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"})
 _REPACKED_ARM = frozenset({"Q1_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"})
 CPU_REPACKED: dict[str, frozenset[str]] = {
-    "x86_64": _REPACKED_X86, "amd64": _REPACKED_X86, "aarch64": _REPACKED_ARM,
+    "x86_64": _REPACKED_X86,
+    "amd64": _REPACKED_X86,
+    "aarch64": _REPACKED_ARM,
     "arm64": _REPACKED_ARM,
-}  # fmt: skip
+}
 """Weight types llama.cpp's CPU backend (ggml-cpu ``repack.cpp``) re-lays out into a buffer of
 its own on this kind of processor, so a CPU-served model holds those matrices twice: the mapped
 file and the repacked copy (x86: with AVX2, Q2_K only with AVX-512, counted anyway; another
@@ -66,15 +68,25 @@ def facts_from_metadata(
     tokens, merges = meta.get(TOKEN_COUNT), meta.get(MERGE_COUNT)
     vocab = num("vocab_size") or (int(tokens) if isinstance(tokens, int) and tokens > 0 else None)
     return ModelFacts(
-        digest=digest, size=size, weights_bytes=weights_bytes or size,
-        quantization=file_type_name(file_type), parameter_count=count if count else None,
-        family=arch or None, format="gguf", context_length=num("context_length"),
-        block_count=num("block_count"), head_count=num("attention.head_count"),
-        head_count_kv=num("attention.head_count_kv"), embedding_length=num("embedding_length"),
-        key_length=num("attention.key_length"), value_length=num("attention.value_length"),
-        file_type=file_type, vocab_size=vocab, feed_forward_length=num("feed_forward_length"),
+        digest=digest,
+        size=size,
+        weights_bytes=weights_bytes or size,
+        quantization=file_type_name(file_type),
+        parameter_count=count if count else None,
+        family=arch or None,
+        format="gguf",
+        context_length=num("context_length"),
+        block_count=num("block_count"),
+        head_count=num("attention.head_count"),
+        head_count_kv=num("attention.head_count_kv"),
+        embedding_length=num("embedding_length"),
+        key_length=num("attention.key_length"),
+        value_length=num("attention.value_length"),
+        file_type=file_type,
+        vocab_size=vocab,
+        feed_forward_length=num("feed_forward_length"),
         vocab_merges=int(merges) if isinstance(merges, int) else None,
-    )  # fmt: skip
+    )
 
 
 def cpu_repack_bytes(tensors: Sequence[TensorInfo], machine: str | None = None) -> int:
@@ -149,8 +161,10 @@ def read_file(path: Path, *, digest: str | None = None) -> ModelFacts:
                 "end of the file: cut short?)"
             )
     facts = facts_from_metadata(
-        meta, size=size, digest=digest,
+        meta,
+        size=size,
+        digest=digest,
         parameter_count=sum(t.n_elements for t in tensors) or None,
         weights_bytes=sum(t.n_bytes for t in tensors),
-    )  # fmt: skip
+    )
     return dataclasses.replace(facts, cpu_repack_bytes=cpu_repack_bytes(tensors))

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from reconciler import httpsafe
+from reconciler import httpsafe, limits
 from reconciler.backends import hub
 from reconciler.backends.base import AdapterContext, Backend, Cache, PullProgress
 from reconciler.backends.hf.cache import (
@@ -89,10 +89,8 @@ class HfBackend:
     def _http(self) -> httpx.Client:
         # Made on first use: each client builds an SSL context (~15 ms), and a node that
         # serves no HF model never needs one. It reads config.json: a deadline and a cap.
-        limits = httpsafe.Limits(
-            deadline=httpsafe.default_deadline(), max_body=httpsafe.REGISTRY_BODY
-        )
-        return httpsafe.client(limits, timeout=httpx.Timeout(30.0, connect=10.0))
+        guard = httpsafe.Limits(deadline=httpsafe.default_deadline(), max_body=limits.REGISTRY_BODY)
+        return httpsafe.client(guard, timeout=httpx.Timeout(30.0, connect=10.0))
 
     def close(self) -> None:
         """Release connections."""
@@ -104,11 +102,18 @@ class HfBackend:
         rows = []
         for e in self.engines.list():
             dead = e.state in ("exited", "stopped")
-            rows.append({
-                "model": e.key, "state": e.state, "pid": e.pid, "port": e.port,
-                "exit_code": e.exit_code, "restarts": e.restarts, "log": e.log_path,
-                "log_tail": self.engines.log_tail(e.key, 12) if dead else None,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "model": e.key,
+                    "state": e.state,
+                    "pid": e.pid,
+                    "port": e.port,
+                    "exit_code": e.exit_code,
+                    "restarts": e.restarts,
+                    "log": e.log_path,
+                    "log_tail": self.engines.log_tail(e.key, 12) if dead else None,
+                }
+            )
         return rows
 
     # ---- reading
@@ -125,9 +130,11 @@ class HfBackend:
             info = self._scan()
         except (OSError, ValueError) as exc:
             return BackendState(
-                self.kind, self.url, reachable=False,
+                self.kind,
+                self.url,
+                reachable=False,
                 error=f"can't read the hub cache backends.hf.cache_dir {self.cache_dir}: {exc}",
-            )  # fmt: skip
+            )
         installed: list[InstalledModel] = []
         incomplete_repos = set()
         if info is not None:
@@ -147,9 +154,12 @@ class HfBackend:
                         name = f"{repo.repo_id}@{ref}"
                         installed.append(InstalledModel(self.kind, name, name, facts))
         return BackendState(
-            self.kind, self.url, reachable=True, installed=tuple(installed),
+            self.kind,
+            self.url,
+            reachable=True,
+            installed=tuple(installed),
             loaded=tuple(self._serving(bool(installed))),
-        )  # fmt: skip
+        )
 
     def _serving(self, have_models: bool) -> list[LoadedModel]:
         """Engines of this kind that answer with their model, ours and foreign ones (named by
@@ -161,11 +171,18 @@ class HfBackend:
             return []
         out: list[LoadedModel] = [
             LoadedModel(
-                backend=self.kind, name=served, canonical=served, digest=None, size=0,
-                size_vram=0, expires_at=None, pinned=True, foreign=True,
+                backend=self.kind,
+                name=served,
+                canonical=served,
+                digest=None,
+                size=0,
+                size_vram=0,
+                expires_at=None,
+                pinned=True,
+                foreign=True,
             )
             for served in self.engines.foreign(self.url)
-        ]  # fmt: skip
+        ]
         prefix = f"{self.kind.value}:"
         for status in records:
             if not status.key.startswith(prefix) or status.state != "ready":
@@ -175,10 +192,17 @@ class HfBackend:
             # the budget counts the engine's claim either way.
             out.append(
                 LoadedModel(
-                    backend=self.kind, name=name, canonical=name, digest=None, size=0,
-                    size_vram=0, expires_at=None, pinned=True, pid=status.pid,
+                    backend=self.kind,
+                    name=name,
+                    canonical=name,
+                    digest=None,
+                    size=0,
+                    size_vram=0,
+                    expires_at=None,
+                    pinned=True,
+                    pid=status.pid,
                 )
-            )  # fmt: skip
+            )
         return out
 
     def _snapshot(self, name: str) -> Path | None:
@@ -218,9 +242,14 @@ class HfBackend:
             # model_info first: a dry run hides why a repository can't be read.
             HfApi(endpoint=hub.endpoint()).model_info(repo, revision=revision)
             files = snapshot_download(
-                repo, revision=revision, cache_dir=self.cache_dir, allow_patterns=ALLOW,
-                ignore_patterns=IGNORE, endpoint=hub.endpoint(), dry_run=True,
-            )  # fmt: skip
+                repo,
+                revision=revision,
+                cache_dir=self.cache_dir,
+                allow_patterns=ALLOW,
+                ignore_patterns=IGNORE,
+                endpoint=hub.endpoint(),
+                dry_run=True,
+            )
         except hub.http_errors() as exc:
             err = hub.error(what, repo, revision, None, exc)
             return Upstream(self.kind, spec.canonical, ModelFacts(), 0, 0, str(err))
@@ -275,9 +304,13 @@ class HfBackend:
         def work() -> None:
             try:
                 result["path"] = snapshot_download(
-                    repo, revision=revision, cache_dir=self.cache_dir, allow_patterns=ALLOW,
-                    ignore_patterns=IGNORE, endpoint=hub.endpoint(),
-                )  # fmt: skip
+                    repo,
+                    revision=revision,
+                    cache_dir=self.cache_dir,
+                    allow_patterns=ALLOW,
+                    ignore_patterns=IGNORE,
+                    endpoint=hub.endpoint(),
+                )
             except Exception as exc:  # re-raised in the caller's thread below
                 result["error"] = exc
 
@@ -317,11 +350,13 @@ class HfBackend:
         if snapshot is None:
             raise ModelNotFound(f"{name} is not in the hub cache {self.cache_dir}")
         return EngineSpec(
-            key=f"{self.kind.value}:{name}", kind=self.kind.value,
-            command=self.settings.commands[self.kind.value], path=str(snapshot),
+            key=f"{self.kind.value}:{name}",
+            kind=self.kind.value,
+            command=self.settings.commands[self.kind.value],
+            path=str(snapshot),
             served_name=advertise_as or split(name)[0],
             fraction=self.settings.gpu_memory_utilization,
-        )  # fmt: skip
+        )
 
     def load(
         self,

@@ -16,9 +16,22 @@ from typing import Any
 from reconciler.model import ModelFacts
 
 DTYPE_BYTES = {
-    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-    "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
-}  # fmt: skip
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 def split(ref: str) -> tuple[str, str]:
@@ -43,12 +56,17 @@ def config_facts(config: Mapping[str, Any], facts: ModelFacts) -> ModelFacts:
     hidden = num("hidden_size", "n_embd", "d_model")
     head_dim = num("head_dim") or (hidden // heads if hidden and heads else None)
     return dataclasses.replace(
-        facts, family=str(config.get("model_type") or "") or None, format="safetensors",
+        facts,
+        family=str(config.get("model_type") or "") or None,
+        format="safetensors",
         context_length=num("max_position_embeddings", "n_positions", "seq_length"),
-        block_count=num("num_hidden_layers", "n_layer"), head_count=heads,
-        head_count_kv=num("num_key_value_heads") or heads, embedding_length=hidden,
-        key_length=head_dim, value_length=head_dim,
-    )  # fmt: skip
+        block_count=num("num_hidden_layers", "n_layer"),
+        head_count=heads,
+        head_count_kv=num("num_key_value_heads") or heads,
+        embedding_length=hidden,
+        key_length=head_dim,
+        value_length=head_dim,
+    )
 
 
 def weights(parameter_count: Mapping[Any, int]) -> tuple[int, int]:

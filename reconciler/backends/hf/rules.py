@@ -63,9 +63,10 @@ def share(
             continue
         # Another ref of a revision the file wants is the same files: never a removal.
         mine = tuple(
-            m for m in claimed[kind.value]
+            m
+            for m in claimed[kind.value]
             if m.canonical in wanted or (m.facts.digest or "") not in seen_commits
-        )  # fmt: skip
+        )
         loaded = []
         for run in state.loaded:
             if not run.foreign:

@@ -32,12 +32,19 @@ from typing import Any
 
 import httpx
 
-from reconciler import httpsafe
+from reconciler import httpsafe, limits
 from reconciler.backends import sources
 from reconciler.backends.base import AdapterContext, Backend, Cache, PullProgress
 from reconciler.backends.gguf import meta as ggufmeta
 from reconciler.backends.llamacpp import rules
-from reconciler.backends.llamacpp.router import RouterClient, RouterModel, child_memory
+from reconciler.backends.llamacpp.router import (
+    AUTO_PARALLEL,
+    RouterClient,
+    RouterModel,
+    child_memory,
+    model_id,
+    run_settings,
+)
 from reconciler.backends.llamacpp.settings import LlamacppSettings
 from reconciler.errors import BackendError, BackendUnreachable, ModelNotFound, PullFailed
 from reconciler.model import (
@@ -52,69 +59,6 @@ from reconciler.model import (
 
 _LOADED = ("loaded", "loading", "sleeping")
 FACTS_CACHE = "llamacpp.facts.v2"  # v2: vocabulary size and feed-forward width
-AUTO_PARALLEL = 4
-"""llama-server's ``-np`` auto (its default): four slots sharing one unified KV cache."""
-
-
-def _arg(args: Sequence[str], *flags: str) -> str | None:
-    """The value after the last of ``flags`` in ``args`` (llama's parser: the last one wins)."""
-    found = None
-    for i, item in enumerate(args[:-1]):
-        if item in flags:
-            found = args[i + 1]
-    return found
-
-
-def _int_arg(args: Sequence[str], *flags: str) -> int | None:
-    text = _arg(args, *flags)
-    return int(text) if text is not None and text.lstrip("-").isdigit() else None
-
-
-def _pad256(n: int) -> int:
-    return (n + 255) // 256 * 256
-
-
-def run_settings(args: Sequence[str], trained: int | None) -> dict[str, Any]:
-    """What a router child started with ``args`` runs, as ``ModelFacts`` fields.
-
-    llama.cpp's rules (``common/arg.cpp``, ``tools/server/server.cpp``, ``llama-context.cpp``):
-    ``-c`` is the total over the slots (absent or 0: the model's trained context), rounded up
-    to 256; ``-np`` absent or negative is "auto": 4 slots and a unified KV cache; otherwise
-    each slot gets ``-c / -np`` cells rounded up to 256, unless ``--kv-unified`` makes them
-    share one pool. ``-ub`` and ``-b`` size the micro-batch.
-    """
-    parallel = _int_arg(args, "--parallel", "-np")
-    unified = False
-    for item in args:  # the last of the pair wins
-        if item in ("--kv-unified", "-kvu"):
-            unified = True
-        elif item in ("--no-kv-unified", "-no-kvu"):
-            unified = False
-    if parallel is None or parallel < 0:
-        parallel, unified = AUTO_PARALLEL, True
-    parallel = max(1, parallel)
-    total = _int_arg(args, "--ctx-size", "-c")
-    per_slot = _int_arg(args, "--kv-unified-per-slot") or 0
-    if total is None and per_slot > 0:
-        total = parallel * per_slot  # the pool sized from the per-slot cap
-    if not total or total < 0:
-        total = trained or 0
-    context = None
-    if total:
-        cells = _pad256(total)
-        context = cells if unified else _pad256(cells // parallel)
-    batch = _int_arg(args, "--batch-size", "-b")
-    ubatch = _int_arg(args, "--ubatch-size", "-ub")
-    sizes = [n for n in (batch, ubatch) if n and n > 0]
-    return {
-        "run_context": context, "parallel": parallel, "kv_unified": unified,
-        "ubatch": min(sizes) if sizes else None,
-    }  # fmt: skip
-
-
-def model_id(name: str) -> str:
-    """The router's id for a file: its name without ``.gguf``."""
-    return name.removesuffix(".gguf")
 
 
 def _facts_doc(facts: ModelFacts) -> dict[str, Any]:
@@ -154,10 +98,8 @@ class LlamacppBackend:
         # Made on first use: each client builds an SSL context (~15 ms), and most plans of
         # a node need no download. HEADs and metadata keep the API deadline and cap;
         # downloads and header reads set their own (``sources``, ``ranged``).
-        limits = httpsafe.Limits(
-            deadline=httpsafe.default_deadline(), max_body=httpsafe.REGISTRY_BODY
-        )
-        return httpsafe.client(limits, timeout=httpx.Timeout(30.0, connect=10.0))
+        guard = httpsafe.Limits(deadline=httpsafe.default_deadline(), max_body=limits.REGISTRY_BODY)
+        return httpsafe.client(guard, timeout=httpx.Timeout(30.0, connect=10.0))
 
     def close(self) -> None:
         """Release connections."""
@@ -213,17 +155,21 @@ class LlamacppBackend:
         folder = self.models_dir
         if not folder.is_dir():
             return BackendState(
-                self.kind, self.url, reachable=False,
+                self.kind,
+                self.url,
+                reachable=False,
                 error=f"backends.llamacpp.models_dir {folder} does not exist or is not a "
                 f"folder; create it (mkdir -p {folder}) or fix the path",
-            )  # fmt: skip
+            )
         try:
             files = self._files()
         except OSError as exc:
             return BackendState(
-                self.kind, self.url, reachable=False,
+                self.kind,
+                self.url,
+                reachable=False,
                 error=f"can't list backends.llamacpp.models_dir {folder}: {exc.strerror or exc}",
-            )  # fmt: skip
+            )
         warnings: list[str] = []
         if not os.access(folder, os.W_OK | os.X_OK):
             warnings.append(
@@ -244,9 +190,14 @@ class LlamacppBackend:
             if entry is not None and entry.status in _LOADED:
                 loaded.append(self._loaded(path, entry, installed[-1].facts))
         return BackendState(
-            self.kind, self.url, reachable=True, installed=tuple(installed),
-            loaded=tuple(loaded), serving_error=serving_error, warnings=tuple(warnings),
-        )  # fmt: skip
+            self.kind,
+            self.url,
+            reachable=True,
+            installed=tuple(installed),
+            loaded=tuple(loaded),
+            serving_error=serving_error,
+            warnings=tuple(warnings),
+        )
 
     def _installed(self, path: Path, entry: RouterModel | None) -> InstalledModel:
         error = None
@@ -276,10 +227,17 @@ class LlamacppBackend:
     def _loaded(self, path: Path, entry: RouterModel, facts: ModelFacts) -> LoadedModel:
         pid, rss = child_memory(entry) if entry.status != "loading" else (None, None)
         return LoadedModel(
-            backend=self.kind, name=path.name, canonical=path.name, digest=facts.digest,
-            size=entry.weights or facts.size or 0, size_vram=rss or 0, expires_at=None,
-            pinned=entry.status == "loaded", context_length=entry.ctx, pid=pid,
-        )  # fmt: skip
+            backend=self.kind,
+            name=path.name,
+            canonical=path.name,
+            digest=facts.digest,
+            size=entry.weights or facts.size or 0,
+            size_vram=rss or 0,
+            expires_at=None,
+            pinned=entry.status == "loaded",
+            context_length=entry.ctx,
+            pid=pid,
+        )
 
     def details(self, name: str, digest: str | None) -> ModelFacts:
         """Facts of an installed file (the inventory already read them)."""
@@ -357,10 +315,16 @@ class LlamacppBackend:
         expected = digest.removeprefix("sha256:") if digest else None
         was_loaded = self._loaded_now(name)
         sha = sources.fetch(
-            parsed, remote, dest, http=self._http, expected_sha256=expected,
-            progress=progress, cancel=cancel, stall_timeout=self.stall_timeout,
+            parsed,
+            remote,
+            dest,
+            http=self._http,
+            expected_sha256=expected,
+            progress=progress,
+            cancel=cancel,
+            stall_timeout=self.stall_timeout,
             reserve=self.disk_reserve,
-        )  # fmt: skip
+        )
         stat_key = self._stat_key(dest)
         if self.cache is not None and stat_key is not None:
             self.cache.put("llamacpp.sha256", stat_key, sha)

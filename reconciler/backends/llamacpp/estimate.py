@@ -25,7 +25,7 @@ the widest dense models seen (Gemma 7B: 8; Qwen 2.5: up to 5.4; Llama 3: 3.5).""
 VOCAB_UNKNOWN = 262144
 """Vocabulary size taken when the GGUF's token list was not seen: the largest in use."""
 # The CPU terms below were fitted (least squares) to 46 rows of bench/accuracy.py
-# (bench/RESULTS.md, issue 13: vocabularies 32k-256k, SPM and BPE, 1-4 slots, 256-16384
+# (bench/RESULTS.md, the CPU calibration: vocabularies 32k-256k, SPM and BPE, 1-4 slots, 256-16384
 # cells), then rounded up so that no row is under: the fit's worst row was 1.6 MiB off.
 RUNTIME_CPU = 17 * MiB
 """A llama-server child's own memory on CPU besides its buffers and its vocabulary: the static
@@ -61,7 +61,7 @@ RUNTIME_GPU_PER_WEIGHT = 0.07
 run: 686 MiB beside 192 MiB of weights, 689 MiB beside 959 MiB, 622 MiB beside 9 MiB). 6 % was
 fitted while the compute term assumed a feed-forward 4 × hidden; with the GGUF's own (narrower)
 width, CUDA's compute buffer, larger than the CPU's, left the 192 MiB model 0.7 MiB of margin:
-7 % gives it 2.6 MiB (issue 13's rescore, bench/RESULTS.md)."""
+7 % gives it 2.6 MiB (the rescore in bench/RESULTS.md)."""
 CPU_REPACKED_PREFIXES = ("Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K", "Q5_K", "Q6_K", "Q8_0", "Q1_0")
 """Quantizations whose matrices llama.cpp's CPU backend repacks on some processor (x86 or
 Arm; ``ggufmeta.CPU_REPACKED``), for facts without a tensor table."""

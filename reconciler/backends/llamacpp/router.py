@@ -16,15 +16,21 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import psutil
 
-from reconciler import httpsafe
-from reconciler.errors import BackendError, BackendUnreachable, ModelNotFound, PullFailed
+from reconciler import httpsafe, limits
+from reconciler.errors import (
+    BackendError,
+    BackendUnreachable,
+    ModelNotFound,
+    PullFailed,
+    one_line,
+)
 
 LOAD_TIMEOUT = 600.0
 """A 70B model from a cold disk takes minutes; the child reports failure much sooner."""
@@ -47,11 +53,70 @@ class RouterModel:
     weights: int | None  # meta.size
 
 
-def _arg(args: tuple[str, ...], *flags: str) -> str | None:
+AUTO_PARALLEL = 4
+"""llama-server's ``-np`` auto (its default): four slots sharing one unified KV cache."""
+
+
+def _arg(args: Sequence[str], *flags: str) -> str | None:
+    """The value after the last of ``flags`` in ``args`` (llama's parser: the last one wins)."""
+    found = None
     for i, item in enumerate(args[:-1]):
         if item in flags:
-            return args[i + 1]
-    return None
+            found = args[i + 1]
+    return found
+
+
+def _int_arg(args: Sequence[str], *flags: str) -> int | None:
+    return _int(_arg(args, *flags))
+
+
+def _pad256(n: int) -> int:
+    return (n + 255) // 256 * 256
+
+
+def run_settings(args: Sequence[str], trained: int | None) -> dict[str, Any]:
+    """What a router child started with ``args`` runs, as ``ModelFacts`` fields.
+
+    llama.cpp's rules (``common/arg.cpp``, ``tools/server/server.cpp``, ``llama-context.cpp``):
+    ``-c`` is the total over the slots (absent or 0: the model's trained context), rounded up
+    to 256; ``-np`` absent or negative is "auto": 4 slots and a unified KV cache; otherwise
+    each slot gets ``-c / -np`` cells rounded up to 256, unless ``--kv-unified`` makes them
+    share one pool. ``-ub`` and ``-b`` size the micro-batch.
+    """
+    parallel = _int_arg(args, "--parallel", "-np")
+    unified = False
+    for item in args:  # the last of the pair wins
+        if item in ("--kv-unified", "-kvu"):
+            unified = True
+        elif item in ("--no-kv-unified", "-no-kvu"):
+            unified = False
+    if parallel is None or parallel < 0:
+        parallel, unified = AUTO_PARALLEL, True
+    parallel = max(1, parallel)
+    total = _int_arg(args, "--ctx-size", "-c")
+    per_slot = _int_arg(args, "--kv-unified-per-slot") or 0
+    if total is None and per_slot > 0:
+        total = parallel * per_slot  # the pool sized from the per-slot cap
+    if not total or total < 0:
+        total = trained or 0
+    context = None
+    if total:
+        cells = _pad256(total)
+        context = cells if unified else _pad256(cells // parallel)
+    batch = _int_arg(args, "--batch-size", "-b")
+    ubatch = _int_arg(args, "--ubatch-size", "-ub")
+    sizes = [n for n in (batch, ubatch) if n and n > 0]
+    return {
+        "run_context": context,
+        "parallel": parallel,
+        "kv_unified": unified,
+        "ubatch": min(sizes) if sizes else None,
+    }
+
+
+def model_id(name: str) -> str:
+    """The router's id for a file: its name without ``.gguf``."""
+    return name.removesuffix(".gguf")
 
 
 def _int(text: str | None) -> int | None:
@@ -72,14 +137,18 @@ def parse_models(raw: Mapping[str, Any]) -> list[RouterModel]:
             ctx = total // parallel if parallel else total  # -c is the total over the slots
         out.append(
             RouterModel(
-                id=str(item.get("id")), status=str(status.get("value") or "unloaded"),
-                failed=bool(status.get("failed")), exit_code=status.get("exit_code"),
-                args=args, path=_arg(args, "--model", "-m"), port=port or None,
+                id=str(item.get("id")),
+                status=str(status.get("value") or "unloaded"),
+                failed=bool(status.get("failed")),
+                exit_code=status.get("exit_code"),
+                args=args,
+                path=_arg(args, "--model", "-m"),
+                port=port or None,
                 ctx=ctx or None,
                 parallel=parallel,
                 weights=meta.get("size") if isinstance(meta.get("size"), int) else None,
             )
-        )  # fmt: skip
+        )
     return out
 
 
@@ -94,8 +163,8 @@ class RouterClient:
     def _http(self) -> httpx.Client:
         # Made on first use (an SSL context costs ~15 ms; a node without GGUF files never asks).
         # Each call ends within ``timeout`` in all, however slowly the router answers.
-        limits = httpsafe.Limits(deadline=self._timeout, max_body=httpsafe.BACKEND_BODY)
-        return httpsafe.client(limits, base_url=self.url, timeout=self._timeout)
+        guard = httpsafe.Limits(deadline=self._timeout, max_body=limits.BACKEND_BODY)
+        return httpsafe.client(guard, base_url=self.url, timeout=self._timeout)
 
     def close(self) -> None:
         """Release the connection pool."""
@@ -136,8 +205,7 @@ class RouterClient:
             text = str(resp.json().get("error", {}).get("message") or resp.text)
         except (ValueError, AttributeError):
             text = resp.text
-        flat = " ".join(text.split())
-        return flat if len(flat) <= 200 else flat[:199] + "…"
+        return one_line(text, limits.PEER_TEXT)
 
     def load(self, model_id: str, file: str, *, timeout: float = LOAD_TIMEOUT) -> RouterModel:
         """Load and wait until it is loaded; ``PullFailed`` naming the file when it can't be."""
@@ -164,7 +232,7 @@ class RouterClient:
             "/completion",
             json={"model": model_id, "prompt": "", "n_predict": 1},
             timeout=LOAD_TIMEOUT,
-            extensions=httpsafe.limits(deadline=LOAD_TIMEOUT, max_body=httpsafe.BACKEND_BODY),
+            extensions=httpsafe.limits(deadline=LOAD_TIMEOUT, max_body=limits.BACKEND_BODY),
         )
 
     def unload(self, model_id: str, file: str, *, timeout: float = 60.0) -> None:
@@ -186,8 +254,9 @@ class RouterClient:
             found = self.find(model_id)
             if found is None:
                 if "unloaded" in wanted:
-                    return RouterModel(model_id, "unloaded", False, None, (), None, None, None,
-                                       None, None)  # fmt: skip
+                    return RouterModel(
+                        model_id, "unloaded", False, None, (), None, None, None, None, None
+                    )
                 raise ModelNotFound(f"llama-server at {self.url} no longer lists {file}")
             if found.failed and "loaded" in wanted:
                 raise PullFailed(

@@ -1,6 +1,6 @@
 """The Ollama backend, on the official ``ollama`` client.
 
-Fetch and parse are separate: ``parse_*`` are pure functions of the server's JSON (tested from
+Fetch and parse are separate: ``parse`` holds pure functions of the server's JSON (tested from
 recorded responses); ``OllamaBackend`` does the I/O. Facts that shape the code:
 
 * ``DELETE /api/delete`` never unloads a runner, so ``remove`` unloads first (``keep_alive: 0``),
@@ -17,23 +17,27 @@ recorded responses); ``OllamaBackend`` does the I/O. Facts that shape the code:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from reconciler import httpsafe
+from reconciler import httpsafe, limits
 from reconciler.backends.base import AdapterContext, Backend, Cache, PullProgress
 from reconciler.backends.gguf import header as gguf_header
-from reconciler.backends.gguf import meta as ggufmeta
 from reconciler.backends.ollama import registry
 from reconciler.backends.ollama.names import OllamaName, parse_ollama
+from reconciler.backends.ollama.parse import (
+    apply_gguf_header,
+    parse_config_blob,
+    parse_ps,
+    parse_show,
+    parse_tags,
+)
 from reconciler.backends.ollama.settings import OllamaSettings
 from reconciler.errors import (
     BackendError,
@@ -42,12 +46,11 @@ from reconciler.errors import (
     PullFailed,
     PullStalled,
     TransientBackendError,
+    one_line,
 )
 from reconciler.model import (
     BackendKind,
     BackendState,
-    InstalledModel,
-    LoadedModel,
     ModelFacts,
     ModelSpec,
     Upstream,
@@ -58,108 +61,7 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
-PINNED_YEAR = 2200  # keep_alive forever shows as now + ~292 years (year 2318 in 2026)
-_FROM_BLOB = re.compile(r"^FROM\s+\S*sha256[-:]([0-9a-f]{64})\s*$", re.MULTILINE)
-_HUMAN = re.compile(r"^\s*([0-9.]+)\s*([KMBT]?)\s*$", re.IGNORECASE)
-_SCALE = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 _RETRYABLE_PULL = ("max retries exceeded", "digest mismatch", "connection reset", "timeout")
-
-
-# --------------------------------------------------------------------------- parse (pure)
-
-
-def parse_parameter_size(text: str | None) -> int | None:
-    """``'7.6B'`` → 7_600_000_000; None when absent or unreadable."""
-    match = _HUMAN.match(text or "")
-    if not match:
-        return None
-    return int(float(match.group(1)) * _SCALE[match.group(2).upper()])
-
-
-def parse_details(details: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``details`` object of tags/ps/show as ``ModelFacts`` keyword arguments."""
-    d = details or {}
-    return {
-        "quantization": (str(d["quantization_level"]).upper() or None)
-        if d.get("quantization_level")
-        else None,
-        "parameter_size": d.get("parameter_size") or None,
-        "parameter_count": parse_parameter_size(d.get("parameter_size")),
-        "family": d.get("family") or None,
-        "format": d.get("format") or None,
-    }
-
-
-def parse_tags(raw: Mapping[str, Any]) -> list[InstalledModel]:
-    """``/api/tags`` → installed models (cloud stubs skipped: they hold no weights here)."""
-    out = []
-    for item in raw.get("models") or []:
-        if item.get("remote_host") or item.get("remote_model"):
-            continue
-        name = str(item.get("model") or item.get("name"))
-        facts = ModelFacts(
-            digest=item.get("digest"), size=int(item.get("size") or 0),
-            weights_bytes=int(item.get("size") or 0), **parse_details(item.get("details")),
-        )  # fmt: skip
-        out.append(InstalledModel(BackendKind.OLLAMA, name, parse_ollama(name).canonical, facts))
-    return out
-
-
-def parse_ps(raw: Mapping[str, Any]) -> list[LoadedModel]:
-    """``/api/ps`` → loaded runners; a runner expiring centuries ahead is pinned."""
-    out = []
-    for item in raw.get("models") or []:
-        name = str(item.get("model") or item.get("name"))
-        expires = item.get("expires_at")
-        expires_text = expires.isoformat() if hasattr(expires, "isoformat") else expires
-        year = int(str(expires_text)[:4]) if expires_text and str(expires_text)[:4].isdigit() else 0
-        out.append(
-            LoadedModel(
-                backend=BackendKind.OLLAMA, name=name, canonical=parse_ollama(name).canonical,
-                digest=item.get("digest"), size=int(item.get("size") or 0),
-                size_vram=int(item.get("size_vram") or 0), expires_at=expires_text,
-                pinned=year >= PINNED_YEAR, context_length=item.get("context_length"),
-            )
-        )  # fmt: skip
-    return out
-
-
-def parse_show(raw: Mapping[str, Any], *, digest: str | None, size: int | None) -> ModelFacts:
-    """``/api/show`` → facts for the VRAM estimate (the GGUF keys of ``model_info``, read as
-    for any GGUF file), with ``details`` and ``capabilities`` on top."""
-    info: Mapping[str, Any] = raw.get("model_info") or raw.get("modelinfo") or {}
-    base = parse_details(raw.get("details"))
-    if isinstance(info.get("general.parameter_count"), int):
-        base["parameter_count"] = int(info["general.parameter_count"])
-    facts = ggufmeta.facts_from_metadata(info, size=size, digest=digest)
-    capabilities = tuple(str(c) for c in raw.get("capabilities") or ())
-    return dataclasses.replace(facts, capabilities=capabilities, **base)
-
-
-def parse_config_blob(config: Mapping[str, Any], manifest: registry.Manifest) -> ModelFacts:
-    """The registry config blob (``ConfigV2``) → facts known before pulling."""
-    quant = config.get("file_type")
-    return ModelFacts(
-        digest=manifest.digest, size=manifest.total_bytes, weights_bytes=manifest.weights_bytes,
-        quantization=str(quant).upper() if quant else None,
-        parameter_size=config.get("model_type") or None,
-        parameter_count=parse_parameter_size(config.get("model_type")),
-        family=config.get("model_family") or None, format=config.get("model_format") or None,
-    )  # fmt: skip
-
-
-def apply_gguf_header(facts: ModelFacts, header: Mapping[str, Any]) -> ModelFacts:
-    """Facts from the config blob, completed with the weights' GGUF metadata keys."""
-    if not header.get("general.architecture"):
-        return facts
-    meta = parse_show({"model_info": header}, digest=facts.digest, size=facts.size)
-    return dataclasses.replace(
-        facts, context_length=meta.context_length, block_count=meta.block_count,
-        head_count=meta.head_count, head_count_kv=meta.head_count_kv,
-        embedding_length=meta.embedding_length, key_length=meta.key_length,
-        value_length=meta.value_length,
-        parameter_count=facts.parameter_count or meta.parameter_count,
-    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- I/O
@@ -186,10 +88,10 @@ class OllamaBackend:
         self._ollama = ollama
         api = httpsafe.default_deadline()
         self._client: ollama.Client = self._ollama_client(
-            httpsafe.Limits(deadline=api, max_body=httpsafe.BACKEND_BODY)
+            httpsafe.Limits(deadline=api, max_body=limits.BACKEND_BODY)
         )
         self._http = httpsafe.client(
-            httpsafe.Limits(deadline=api, max_body=httpsafe.REGISTRY_BODY),
+            httpsafe.Limits(deadline=api, max_body=limits.REGISTRY_BODY),
             timeout=httpx.Timeout(30.0, connect=5.0),
             follow_redirects=False,
         )
@@ -197,17 +99,18 @@ class OllamaBackend:
     def _ollama_client(self, limits: httpsafe.Limits) -> ollama.Client:
         timeout = httpx.Timeout(30.0, read=max(self._stall, 30.0), connect=5.0)
         return self._ollama.Client(
-            host=self.url, timeout=timeout, headers=httpsafe.identity(), trust_env=False,
+            host=self.url,
+            timeout=timeout,
+            headers=httpsafe.identity(),
+            trust_env=False,
             transport=httpsafe.transport(limits),
-        )  # fmt: skip
+        )
 
     @functools.cached_property
     def _loader(self) -> ollama.Client:
         """For loads: Ollama answers once the model is in memory, minutes for a big one."""
         deadline = max(self._stall, httpsafe.default_deadline())
-        return self._ollama_client(
-            httpsafe.Limits(deadline=deadline, max_body=httpsafe.BACKEND_BODY)
-        )
+        return self._ollama_client(httpsafe.Limits(deadline=deadline, max_body=limits.BACKEND_BODY))
 
     @functools.cached_property
     def _puller(self) -> ollama.Client:
@@ -241,8 +144,7 @@ class OllamaBackend:
             return self._unreachable(exc)
         if isinstance(exc, self._ollama.ResponseError):
             # Ollama's own words, one line and short: they reach heartbeats and dashboards.
-            flat = " ".join(str(exc.error).split())
-            text = flat if len(flat) <= 200 else flat[:199] + "…"
+            text = one_line(str(exc.error), limits.PEER_TEXT)
             if exc.status_code == 404 or "file does not exist" in text or "not found" in text:
                 return ModelNotFound(f"Ollama has no model '{model}': {text}", model=model)
             if exc.status_code >= 500 or exc.status_code in (429, 503):
@@ -282,9 +184,12 @@ class OllamaBackend:
             msg = f"Ollama at {self.url} answered {exc.status_code}: {exc.error}"
             return BackendState(BackendKind.OLLAMA, self.url, reachable=False, error=msg)
         return BackendState(
-            BackendKind.OLLAMA, self.url, reachable=True,
-            installed=tuple(parse_tags(tags)), loaded=tuple(parse_ps(ps)),
-        )  # fmt: skip
+            BackendKind.OLLAMA,
+            self.url,
+            reachable=True,
+            installed=tuple(parse_tags(tags)),
+            loaded=tuple(parse_ps(ps)),
+        )
 
     def details(self, name: str, digest: str | None) -> ModelFacts:
         """``/api/show`` for ``name``, cached by manifest digest (a digest never changes)."""

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from reconciler.errors import InfernetError, InvalidModelName
+from reconciler.errors import InfernetError, InvalidModelName, one_line
+from reconciler.limits import SHOWN_NAME
 from reconciler.model import BackendKind, Desired
 
 DEFAULT_HOST = "registry.ollama.ai"
@@ -111,7 +112,7 @@ def registry_problem(model: str, current: Desired) -> str | None:
     """
     from reconciler.backends.ollama.settings import of
 
-    shown = " ".join(model.split())[:80]
+    shown = one_line(model, SHOWN_NAME, mark="")
     if "://" in model:
         return (
             f"args.model '{shown}' is a URL; remote commands name a model as its registry "

@@ -1,4 +1,4 @@
-"""Crash reports (issue 13, item 14): a new 0600 file in the state dir, never through a link."""
+"""Crash reports: a new 0600 file in the state dir, never through a link."""
 
 from __future__ import annotations
 

@@ -64,7 +64,9 @@ def test_record_removed(store: Store) -> None:
     store.set_pinned(backend="ollama", canonical="a:1", pinned=True)
     store.record_removed(backend="ollama", canonical="a:1")
     assert [r.canonical for r in store.owned()] == ["b:1"]
-    assert store.pinned() == set()
+    store.record_installed(backend="ollama", canonical="a:1", name="a:1", digest=None)
+    assert {r.canonical: r.pinned_by_us for r in store.owned()} == {"a:1": False, "b:1": False}
+    store.record_removed(backend="ollama", canonical="a:1")
     # Removing what is not recorded is a no-op.
     store.record_removed(backend="ollama", canonical="never")
     store.record_removed(backend="hf", canonical="b:1")
@@ -84,7 +86,8 @@ def test_set_pinned(store: Store) -> None:
 def test_pinning_an_unowned_model_does_not_make_it_owned(store: Store) -> None:
     store.set_pinned(backend="ollama", canonical="users:1", pinned=True)
     assert store.owned() == []
-    assert store.pinned() == {("ollama", "users:1")}
+    store.record_installed(backend="ollama", canonical="users:1", name="users:1", digest=None)
+    assert store.owned()[0].pinned_by_us is True  # the pin was kept all along
 
 
 def test_measured_vram_is_kept_for_unowned_models(store: Store) -> None:

@@ -1,6 +1,6 @@
 """A store whose rows were damaged after it was opened: read like a damaged file, never a crash.
 
-Issue 13 item 25: random bytes inside one stored row made every read raise "Could not decode
+Random bytes inside one stored row made every read raise "Could not decode
 to UTF-8 column 'value'" (a StateError telling the user to check the disk) until someone
 intervened. The store only remembers: the damaged file is set aside, an empty one takes its
 place (nothing owned, so nothing is pruned) and the read answers from it.
@@ -92,8 +92,9 @@ def test_every_part_of_the_store_reads_damage_as_empty(state_dir: Path) -> None:
     store = _filled(state_dir)
     run = store.begin_run(config_sha256="c", plan={})
     store.begin_action(run_id=run, op="pull", backend="ollama", canonical="a:latest", model="a")
-    store.record_apply(config_sha256="c", git_commit=None, converged=True, actions=1, failed=0,
-                       summary={})  # fmt: skip
+    store.record_apply(
+        config_sha256="c", git_commit=None, converged=True, actions=1, failed=0, summary={}
+    )
     store.record_command(command_id="c1", verb="model_install", payload={"model": "a"})
     store.outbox_put(path="/x", body={"a": 1})
     store.record_measured_vram(backend="ollama", canonical="a:latest", size_vram=5)
@@ -105,7 +106,6 @@ def test_every_part_of_the_store_reads_damage_as_empty(state_dir: Path) -> None:
         ("commands", "state", lambda s: s.command_seen("c1"), None),
         ("outbox", "body", lambda s: s.outbox_items(), []),
         ("measured_vram", "size_vram", lambda s: s.measured_vram(), {}),
-        ("pins", "canonical", lambda s: s.pinned(), set()),
     ]
     for table, column, read, empty in damage:
         _refill(state_dir)
@@ -121,10 +121,10 @@ def _refill(state_dir: Path) -> None:
         store.set_pinned(backend="ollama", canonical="a:latest", pinned=True)
         store.record_measured_vram(backend="ollama", canonical="a:latest", size_vram=5)
         run = store.begin_run(config_sha256="c", plan={})
-        store.begin_action(run_id=run, op="pull", backend="ollama", canonical="a:latest",
-                           model="a")  # fmt: skip
-        store.record_apply(config_sha256="c", git_commit=None, converged=True, actions=1,
-                           failed=0, summary={})  # fmt: skip
+        store.begin_action(run_id=run, op="pull", backend="ollama", canonical="a:latest", model="a")
+        store.record_apply(
+            config_sha256="c", git_commit=None, converged=True, actions=1, failed=0, summary={}
+        )
         if store.command_seen("c1") is None:
             store.record_command(command_id="c1", verb="model_install", payload={"model": "a"})
         store.outbox_put(path="/x", body={"a": 1}, dedupe_key="k")

@@ -68,10 +68,14 @@ exit "$code"
 def format_command(spec: EngineSpec, port: int, host: str = "127.0.0.1") -> list[str]:
     """The argv for ``spec`` on ``port``: split first, then filled, so a path stays one word."""
     values = {
-        "path": spec.path, "advertise_as": spec.served_name, "served_name": spec.served_name,
-        "port": port, "fraction": round(spec.fraction, 4), "host": host,
+        "path": spec.path,
+        "advertise_as": spec.served_name,
+        "served_name": spec.served_name,
+        "port": port,
+        "fraction": round(spec.fraction, 4),
+        "host": host,
         "python": sys.executable,
-    }  # fmt: skip
+    }
     try:
         words = shlex.split(spec.command)
     except ValueError as exc:
@@ -158,11 +162,26 @@ def spawn(
         os.write(fd, f"[infernet] {stamp} starting {spec.key}: {shlex.join(argv)}\n".encode())
         offset = os.lseek(fd, 0, os.SEEK_END)
         launcher = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _LAUNCHER, "/bin/sh", "-c", _WRAPPER,
-             "infernet-engine", str(exit_file), program, *argv[1:]],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=fd, env=env,
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                "-c",
+                _LAUNCHER,
+                "/bin/sh",
+                "-c",
+                _WRAPPER,
+                "infernet-engine",
+                str(exit_file),
+                program,
+                *argv[1:],
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=fd,
+            env=env,
             cwd=folder.path,
-        )  # fmt: skip
+        )
     finally:
         os.close(fd)
     assert launcher.stdin is not None and launcher.stdout is not None

@@ -77,29 +77,49 @@ class Record:
     def to_json(self) -> bytes:
         spec = self.spec
         doc = {
-            "version": 1, "key": spec.key, "kind": spec.kind, "template": spec.command,
-            "path": spec.path, "served_name": spec.served_name, "fraction": spec.fraction,
-            "requested_port": spec.port, "env": dict(spec.env), "pid": self.pid,
-            "create_time": self.create_time, "run": self.run, "port": self.port,
-            "command": list(self.command), "started_at": self.started_at,
-            "restarts": self.restarts, "log_offset": self.log_offset,
-        }  # fmt: skip
+            "version": 1,
+            "key": spec.key,
+            "kind": spec.kind,
+            "template": spec.command,
+            "path": spec.path,
+            "served_name": spec.served_name,
+            "fraction": spec.fraction,
+            "requested_port": spec.port,
+            "env": dict(spec.env),
+            "pid": self.pid,
+            "create_time": self.create_time,
+            "run": self.run,
+            "port": self.port,
+            "command": list(self.command),
+            "started_at": self.started_at,
+            "restarts": self.restarts,
+            "log_offset": self.log_offset,
+        }
         return json.dumps(doc, indent=2).encode() + b"\n"
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Record:
         spec = EngineSpec(
-            key=str(raw["key"]), kind=str(raw["kind"]), command=str(raw["template"]),
-            path=str(raw["path"]), served_name=str(raw["served_name"]),
-            fraction=float(raw["fraction"]), port=raw.get("requested_port"),
+            key=str(raw["key"]),
+            kind=str(raw["kind"]),
+            command=str(raw["template"]),
+            path=str(raw["path"]),
+            served_name=str(raw["served_name"]),
+            fraction=float(raw["fraction"]),
+            port=raw.get("requested_port"),
             env={str(k): str(v) for k, v in (raw.get("env") or {}).items()},
-        )  # fmt: skip
+        )
         return cls(
-            spec=spec, pid=int(raw["pid"]), create_time=float(raw["create_time"]),
-            run=str(raw["run"]), port=int(raw["port"]),
-            command=tuple(str(a) for a in raw["command"]), started_at=float(raw["started_at"]),
-            restarts=int(raw.get("restarts", 0)), log_offset=int(raw.get("log_offset", 0)),
-        )  # fmt: skip
+            spec=spec,
+            pid=int(raw["pid"]),
+            create_time=float(raw["create_time"]),
+            run=str(raw["run"]),
+            port=int(raw["port"]),
+            command=tuple(str(a) for a in raw["command"]),
+            started_at=float(raw["started_at"]),
+            restarts=int(raw.get("restarts", 0)),
+            log_offset=int(raw.get("log_offset", 0)),
+        )
 
 
 def safe_name(key: str) -> str:

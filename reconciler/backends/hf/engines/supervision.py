@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 
-from reconciler import httpsafe
+from reconciler import httpsafe, limits
 from reconciler.backends.hf.engines.launch import RUN_ENV, listener, port_free, spawn
 from reconciler.backends.hf.engines.records import (
     EngineSpec,
@@ -66,8 +66,8 @@ class Engines:
     def _http(self) -> httpx.Client:
         # Made on first use: an SSL context costs ~15 ms on every plan otherwise. A probe ends
         # within its timeout in all, whatever the engine (or whoever holds the port) sends.
-        limits = httpsafe.Limits(deadline=PROBE_TIMEOUT, max_body=httpsafe.PROBE_BODY)
-        return httpsafe.client(limits, timeout=PROBE_TIMEOUT, trust_env=False)
+        guard = httpsafe.Limits(deadline=PROBE_TIMEOUT, max_body=limits.PROBE_BODY)
+        return httpsafe.client(guard, timeout=PROBE_TIMEOUT, trust_env=False)
 
     def close(self) -> None:
         """Release the HTTP connections (engines keep running)."""
@@ -286,11 +286,19 @@ class Engines:
         self, rec: Record, state: EngineState, pid: int | None, code: int | None, *, ours: bool
     ) -> EngineStatus:
         return EngineStatus(
-            key=rec.spec.key, served_name=rec.spec.served_name, pid=pid, port=rec.port,
-            state=state, started_at=rec.started_at, exit_code=code,
-            log_path=str(self.files.log(rec.spec.key)), restarts=rec.restarts, ours=ours,
-            url=self._url(rec.port), spec=rec.spec,
-        )  # fmt: skip
+            key=rec.spec.key,
+            served_name=rec.spec.served_name,
+            pid=pid,
+            port=rec.port,
+            state=state,
+            started_at=rec.started_at,
+            exit_code=code,
+            log_path=str(self.files.log(rec.spec.key)),
+            restarts=rec.restarts,
+            ours=ours,
+            url=self._url(rec.port),
+            spec=rec.spec,
+        )
 
     def _exit_message(self, rec: Record) -> str:
         spec = rec.spec
@@ -345,9 +353,10 @@ class Engines:
         """Ids on ``url``'s ``/v1/models``; None when nothing OpenAI-compatible answers."""
         try:
             resp = self._http.get(
-                f"{url}/v1/models", timeout=timeout,
-                extensions=httpsafe.limits(deadline=timeout, max_body=httpsafe.PROBE_BODY),
-            )  # fmt: skip
+                f"{url}/v1/models",
+                timeout=timeout,
+                extensions=httpsafe.limits(deadline=timeout, max_body=limits.PROBE_BODY),
+            )
             data = resp.json().get("data") if resp.status_code == 200 else None
         except (httpx.HTTPError, httpx.InvalidURL, ValueError, AttributeError):
             return None

@@ -455,10 +455,14 @@ def reconcile(module, result):
         attrs_changed = module.set_fs_attributes_if_different(file_args, False)
     if module._diff:
         result["diff"] = [
-            {"before": before or "", "after": text,
-             "before_header": config, "after_header": config},
+            {
+                "before": before or "",
+                "after": text,
+                "before_header": config,
+                "after_header": config,
+            },
             {"prepared": describe_actions(plan)},
-        ]  # fmt: skip
+        ]
     written = file_changed or attrs_changed
     if not params["apply"]:
         result["changed"] = written

@@ -1,15 +1,12 @@
-"""More of issue 2 end to end: parallel pulls, upstream updates, exact download bytes, the
-terminal confirmation, flags before or after the command."""
+"""Pulls end to end: parallel pulls, aliases and upstream updates, exact download bytes, the GGUF
+header read before a pull."""
 
 from __future__ import annotations
 
 import json
-import os
-import pty
-import select
 import subprocess
 
-from tests.integration.conftest import INFERNET, Node, needs_fake
+from tests.integration.conftest import Node, needs_fake
 
 SMALL = "smollm2:135m"
 QWEN = "qwen2.5:0.5b"
@@ -31,8 +28,11 @@ def test_parallel_pulls_overlap_and_serial_ones_do_not(node: Node) -> None:
     assert out.returncode == 0, out.stderr
     order = _order(_events(out))
     assert [e for e, _ in order[:2]] == ["action_started", "action_started"], order
-    node.write_config([SMALL, "all-minilm:latest"], policy={"parallel_pulls": 1},
-                      budget={"vram": "24GiB", "disk_reserve": "1GiB"})  # fmt: skip
+    node.write_config(
+        [SMALL, "all-minilm:latest"],
+        policy={"parallel_pulls": 1},
+        budget={"vram": "24GiB", "disk_reserve": "1GiB"},
+    )
     out = node.run("apply", "--yes", "--json", timeout=120)
     assert out.returncode == 0, out.stderr
     pulls = [o for o in _order(_events(out)) if o[1] in (SMALL, "all-minilm:latest")]
@@ -75,53 +75,6 @@ def _tags(node: Node) -> list[dict]:  # type: ignore[type-arg]
     import httpx
 
     return httpx.get(f"{node.url}/api/tags").json()["models"]  # type: ignore[no-any-return]
-
-
-def test_flags_before_or_after_the_command(node: Node) -> None:
-    node.write_config([SMALL])
-    before = subprocess.run(
-        [INFERNET, "-c", str(node.config), "--state-dir", str(node.state), "plan", "--json"],
-        capture_output=True, text=True, env=node.env, check=False,
-    )  # fmt: skip
-    after = node.run("plan", "--json")
-    assert before.returncode == after.returncode == 0, before.stderr
-    assert json.loads(before.stdout)["actions"] == json.loads(after.stdout)["actions"]
-
-
-def test_schema_command_prints_the_shipped_schema(node: Node) -> None:
-    out = node.run("schema")
-    assert out.returncode == 0
-    schema = json.loads(out.stdout)
-    assert schema["$schema"].endswith("2020-12/schema")
-    assert "served_models" in schema["properties"]
-
-
-def test_apply_asks_on_a_terminal(node: Node) -> None:
-    node.write_config([SMALL])
-    for answer, code, installed in ((b"no\n", 1, False), (b"yes\n", 0, True)):
-        primary, secondary = pty.openpty()
-        proc = subprocess.Popen(
-            [INFERNET, "apply", "-c", str(node.config), "--state-dir", str(node.state)],
-            stdin=secondary, stdout=secondary, stderr=secondary, env=node.env, close_fds=True,
-        )  # fmt: skip
-        os.close(secondary)
-        seen = b""
-        while b"Only 'yes' will be accepted" not in seen:
-            ready, _, _ = select.select([primary], [], [], 30)
-            assert ready, seen
-            seen += os.read(primary, 4096)
-        os.write(primary, answer)
-        while True:  # drain until the child closes the terminal
-            ready, _, _ = select.select([primary], [], [], 30)
-            try:
-                chunk = os.read(primary, 4096) if ready else b""
-            except OSError:
-                break
-            if not chunk:
-                break
-        assert proc.wait(timeout=30) == code
-        os.close(primary)
-        assert (SMALL in node.installed()) is installed
 
 
 def test_plan_reads_the_gguf_header_of_a_model_not_yet_pulled(node: Node) -> None:
