@@ -39,6 +39,11 @@ def one_line(text: str, limit: int | None = None, *, mark: str = ELLIPSIS) -> st
     return flat[: limit - len(mark)] + mark
 
 
+def listed(words: list[str]) -> str:
+    """``a, b and c``: names in a message."""
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 @dataclass(frozen=True)
 class Problem:
     """One validation finding, located in the file: rendered as ``FILE:LINE:COL: message``."""

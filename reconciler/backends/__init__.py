@@ -5,10 +5,12 @@ Every kind the file may name, every settings section under ``backends:``, the sc
 ``--backend`` choices and the adapters come from here; an unknown kind is an error, never a
 fall-through to some other backend's behaviour.
 
-The built-in families register themselves (``ollama``, ``llamacpp``, ``hf`` for vllm,
-sglang and max). More come from ``$INFERNET_BACKENDS``: a comma-separated list of
-``package.module:attribute``, each a ``Family`` (or a sequence of them), imported on first
-use of the registry. See CONTRIBUTING.md, "Add a backend".
+The built-in families register themselves (``ollama``, ``llamacpp``, ``hf`` for vllm, sglang
+and max): each family package's ``__init__`` holds its ``FAMILY``, pure (its settings, name
+rules and hooks); its adapters are named there and opened by the converge layer only. More
+come from ``$INFERNET_BACKENDS``: a comma-separated list of ``package.module:attribute``, each a
+``Family`` (or a sequence of them), imported on first use of the registry. See
+CONTRIBUTING.md, "Add a backend".
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ and the one thing a family does its own way is a hook its driver carries.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -112,7 +113,7 @@ class Family:
         return module, function
 
 
-def describe_kinds(kinds: Sequence[BackendKind]) -> str:
-    """``vllm, sglang and max``."""
-    names = [k.value for k in kinds]
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+def plain_name(pattern: re.Pattern[str], name: str) -> bool:
+    """Whether ``name`` matches its kind's ``pattern`` and never climbs a folder (``..``): a
+    model name ends up in a path (a models folder, the hub cache)."""
+    return bool(pattern.match(name)) and ".." not in name

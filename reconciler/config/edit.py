@@ -9,7 +9,7 @@ characters change, so a ``git diff`` shows the one entry that changed.
 
 Every edit is checked before anything is written: the new text must pass ``desired.parse`` and
 must mean exactly the old desired state plus the intended change (so a splice that misread an
-unusual layout is refused, not written). The write is atomic (``_files.write_atomically``),
+unusual layout is refused, not written). The write is atomic (``files.write_atomically``),
 so an edit never leaves an invalid or half-written file.
 """
 

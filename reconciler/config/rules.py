@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler import backends, names, units
-from reconciler.backends.driver import describe_kinds
 from reconciler.config import yamldoc
 from reconciler.config.yamldoc import JsonPath, format_path
-from reconciler.errors import Problem
+from reconciler.errors import Problem, listed
 from reconciler.model import (
     BackendKind,
     BudgetSettings,
@@ -141,7 +140,7 @@ def _model(entry: Any, path: JsonPath, check: Check, default: BackendKind) -> Mo
         check.report((*path, "source"), f"{format_path(path)}.source: {refusal}", at_key=True)
         usable = False
     if "revision" in fields and not driver.revisions:
-        having = describe_kinds([d.kind for d in backends.drivers() if d.revisions])
+        having = listed([d.kind.value for d in backends.drivers() if d.revisions])
         check.report(
             (*path, "revision"),
             f"{format_path(path)}.revision: only {having} models (HuggingFace repositories) "

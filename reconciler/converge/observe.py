@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
-import os
 import shutil
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from reconciler import backends
-from reconciler.backends.base import AdapterContext, Backend, Cache
-from reconciler.backends.driver import OpenAdapters
+from reconciler.backends.base import Backend, Cache
 from reconciler.errors import BackendError
 from reconciler.gpu import read_gpus
 from reconciler.model import (
@@ -40,30 +37,6 @@ from reconciler.names import key
 
 UPDATE_CHECK_TTL = 6 * 3600.0
 """How long an upstream digest is trusted before ``policy.updates`` asks the registry again."""
-
-
-def make_backends(
-    desired: Desired, *, cache: Cache | None = None, state_dir: Path | None = None
-) -> dict[BackendKind, Backend]:
-    """Every registered backend, used or not: a backend whose last model left the file must
-    still be observed so that model can be pruned. An unused backend that isn't there (no
-    llama.cpp folder, no hub cache) is simply unreachable or empty, which the planner only
-    reports for backends the file uses. ``state_dir`` holds the records of the processes a
-    backend starts (engines). Adapters are imported here, on first use, by the name their
-    family registered (``Family.adapters``)."""
-    context = AdapterContext(
-        cache=cache,
-        state_dir=state_dir,
-        stall_timeout=float(os.environ.get("INFERNET_PULL_STALL_TIMEOUT", "300")),
-        disk_reserve=desired.budget.disk_reserve,
-    )
-    made: dict[BackendKind, Backend] = {}
-    for family in backends.families():
-        module, function = family.adapter_path()
-        opened: OpenAdapters = getattr(importlib.import_module(module), function)
-        kinds = tuple(d.kind for d in family.drivers)
-        made.update(opened(kinds, backends.settings_of(desired, kinds[0]), context))
-    return made
 
 
 def share_states(

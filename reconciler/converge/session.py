@@ -6,6 +6,7 @@ are written once (``converge.apply`` is one apply from start to end).
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from dataclasses import dataclass, field, replace
@@ -13,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import backends
-from reconciler.backends.base import Backend
+from reconciler.backends.base import AdapterContext, Backend, Cache
+from reconciler.backends.driver import OpenAdapters
 from reconciler.controlplane.heartbeat import WITHDRAW_TIMEOUT, Heartbeater, report
 from reconciler.converge.executor import Executor, Result
-from reconciler.converge.observe import make_backends, observe
+from reconciler.converge.observe import observe
 from reconciler.errors import ConfigError
 from reconciler.events import Event, Kind, Progress, ignore
 from reconciler.model import (
@@ -84,6 +86,30 @@ def node_lock(state_dir: Path, purpose: str, timeout: float | None = None) -> No
     held = NodeLock(state_dir, purpose=purpose)
     held.acquire(timeout=lock_timeout() if timeout is None else timeout)
     return held
+
+
+def make_backends(
+    desired: Desired, *, cache: Cache | None = None, state_dir: Path | None = None
+) -> dict[BackendKind, Backend]:
+    """Every registered backend, used or not: a backend whose last model left the file must
+    still be observed so that model can be pruned. An unused backend that isn't there (no
+    llama.cpp folder, no hub cache) is simply unreachable or empty, which the planner only
+    reports for backends the file uses. ``state_dir`` holds the records of the processes a
+    backend starts (engines). Adapters are imported here, on first use, by the name their
+    family registered (``Family.adapters``)."""
+    context = AdapterContext(
+        cache=cache,
+        state_dir=state_dir,
+        stall_timeout=float(os.environ.get("INFERNET_PULL_STALL_TIMEOUT", "300")),
+        disk_reserve=desired.budget.disk_reserve,
+    )
+    made: dict[BackendKind, Backend] = {}
+    for family in backends.families():
+        module, function = family.adapter_path()
+        opened: OpenAdapters = getattr(importlib.import_module(module), function)
+        kinds = tuple(d.kind for d in family.drivers)
+        made.update(opened(kinds, backends.settings_of(desired, kinds[0]), context))
+    return made
 
 
 def read_owned(store: Store) -> Owned:

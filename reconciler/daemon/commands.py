@@ -9,13 +9,12 @@ that ``deliver_pending`` drains on every tick. A command found ``received``/``ru
 before a restart is answered as failed, not re-run: we can't know how far it got.
 
 Every refusal (policy, unknown verb, bad name, invalid file, protected model) is answered with
-``failed`` and a one-line reason before anything reaches a backend. Accepted commands edit
-``infernet.yaml`` (comments kept, via ``configedit``, under the node lock) and reconcile through
-the daemon's callback, so the file stays the single truth and ``git diff`` shows what the
-dashboard did. So a removal is exactly a hand edit dropping the entry: the prune policy decides
-whether weights are deleted, nothing is forced. An install that fails, is cancelled or is cut
-off by a crash is answered ``failed`` and taken back out of the file (its bytes from before the
-edit are kept in the store first), so the answer and the node always agree.
+``failed`` and a one-line reason before anything reaches a backend. What a verb does is its
+handler's, in the verb table (``daemon.verbs``); accepted commands edit ``infernet.yaml``
+through ``converge.edits`` and reconcile through the daemon's reconcile. An install that
+fails, is cancelled or is cut off by a crash is answered ``failed`` and taken back out of the
+file (its bytes from before the edit are kept in the store first), so the answer and the node
+always agree.
 """
 
 from __future__ import annotations
@@ -34,7 +33,14 @@ from reconciler.controlplane.client import ControlPlane, ControlPlaneError, Remo
 from reconciler.controlplane.progress import CommandProgress
 from reconciler.converge import edits
 from reconciler.daemon.verbs import VERBS, Answer, Context, ReconcileOutcome, answer_line, failed
-from reconciler.errors import ConfigError, InfernetError, LockError, ValidationError, one_line
+from reconciler.errors import (
+    ConfigError,
+    InfernetError,
+    LockError,
+    ValidationError,
+    listed,
+    one_line,
+)
 from reconciler.events import Progress
 from state import CommandRecord, NodeLock, Store
 
@@ -204,7 +210,7 @@ class CommandRunner:
         if handler is None:
             verb = one_line(command.command, limits.MAX_VERB, mark="") or "(empty)"
             return failed(
-                f"unsupported command '{verb}': this node runs only {' and '.join(VERBS)}"
+                f"unsupported command '{verb}': this node runs only {listed(list(VERBS))}"
             )
         try:
             current = desired.load(self.config_path)

@@ -20,6 +20,7 @@ from reconciler.config import desired
 from reconciler.controlplane.args import NO_HF, model_problem, name_problem
 from reconciler.controlplane.client import ControlPlane
 from reconciler.controlplane.identity import generate_key, load_key
+from reconciler.daemon import verbs
 from reconciler.daemon.commands import INTERRUPTED, REJECTED, CommandRunner, settle_interrupted
 from reconciler.daemon.verbs import CANCELLED, ReconcileOutcome
 from reconciler.events import Event, Kind, Progress
@@ -226,6 +227,27 @@ def test_unknown_verb_is_unsupported(node: Node) -> None:
     assert record is not None and record.verb == "train_shard"
     assert record.payload == {"shard_url": "https://x/s", "base_model": "llama3.2:3b"}
     _answered(node, row["id"])
+
+
+def test_a_verb_is_one_entry_in_the_table_and_one_handler(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def node_echo(ctx: verbs.Context) -> verbs.Answer:
+        ctx.progress.stage("echo", "echoing", 1)
+        return verbs.Answer(
+            "completed", {"echo": ctx.args.get("text"), "models": len(ctx.current.models)}
+        )
+
+    monkeypatch.setitem(verbs.VERBS, "node_echo", node_echo)
+    row = node.run("node_echo", text="hi")
+    assert (row["status"], row["result"]) == ("completed", {"echo": "hi", "models": 2})
+    assert row["progress_posts"] == 1
+    _answered(node, row["id"])
+    unknown = node.run("node_nothing")
+    assert unknown["error"] == (
+        "unsupported command 'node_nothing': this node runs only model_install, model_remove "
+        "and node_echo"
+    )
 
 
 @pytest.mark.parametrize(

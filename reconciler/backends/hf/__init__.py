@@ -1,9 +1,5 @@
-"""vLLM, SGLang and MAX: HuggingFace repositories in the hub cache, each served by an engine
-process of its own (``engines``).
-
-This module is the family's registry entry, pure: the adapters (``backend``, ``cache``,
-``engines``) are opened by the converge layer through ``FAMILY.adapters``.
-"""
+"""vLLM, SGLang and MAX: HuggingFace repositories in the hub cache (``cache``), each served by
+an engine process of its own (``engines``), three kinds of one family (``backend``)."""
 
 from __future__ import annotations
 
@@ -41,7 +37,7 @@ FAMILY = Family(
     schema=settings.SCHEMA,
     defs=settings.DEFS,
     parse=settings.parse,
-    models_dir=settings.models_dir,
+    models_dir=lambda hf: hf.cache_dir,
     adapters="reconciler.backends.hf.backend:open_backends",
     merge_states=rules.share,
 )

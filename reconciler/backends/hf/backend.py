@@ -15,9 +15,9 @@
   lists the model. An engine at ``backends.hf.url`` that infernet did not start is observed and
   never touched.
 
-The three kinds share one cache; ``reconciler.converge.observe`` gives each cached revision to
-the kind the file (or, for a model that left the file, the state store) names, so switching a
-model from vLLM to SGLang never deletes its files.
+The three kinds share one cache; ``rules.share`` (the family's ``merge_states``) gives each
+cached revision to the kind the file (or, for a model that left the file, the state store)
+names, so switching a model from vLLM to SGLang never deletes its files.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class HfBackend:
 
     def _serving(self, have_models: bool) -> list[LoadedModel]:
         """Engines of this kind that answer with their model, ours and foreign ones (named by
-        the model they serve; ``reconciler.converge.observe`` matches those to the file's entries).
+        the model they serve; ``rules.share`` matches those to the file's entries).
         A node with nothing in the hub cache and no engine records asks no port: the plan of
         an Ollama-only node stays as fast as it was."""
         records = self.engines.list()

@@ -11,6 +11,7 @@ import dataclasses
 import re
 from collections.abc import Mapping
 
+from reconciler.backends.driver import plain_name
 from reconciler.errors import InvalidModelName
 from reconciler.model import BackendKind, BackendState, Desired, InstalledModel, ModelSpec
 
@@ -22,7 +23,7 @@ _HF_REPO = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_][A-Za-z0-9
 
 def canonical(name: str, revision: str | None = None) -> str:
     """``org/repo@revision`` (``main`` by default); ``InvalidModelName`` for another name."""
-    if not _HF_REPO.match(name) or ".." in name:
+    if not plain_name(_HF_REPO, name):
         raise InvalidModelName(
             f"'{name}' is not a valid HuggingFace repo id: use 'org/repo' "
             "(letters, digits, '_', '-', '.')"

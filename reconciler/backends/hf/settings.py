@@ -6,8 +6,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.model import BackendKind, Desired
-
 FAMILY = "hf"
 
 ENGINE_COMMANDS: Mapping[str, str] = {
@@ -113,19 +111,6 @@ def parse(fields: Mapping[str, Any], _env: Mapping[str, str]) -> HfSettings:
     """``backends.hf``; command templates the file doesn't set keep their defaults."""
     commands = {**ENGINE_COMMANDS, **fields.get("commands", {})}
     return HfSettings(**{**fields, "commands": commands})
-
-
-def of(desired: Desired) -> HfSettings:
-    """The hf settings of ``desired`` (the defaults when it has none)."""
-    from reconciler import backends
-
-    found = backends.settings_of(desired, BackendKind.VLLM)
-    assert isinstance(found, HfSettings)
-    return found
-
-
-def models_dir(settings: HfSettings) -> str:
-    return settings.cache_dir
 
 
 def claim_share(settings: HfSettings) -> float:

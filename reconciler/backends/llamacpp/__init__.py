@@ -1,8 +1,5 @@
-"""The llama.cpp backend: a folder of GGUF files served by ``llama-server`` in router mode.
-
-This module is the family's registry entry, pure: the adapters (``backend``, ``router``)
-are opened by the converge layer through ``FAMILY.adapters``.
-"""
+"""The llama.cpp backend: a folder of GGUF files (``backend``) served by ``llama-server`` in
+router mode (``router``), and the estimate of what a router child holds (``estimate``)."""
 
 from __future__ import annotations
 
@@ -33,6 +30,6 @@ FAMILY = Family(
     drivers=(DRIVER,),
     schema=settings.SCHEMA,
     parse=settings.parse,
-    models_dir=settings.models_dir,
+    models_dir=lambda llamacpp: llamacpp.models_dir,
     adapters="reconciler.backends.llamacpp.backend:open_backends",
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from reconciler.backends.driver import plain_name
 from reconciler.backends.llamacpp.settings import LlamacppSettings
 from reconciler.errors import InvalidModelName
 from reconciler.model import ModelFacts, ModelSpec
@@ -18,7 +19,7 @@ _GGUF = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}\.gguf$")
 
 def canonical(name: str, _revision: str | None = None) -> str:
     """A plain GGUF file name is its own canonical form; ``InvalidModelName`` otherwise."""
-    if not _GGUF.match(name) or ".." in name:
+    if not plain_name(_GGUF, name):
         raise InvalidModelName(
             f"'{name}' is not a valid llama.cpp model name: use a plain GGUF file name "
             "like 'qwen2.5-7b-instruct-q4_k_m.gguf' (no '/' or '..')"

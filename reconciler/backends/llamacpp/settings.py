@@ -6,8 +6,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from reconciler.model import BackendKind, Desired
-
 FAMILY = "llamacpp"
 
 
@@ -54,16 +52,3 @@ SCHEMA: Mapping[str, Any] = {
 def parse(fields: Mapping[str, Any], _env: Mapping[str, str]) -> LlamacppSettings:
     """The section as written (the schema checked it), defaults for what it leaves out."""
     return LlamacppSettings(**fields)
-
-
-def of(desired: Desired) -> LlamacppSettings:
-    """The llamacpp settings of ``desired`` (the defaults when it has none)."""
-    from reconciler import backends
-
-    found = backends.settings_of(desired, BackendKind.LLAMACPP)
-    assert isinstance(found, LlamacppSettings)
-    return found
-
-
-def models_dir(settings: LlamacppSettings) -> str:
-    return settings.models_dir

@@ -1,8 +1,5 @@
-"""The Ollama backend: the server's API through the official client, and its registry.
-
-This module is the family's registry entry, pure: the adapters (``backend``, ``registry``)
-are opened by the converge layer through ``FAMILY.adapters``.
-"""
+"""The Ollama backend: the server's API through the official client (``backend``), the
+registry it pulls from (``registry``), its name grammar (``names``) and settings."""
 
 from __future__ import annotations
 
@@ -28,6 +25,6 @@ FAMILY = Family(
     drivers=(DRIVER,),
     schema=settings.SCHEMA,
     parse=settings.parse,
-    models_dir=settings.models_dir,
+    models_dir=lambda ollama: ollama.models_dir,
     adapters="reconciler.backends.ollama.backend:open_backends",
 )

@@ -98,7 +98,3 @@ def of(desired: Desired) -> OllamaSettings:
     found = backends.settings_of(desired, BackendKind.OLLAMA)
     assert isinstance(found, OllamaSettings)
     return found
-
-
-def models_dir(settings: OllamaSettings) -> str:
-    return settings.models_dir
