@@ -26,6 +26,7 @@ import pytest
 
 from reconciler.backends.hf.engines import Engines, EngineSpec, EngineStatus, safe_name
 from reconciler.errors import BackendError
+from tests.servers.chatreply import reply_text
 
 pytestmark = pytest.mark.integration
 
@@ -195,7 +196,7 @@ def test_start_ready_rediscovered_by_another_supervisor_then_stopped(
     assert first.state == "starting" and first.ours and first.port >= engines.base_port
     ready = engines.wait_ready(KEY, 10)
     assert ready.state == "ready" and ready.pid is not None
-    assert chat(ready) == "ok"
+    assert chat(ready) == reply_text([{"role": "user", "content": "hi"}])
     assert [s.key for s in engines.list()] == [KEY]
     assert oct(folder.stat().st_mode & 0o777) == "0o700"
     assert oct(record(folder, KEY).stat().st_mode & 0o777) == "0o600"

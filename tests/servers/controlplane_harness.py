@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -157,8 +158,228 @@ class ControlPlaneServer(Closing):
         self._call("POST", "/_test/clock", {"offset": seconds})
 
     def reset(self) -> None:
-        """Forget nodes, commands, requests and nonces; clear faults and the clock offset."""
+        """Forget nodes, commands, jobs, requests and nonces; clear faults and the clock offset."""
         self._call("POST", "/_test/reset")
+
+    # jobs (see controlplane_jobs.py) -----------------------------------------------------------
+
+    def create_job(
+        self,
+        pubkey: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        model_name: str | None = None,
+        max_tokens: Any = 512,
+        temperature: Any = 0.7,
+        input_spec: Any = None,
+        type: str = "chat",
+        status: str | None = None,
+        title: str | None = None,
+        created_at: str | None = None,
+        age_s: float | None = None,
+        payment_offer: Any = 0,
+        payment_coin: str | None = None,
+    ) -> str:
+        """Insert a job row; its id.
+
+        With ``pubkey`` (a registered provider's, else 404) the job is ``assigned`` to it, as
+        the router leaves it; without, it is ``pending`` with no provider. ``input_spec``
+        defaults to ``{messages, max_tokens, temperature}`` (None gives JSON null, as
+        ``/api/chat`` can store), ``messages`` to ``[{"role": "user", "content": "Say
+        hello."}]``, ``title`` to the first
+        user message cut to 80 characters (``"chat"`` without one). ``created_at`` (ISO 8601)
+        or ``age_s`` back-dates the job; ``status`` overrides the status.
+        """
+        body: dict[str, Any] = {
+            "pubkey": pubkey,
+            "messages": messages,
+            "model_name": model_name,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "input_spec": input_spec,
+            "type": type,
+            "status": status,
+            "title": title,
+            "created_at": created_at,
+            "age_s": age_s,
+            "payment_offer": payment_offer,
+            "payment_coin": payment_coin,
+        }
+        return str(self._call("POST", "/_test/jobs", body)["id"])
+
+    def assign_job(self, job_id: str, pubkey: str) -> dict[str, Any]:
+        """Give the job to ``pubkey``'s provider (``assigned``, ``assigned_at`` now); its row."""
+        result: dict[str, Any] = self._call(
+            "POST", f"/_test/jobs/{job_id}/assign", {"pubkey": pubkey}
+        )
+        return result
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """The ``jobs`` row (every column) plus test-only keys.
+
+        ``complete_calls`` (stored ``/complete`` calls), ``completions`` (``[{body, time}]``,
+        one per stored call), ``event_batches`` (stored event requests),
+        ``events_inflight_max`` (most event requests in flight at once for this job),
+        ``provider_node_id`` and ``provider_pubkey`` (the assignee's, or None).
+        """
+        result: dict[str, Any] = self._call("GET", f"/_test/jobs/{job_id}")
+        return result
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job as :meth:`job` gives it, oldest ``created_at`` first."""
+        result: list[dict[str, Any]] = self._call("GET", "/_test/jobs")
+        return result
+
+    def job_events(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's ``job_events`` rows ``{id, job_id, event_type, data, created_at}`` by id."""
+        result: list[dict[str, Any]] = self._call("GET", f"/_test/jobs/{job_id}/events")
+        return result
+
+    def token_text(self, job_id: str) -> str:
+        """What the playground shows: the ``token`` events' texts, joined in id order."""
+        return "".join(
+            str(e["data"].get("text", "")) if isinstance(e["data"], dict) else ""
+            for e in self.job_events(job_id)
+            if e["event_type"] == "token"
+        )
+
+    def complete_calls(self, job_id: str) -> int:
+        """How many ``/complete`` calls for the job were stored (the server never dedups)."""
+        return int(self.job(job_id)["complete_calls"])
+
+    def wait_job(
+        self,
+        job_id: str,
+        statuses: tuple[str, ...] = ("completed", "failed"),
+        *,
+        timeout: float = 10.0,
+    ) -> dict[str, Any]:
+        """Poll :meth:`job` until its status is one of ``statuses``; the row (AssertionError)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self.job(job_id)
+            if row["status"] in statuses:
+                return row
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} stayed {row['status']!r}: {row}")
+            time.sleep(0.02)
+
+    def pick_provider(
+        self, model_name: str | None = None, *, seed: int | None = None, draw: float | None = None
+    ) -> dict[str, Any] | None:
+        """The provider row the real router (``pickChatProvider``) would pick now, or None.
+
+        Live = ``available`` and seen in the last 2 min; a named model must be in
+        ``specs.served_models`` exactly; saturated nodes are dropped; the draw is weighted by
+        reputation × speed × headroom. ``seed`` seeds the draw, ``draw`` is ``Math.random()``'s
+        value itself; neither: an unseeded draw.
+        """
+        body = {"model_name": model_name, "seed": seed, "draw": draw}
+        result: dict[str, Any] | None = self._call("POST", "/_test/pick", body)["provider"]
+        return result
+
+    def router_candidates(self, model_name: str | None = None) -> list[dict[str, Any]]:
+        """Providers left after the router's filters: ``[{node_id, public_key, weight}]``.
+
+        A provider's chance is its weight over the sum (one candidate: always, no draw).
+        """
+        result: list[dict[str, Any]] = self._call(
+            "POST", "/_test/pick", {"model_name": model_name}
+        )["candidates"]
+        return result
+
+    def create_chat(
+        self,
+        messages: list[dict[str, Any]],
+        model_name: str | None = None,
+        *,
+        max_tokens: Any = 512,
+        temperature: Any = 0.7,
+        seed: int | None = None,
+        draw: float | None = None,
+    ) -> dict[str, Any]:
+        """``createChatJob`` (without NIM): pick as :meth:`pick_provider`, insert, assign.
+
+        Returns ``{"job": row (as :meth:`job`), "provider": row or None, "source": "p2p" or
+        "none"}``; with no provider the job is left ``pending``, as the real one leaves it.
+        """
+        body = {
+            "messages": messages,
+            "model_name": model_name,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "seed": seed,
+            "draw": draw,
+        }
+        result: dict[str, Any] = self._call("POST", "/_test/chats", body)
+        return result
+
+    def add_provider(
+        self,
+        node_id: str | None = None,
+        *,
+        pubkey: str | None = None,
+        specs: dict[str, Any] | None = None,
+        reputation: Any = 50,
+        status: str = "available",
+        last_seen_age_s: float = 0.0,
+    ) -> dict[str, Any]:
+        """A peer provider row (as register + heartbeat leave one), no signing; the row."""
+        body: dict[str, Any] = {
+            "node_id": node_id,
+            "pubkey": pubkey,
+            "reputation": reputation,
+            "status": status,
+            "last_seen_age_s": last_seen_age_s,
+        }
+        if specs is not None:
+            body["specs"] = specs
+        result: dict[str, Any] = self._call("POST", "/_test/providers", body)
+        return result
+
+    def update_provider(
+        self, pubkey: str, *, last_seen_age_s: float | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """Set a provider's ``reputation``, ``status``, ``specs``, ``name`` or last-seen age."""
+        body = {"pubkey": pubkey, "last_seen_age_s": last_seen_age_s} | fields
+        result: dict[str, Any] = self._call("POST", "/_test/providers/update", body)
+        return result
+
+    def job_fault(
+        self,
+        route: str,
+        kind: str,
+        *,
+        times: int | None = 1,
+        job_id: str | None = None,
+        status: int = 500,
+        seconds: float = 0.0,
+    ) -> None:
+        """Make a job route misbehave for its next ``times`` requests (None: until cleared).
+
+        ``route``: ``poll``, ``events`` or ``complete``. ``kind``: ``error`` answers
+        ``status`` and stores nothing; ``close`` drops the connection and stores nothing;
+        ``drop`` stores, then drops the connection (the answer is lost); ``delay`` waits
+        ``seconds``, then handles the request. Only requests that pass the route's own
+        checks (signature, provider, job, validation) use a fault up; ``job_id`` limits it to
+        one job. Faults are used in the order they were added.
+        """
+        body = {
+            "route": route,
+            "kind": kind,
+            "times": times,
+            "job_id": job_id,
+            "status": status,
+            "seconds": seconds,
+        }
+        self._call("POST", "/_test/job_faults", body)
+
+    def clear_job_faults(self) -> None:
+        self._call("POST", "/_test/job_faults/clear")
+
+    def ignore_job_poll_limit(self, ignore: bool = True) -> None:
+        """A lying server: ``/jobs/poll`` returns every assigned job, whatever ``limit`` says."""
+        self._call("POST", "/_test/job_poll_limit", {"ignore": ignore})
 
 
 def start_control_plane(tmp_dir: Path, *, certfile: Path | None = None) -> ControlPlaneServer:

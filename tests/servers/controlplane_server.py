@@ -7,15 +7,20 @@ SIGTERM exits 0. Set ``CONTROLPLANE_TEST_SERVER_VERBOSE=1`` for request logs on 
 
 Node routes (signed POSTs, verified as ``packages/auth/src/signed-request.js`` and
 ``apps/web/lib/auth/verify-signed-request.js`` verify them): ``/api/v1/node/register``,
-``/heartbeat``, ``/commands/poll``, ``/commands/<id>/progress``, ``/commands/<id>/complete``.
+``/heartbeat``, ``/commands/poll``, ``/commands/<id>/progress``, ``/commands/<id>/complete``,
+``/jobs/poll``, ``/jobs/<id>/events`` and ``/jobs/<id>/complete`` (``controlplane_jobs.py``).
 This module checks the signature independently of the reconciler's client code, so a
 mistake there can't be mirrored here.
 
 Test routes (unsigned, never logged, never down): ``GET /_test/requests``,
 ``GET /_test/nodes``, ``POST /_test/reset``, ``POST /_test/commands {pubkey, command, args}``,
 ``GET /_test/commands/<id>``, ``POST /_test/commands/<id>/cancel``,
-``POST /_test/down {seconds|null, mode, interval, size}``, ``POST /_test/clock {offset}`` and
-``POST /_test/poll_limit {ignore}``.
+``POST /_test/down {seconds|null, mode, interval, size}``, ``POST /_test/clock {offset}``,
+``POST /_test/poll_limit {ignore}``; for jobs ``GET|POST /_test/jobs``,
+``GET /_test/jobs/<id>``, ``GET /_test/jobs/<id>/events``, ``POST /_test/jobs/<id>/assign``,
+``POST /_test/chats``, ``POST /_test/pick``, ``POST /_test/providers``,
+``POST /_test/providers/update``, ``POST /_test/job_faults``, ``POST /_test/job_faults/clear``
+and ``POST /_test/job_poll_limit {ignore}`` (see the harness methods).
 
 Down modes (hostile peers included): ``503``; ``close`` (the connection dropped unanswered);
 ``garbage`` (200 with an HTML page); ``hang`` (wait out the period, then 503); ``trickle``
@@ -46,6 +51,8 @@ from types import FrameType
 from typing import Any
 from urllib.parse import unquote
 
+from tests.servers import controlplane_jobs
+from tests.servers.controlplane_jobs import DropConnection
 from tests.servers.controlplane_store import ROLES, Refusal, Store
 
 REPLAY_WINDOW_S = 60
@@ -54,6 +61,7 @@ DOWN_MODES = ("503", "close", "garbage", "hang", "trickle", "huge")
 VERBOSE = bool(os.environ.get("CONTROLPLANE_TEST_SERVER_VERBOSE"))
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _COMMAND_ROUTE = re.compile(r"^/api/v1/node/commands/([^/]+)/(progress|complete)$")
+_JOB_ROUTE = re.compile(r"^/api/v1/node/jobs/([^/]*)/(events|complete)$")
 # What Next.js answers for a route it doesn't have.
 _NOT_FOUND_PAGE = (
     b"<!DOCTYPE html><html><body><h1>404</h1>This page could not be found.</body></html>"
@@ -214,11 +222,18 @@ class Handler(BaseHTTPRequestHandler):
             payload = {"data": handler(entry["pubkey"], _json_body(raw))}
         except Refusal as refusal:
             status, payload = refusal.status, {"error": str(refusal)}
+        except DropConnection as drop:  # a job-route fault: no answer at all
+            STATE.store.log({**entry, "status": 0, "error": str(drop)})
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        # Logged before answering: a client that reads the log right after its answer must
+        # find its own request there.
+        STATE.store.log({**entry, "status": status, "error": (payload or {}).get("error")})
         if status == 404 and payload == {"error": "page not found"}:
             self._send(404, None, raw=_NOT_FOUND_PAGE, kind="text/html; charset=utf-8")
         else:
             self._send(status, payload)
-        STATE.store.log({**entry, "status": status, "error": (payload or {}).get("error")})
 
     def _route(self) -> Callable[[str, dict[str, Any]], Any]:
         path = self.path.split("?", 1)[0]
@@ -229,6 +244,14 @@ class Handler(BaseHTTPRequestHandler):
             return lambda pubkey, body: store.heartbeat(_role(body), pubkey, body)
         if path == "/api/v1/node/commands/poll":
             return lambda pubkey, body: store.poll(pubkey, body.get("limit"))
+        if path == "/api/v1/node/jobs/poll":
+            return lambda pubkey, body: store.jobs.poll(pubkey, *_present(body, "limit"))
+        job = _JOB_ROUTE.match(path)
+        if job:
+            job_id, verb = unquote(job.group(1)), job.group(2)
+            if verb == "events":
+                return lambda pubkey, body: store.jobs.emit(pubkey, job_id, body.get("events"))
+            return lambda pubkey, body: store.jobs.complete(pubkey, job_id, body)
         match = _COMMAND_ROUTE.match(path)
         if match:
             command_id, verb = unquote(match.group(1)), match.group(2)
@@ -254,13 +277,13 @@ class Handler(BaseHTTPRequestHandler):
             self._huge(entry)
             return
         if mode == "garbage":
+            STATE.store.log({**entry, "status": 200, "error": "garbage (down)"})
             self._send(
                 200, None, raw=b"<html><body>Welcome to nginx!</body></html>", kind="text/html"
             )
-            STATE.store.log({**entry, "status": 200, "error": "garbage (down)"})
             return
-        self._send(503, {"error": "control plane unavailable (test: down)"})
         STATE.store.log({**entry, "status": 503, "error": "down"})
+        self._send(503, {"error": "control plane unavailable (test: down)"})
 
     def _trickle(self, entry: dict[str, Any]) -> None:
         """A 503 whose every byte, status line first, comes ``trickle_interval`` s apart."""
@@ -304,6 +327,8 @@ class Handler(BaseHTTPRequestHandler):
     def _test_route(self, path: str, raw: bytes) -> Any:
         body = _json_body(raw)
         store = STATE.store
+        if path.startswith(("/_test/job", "/_test/chats", "/_test/providers", "/_test/pick")):
+            return controlplane_jobs.test_route(store.jobs, self.command, path, body)
         if path == "/_test/requests":
             return store.log_copy()
         if path == "/_test/nodes":
@@ -345,6 +370,11 @@ def _json_body(raw: bytes) -> dict[str, Any]:
     except ValueError as exc:
         raise Refusal(400, f"invalid JSON body: {exc}") from None
     return value if isinstance(value, dict) else {}
+
+
+def _present(body: dict[str, Any], key: str) -> tuple[Any, ...]:
+    """``(body[key],)`` or ``()``: JavaScript tells a missing field from a null one."""
+    return (body[key],) if key in body else ()
 
 
 def _role(body: dict[str, Any]) -> str:

@@ -119,6 +119,10 @@ class Store:
             self.commands: dict[str, dict[str, Any]] = {}
             self.requests: list[dict[str, Any]] = []
             self.ignore_poll_limit = False
+            # Imported here: controlplane_jobs imports this module (Refusal, Store).
+            from tests.servers.controlplane_jobs import Jobs
+
+            self.jobs = Jobs(self)
 
     # node rows ---------------------------------------------------------------------------------
 
@@ -130,7 +134,11 @@ class Store:
             existing = self.rows.get((role, node_id))
             if existing and existing["public_key"] != pubkey:
                 raise Refusal(403, "node_id is registered to a different pubkey")
-            row = existing or {"id": str(uuid.uuid4())}
+            # A new provider row gets the column default the router reads (m0312: 50).
+            fresh: dict[str, Any] = {"id": str(uuid.uuid4())}
+            if role == "provider":
+                fresh["reputation"] = 50
+            row = existing or fresh
             row.update(
                 node_id=node_id,
                 public_key=pubkey,

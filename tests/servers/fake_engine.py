@@ -8,10 +8,10 @@
         --port PORT --device-memory-utilization F          # MAX's
 
 Like the real ones it refuses a folder without ``config.json`` (exit 1), answers
-``GET /v1/models``, ``GET /health`` and ``POST /v1/chat/completions`` (a fixed reply), logs a
-line per request on stderr, and exits 0 on SIGTERM. ``max_model_len`` is the folder's
-``max_position_embeddings`` (4096 without one). It listens on ``--host`` (127.0.0.1 here;
-vLLM's default is 0.0.0.0).
+``GET /v1/models``, ``GET /health`` and ``POST /v1/chat/completions`` (streamed as SSE or
+not, ``max_tokens`` honoured: see ``openai_chat.py``), logs a line per request on stderr, and
+exits 0 on SIGTERM. ``max_model_len`` is the folder's ``max_position_embeddings`` (4096
+without one). It listens on ``--host`` (127.0.0.1 here; vLLM's default is 0.0.0.0).
 
 Knobs (environment):
 
@@ -22,6 +22,14 @@ Knobs (environment):
 | ``FAKE_ENGINE_CRASH_AFTER`` | seconds after start, die by SIGKILL (as the OOM killer does) |
 | ``FAKE_ENGINE_IGNORE_SIGTERM`` | ``1``: ignore SIGTERM (only SIGKILL stops it) |
 | ``FAKE_ENGINE_WORKERS`` | start this many worker processes (like vLLM's EngineCore) |
+| ``FAKE_ENGINE_TOKEN_DELAY`` | seconds before each streamed token (0) |
+| ``FAKE_ENGINE_REPLY_TOKENS`` | an exact answer length in tokens (the echo's own length) |
+| ``FAKE_ENGINE_FINISH_STYLE`` | ``vllm`` (finish_reason on the last token's chunk) or ``openai`` |
+| ``FAKE_ENGINE_CHAT_FAULT`` | every chat: ``error:K``, ``cut:K`` or ``stall:K:SECONDS`` |
+
+Test routes (a real engine answers 404): ``POST /_test/chat {token_delay, reply_tokens,
+finish_style}``, ``POST /_test/faults {kind, after_tokens, seconds, message, times}`` (one
+fault, replacing the last), ``DELETE /_test/faults``.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from tests.servers.openai_chat import DEFAULT_ERROR, FAULT_KINDS, Answer, Controls, Fault
 
 # Like vLLM's EngineCore, a worker exits when its parent is gone.
 _WORKER = """\
@@ -60,6 +70,7 @@ class Engine:
         self.max_model_len = max_model_len
         self.ready_at = ready_at
         self.created = int(time.time())
+        self.controls = Controls()
 
     def loading(self) -> bool:
         return time.monotonic() < self.ready_at
@@ -80,25 +91,38 @@ class Engine:
             ],
         }
 
-    def chat(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def chat(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]] | Answer:
+        """An error to send, or the checked answer to write."""
         model = request.get("model")
         if model != self.name:
             message = f"The model `{model}` does not exist."
             return 404, {"error": {"message": message, "type": "NotFoundError", "code": 404}}
-        return 200, {
-            "id": "chatcmpl-fake",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "ok"},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }
+        answer = Answer(request, self.name, self.max_model_len, self.controls)
+        return answer.error or answer
+
+    def test_route(
+        self, method: str, path: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        if path == "/_test/chat" and method == "POST":
+            self.controls.configure(body)
+            return 200, {"status": "ok"}
+        if path == "/_test/faults" and method == "DELETE":
+            self.controls.set_fault(None)
+            return 200, {"status": "ok"}
+        if path == "/_test/faults" and method == "POST":
+            if body.get("kind") not in FAULT_KINDS:
+                return 400, {"error": f"kind must be one of {FAULT_KINDS}"}
+            times = body.get("times")
+            fault = Fault(
+                kind=str(body["kind"]),
+                after_tokens=int(body.get("after_tokens") or 0),
+                seconds=float(body.get("seconds") or 5.0),
+                message=str(body.get("message") or DEFAULT_ERROR),
+                times=None if times is None else int(times),
+            )
+            self.controls.set_fault(fault)
+            return 200, {"status": "ok"}
+        return 404, {"detail": "Not Found"}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -126,11 +150,22 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._send(200, engine.models())
 
+    def do_DELETE(self) -> None:
+        self.do_POST()
+
     def do_POST(self) -> None:
         engine = self.server.engine
         size = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(size) if size else b""
-        if self.path != "/v1/chat/completions":
+        if self.path.startswith("/_test/"):
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                body = {}
+            body = body if isinstance(body, dict) else {}
+            self._send(*engine.test_route(self.command, self.path, body))
+            return
+        if self.command != "POST" or self.path != "/v1/chat/completions":
             self._send(404, {"detail": "Not Found"})
             return
         if engine.loading():
@@ -141,7 +176,11 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._send(400, {"error": {"message": "body is not JSON", "code": 400}})
             return
-        self._send(*engine.chat(request if isinstance(request, dict) else {}))
+        outcome = engine.chat(request if isinstance(request, dict) else {})
+        if isinstance(outcome, Answer):
+            outcome.run(self)
+        else:
+            self._send(*outcome)
 
     def log_message(self, format: str, *args: Any) -> None:
         _log(f"INFO:     {self.client_address[0]}:{self.client_address[1]} - {format % args}")

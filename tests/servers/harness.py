@@ -265,7 +265,56 @@ class OllamaServer(Closing):
         self._call("POST", "/_test/faults", body)
 
     def clear_faults(self) -> None:
+        """Clear pull faults and chat faults."""
         self._call("DELETE", "/_test/faults")
+
+    def chat_fault(
+        self,
+        model: str,
+        kind: str,
+        after_tokens: int = 0,
+        *,
+        seconds: float | None = None,
+        message: str | None = None,
+        times: int | None = None,
+    ) -> None:
+        """Make ``/api/chat`` answers of ``model`` (``*``: any) misbehave after some tokens.
+
+        ``kind``: ``chat_error`` (a ``{"error": message}`` line; a 500 before the first
+        token or without streaming), ``chat_cut`` (the connection closes: no done line),
+        ``chat_stall`` (nothing for ``seconds``, 5 by default, then the rest). It lasts
+        until :meth:`clear_faults`, or for the next ``times`` chats of that model.
+        """
+        body: dict[str, Any] = {"model": model, "kind": kind, "after_tokens": after_tokens}
+        if seconds is not None:
+            body["seconds"] = seconds
+        if message is not None:
+            body["message"] = message
+        if times is not None:
+            body["times"] = times
+        self._call("POST", "/_test/faults", body)
+
+    def set_chat(
+        self,
+        *,
+        token_delay: float | None = None,
+        reply_tokens: int | None = None,
+        model: str = "*",
+    ) -> None:
+        """Seconds between streamed tokens, and an exact reply length (0: the echo's own).
+
+        For ``model`` only, or for every model (``*``); ``reset_chat()`` restores the
+        start-up values (``OLLAMA_TEST_TOKEN_DELAY``, ``OLLAMA_TEST_REPLY_TOKENS``).
+        """
+        body: dict[str, Any] = {"model": model}
+        if token_delay is not None:
+            body["token_delay"] = token_delay
+        if reply_tokens is not None:
+            body["reply_tokens"] = reply_tokens
+        self._call("POST", "/_test/chat", body)
+
+    def reset_chat(self) -> None:
+        self._call("POST", "/_test/chat", {"reset": True})
 
     def bump_upstream(self, model: str) -> dict[str, str]:
         """Publish new weights for ``model`` (and its aliases); returns the new digests."""

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.servers import llamabuild
+from tests.servers import llamabuild, sse
 from tests.servers.ready import Closing
 
 HEALTH_DEADLINE_S = 20.0
@@ -285,6 +285,28 @@ class Router(Closing):
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """A request to the router, e.g. ``request("POST", "/v1/chat/completions", json=...)``."""
         return self._http.request(method, self.url + path, **kwargs)
+
+    def chat_stream(
+        self,
+        model: str,
+        messages: list[dict[str, Any]] | None = None,
+        **body: Any,
+    ) -> tuple[httpx.Response, list[Any]]:
+        """A streamed ``/v1/chat/completions``, read to the end: (response, SSE events).
+
+        Events are the decoded ``data:`` payloads, ``"[DONE]"`` last (see ``sse.py``); a
+        non-200 answer gives no events (its body is read). Each call uses a fresh
+        connection: the router sometimes closes a kept-alive connection right after a
+        streamed answer, and the next request on it fails with "Server disconnected without
+        sending a response" (README, llama.cpp pitfalls).
+        """
+        payload = {
+            "model": model,
+            "messages": messages or [{"role": "user", "content": "hi"}],
+            "stream": True,
+        } | body
+        with httpx.Client(base_url=self.url, timeout=30.0, trust_env=False) as client:
+            return sse.stream_chat(client, "/v1/chat/completions", payload)
 
     def models(self, *, reload: bool = False) -> list[dict[str, Any]]:
         """``GET /models`` (``?reload=1`` rescans the models directory) → its ``data`` list."""

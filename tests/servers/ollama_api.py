@@ -1,12 +1,19 @@
-"""Handlers of the Ollama API (`server/routes.go`) for inventory, loading and unloading."""
+"""Handlers of the Ollama API (`server/routes.go`): inventory, loading, unloading, inference.
+
+Chats with messages stream through :mod:`tests.servers.ollama_chat`; generate and embed
+answer at once (``ok``, deterministic vectors).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from tests.servers import ollama_chat
+from tests.servers.ollama_chat import ChatControl
 from tests.servers.ollama_download import DownloadManager
 from tests.servers.ollama_gojson import BodyError, MissingBody, decode_request
 from tests.servers.ollama_http import Handler
@@ -65,6 +72,7 @@ class State:
     registry: Registry
     downloads: DownloadManager
     puller: Puller
+    chat: ChatControl = dataclasses.field(default_factory=ChatControl)
 
 
 class ApiHandler(Handler):
@@ -273,11 +281,18 @@ def copy(h: ApiHandler) -> None:
 
 def _num_ctx(h: ApiHandler, options: dict[str, Any] | None, model: LocalModel) -> int | None:
     """``options.num_ctx``, else the model's own PARAMETER; replies 500 on a bad type."""
-    value = (options or {}).get("num_ctx", model.params.get("num_ctx"))
+    return _int_option(h, options, model, "num_ctx")
+
+
+def _int_option(
+    h: ApiHandler, options: dict[str, Any] | None, model: LocalModel, option: str
+) -> int | None:
+    """An integer option, else the model's own PARAMETER; replies 500 on a bad type."""
+    value = (options or {}).get(option, model.params.get(option))
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        h.reply_error(500, 'option "num_ctx" must be of type integer')
+        h.reply_error(500, f'option "{option}" must be of type integer')
         raise ValueError
     return int(value)
 
@@ -345,6 +360,7 @@ def _answer(h: ApiHandler, req: dict[str, Any], parts: list[dict[str, Any]]) -> 
 
 
 def chat(h: ApiHandler) -> None:
+    started_ns = time.monotonic_ns()
     req = h.decode("ChatRequest", CHAT)
     if req is None:
         return
@@ -372,13 +388,26 @@ def chat(h: ApiHandler) -> None:
     if "completion" not in model.capabilities():
         h.reply_error(400, f"{go_quote(text)} does not support chat")
         return
-    if not _schedule(h, model, name, req):
-        return
     if not messages:
-        h.reply_json(200, base | {"done": True, "done_reason": "load"})
+        if _schedule(h, model, name, req):
+            h.reply_json(200, base | {"done": True, "done_reason": "load"})
         return
-    reply = base | {"message": {"role": "assistant", "content": "ok"}, "done": False}
-    _answer(h, req, [reply, base | {"done": True, "done_reason": "stop"}])
+    try:
+        num_ctx = _num_ctx(h, req.get("options"), model)
+        num_predict = _int_option(h, req.get("options"), model, "num_predict")
+    except ValueError:
+        return
+    ollama_chat.respond(
+        h,
+        h.state.scheduler,
+        h.state.chat,
+        model=model,
+        name=name,
+        req=req,
+        num_ctx=num_ctx,
+        num_predict=num_predict,
+        started_ns=started_ns,
+    )
 
 
 def embed(h: ApiHandler) -> None:

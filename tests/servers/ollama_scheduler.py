@@ -1,9 +1,12 @@
 """The runner scheduler (`server/sched.go`, ≥0.30 fit rule), without any real inference.
 
 Runners are keyed by weights digest and carry one ``sessionDuration`` that every request with
-a keep_alive overwrites. Requests finish immediately, so a runner is idle as soon as the call
-returns and its expiry timer starts then. A load that does not fit ``--vram-bytes`` evicts
-idle runners, shortest duration first; so does the loaded-runner cap.
+a keep_alive overwrites. Most requests finish immediately (:meth:`Scheduler.use`), so a runner
+is idle as soon as the call returns and its expiry timer starts then; a streamed chat holds
+its runner (:meth:`Scheduler.acquire` … :meth:`Scheduler.release`) and one of its
+``OLLAMA_NUM_PARALLEL`` slots while it generates, so requests beyond the slots queue. A load
+that does not fit ``--vram-bytes`` evicts idle runners, shortest duration first; so does the
+loaded-runner cap.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class Runner:
     expires_ns: int = 0
     refcount: int = 0
     loaded_ns: int = field(default_factory=time.time_ns)
+    # One per parallel sequence (OLLAMA_NUM_PARALLEL): a chat generates only while it holds one.
+    slots: threading.Semaphore = field(default_factory=threading.Semaphore, repr=False)
 
     def expires_at_ns(self) -> int:
         return self.expires_ns or time.time_ns() + self.session_ns
@@ -89,6 +94,14 @@ class Scheduler:
         self, model: LocalModel, name: str, keep_alive_ns: int | None, num_ctx: int | None
     ) -> Runner:
         """Schedule one request on the model's runner (loading it if needed); it ends at once."""
+        runner = self.acquire(model, name, keep_alive_ns, num_ctx)
+        self.release(runner)
+        return runner
+
+    def acquire(
+        self, model: LocalModel, name: str, keep_alive_ns: int | None, num_ctx: int | None
+    ) -> Runner:
+        """Schedule a request that stays in flight until :meth:`release` (no expiry meanwhile)."""
         with self._cond:
             runner = self._runners.get(model.weights_digest)
             if runner is not None and runner.num_ctx != self.num_ctx(model, num_ctx):
@@ -99,8 +112,15 @@ class Scheduler:
                 runner = self._load(model, name, session, self.num_ctx(model, num_ctx))
             elif keep_alive_ns is not None:
                 runner.session_ns = keep_alive_ns
-            self._finish(runner)
+            runner.refcount += 1
             return runner
+
+    def release(self, runner: Runner) -> None:
+        """The request is over: the last one out starts the expiry timer (or unloads)."""
+        with self._cond:
+            runner.refcount = max(0, runner.refcount - 1)
+            if runner.refcount == 0 and self._runners.get(runner.key) is runner:
+                self._finish(runner)
 
     def _load(self, model: LocalModel, name: str, session: int, num_ctx: int) -> Runner:
         size = self.predict(model, num_ctx)
@@ -119,6 +139,7 @@ class Scheduler:
             size_vram=min(size, self.vram),
             session_ns=session,
             num_ctx=num_ctx,
+            slots=threading.Semaphore(self.num_parallel),
         )
         self._runners[runner.key] = runner
         return runner
@@ -141,10 +162,14 @@ class Scheduler:
         self._cond.notify_all()
 
     def expire(self, model: LocalModel) -> None:
-        """`expireRunner`: unload now (no request is ever in flight here)."""
+        """`expireRunner`: unload now, or when the requests in flight are done."""
         with self._cond:
             runner = self._runners.get(model.weights_digest)
-            if runner is not None:
+            if runner is None:
+                return
+            if runner.refcount > 0:
+                runner.session_ns = 0
+            else:
                 self._unload(runner)
 
     def evict(self, match: str, weights: str | None) -> bool:

@@ -31,6 +31,8 @@ from typing import Any
 from tests.servers import ollama_api as api
 from tests.servers.ollama_api import ApiHandler, State
 from tests.servers.ollama_catalogue import Catalogue
+from tests.servers.ollama_chat import CHAT_FAULT_KINDS, DEFAULT_ERROR, ChatFault
+from tests.servers.ollama_chat import ModelKey as ChatModelKey
 from tests.servers.ollama_download import DownloadManager
 from tests.servers.ollama_gojson import env_keep_alive
 from tests.servers.ollama_http import Route, Server, route
@@ -75,14 +77,62 @@ def _test_reset(h: ApiHandler) -> None:
     h.reply_json(200, {"status": "ok"})
 
 
+def _chat_key(h: ApiHandler, body: dict[str, Any]) -> tuple[bool, ChatModelKey]:
+    """The model a chat control is for: (False, None) after a 400, (True, None) for all."""
+    text = str(body.get("model") or "*")
+    if text == "*":
+        return True, None
+    name = parse_name(text)
+    if not name.is_valid():
+        h.reply_error(400, f"invalid model name {text!r}")
+        return False, None
+    return True, name.repo_key()
+
+
+def _test_set_chat_fault(h: ApiHandler, body: dict[str, Any]) -> None:
+    ok, key = _chat_key(h, body)
+    if not ok:
+        return
+    times = body.get("times")
+    fault = ChatFault(
+        key=key,
+        kind=str(body["kind"]),
+        after_tokens=int(body.get("after_tokens") or 0),
+        seconds=float(body.get("seconds") or 5.0),
+        message=str(body.get("message") or DEFAULT_ERROR),
+        times=None if times is None else int(times),
+    )
+    h.state.chat.set_fault(fault)
+    h.reply_json(200, {"status": "ok"})
+
+
+def _test_chat(h: ApiHandler) -> None:
+    """``{"model"?: name or "*", "token_delay"?: s, "reply_tokens"?: n}``; ``{"reset": true}``."""
+    body = _test_body(h)
+    if body is None:
+        return
+    if body.get("reset"):
+        h.state.chat.reset_settings()
+        h.reply_json(200, {"status": "ok"})
+        return
+    ok, key = _chat_key(h, body)
+    if ok:
+        h.state.chat.configure(key, body)
+        h.reply_json(200, {"status": "ok"})
+
+
 def _test_set_fault(h: ApiHandler) -> None:
     body = _test_body(h)
     if body is None:
         return
     kind = body.get("kind")
+    if kind in CHAT_FAULT_KINDS:
+        _test_set_chat_fault(h, body)
+        return
     name = parse_name(str(body.get("model", "")))
     if kind not in FAULT_KINDS or not name.is_valid():
-        h.reply_error(400, f"need a valid model and kind in {', '.join(FAULT_KINDS)}")
+        kinds = ", ".join(FAULT_KINDS + CHAT_FAULT_KINDS)
+        h.reply_error(400, f"need a valid model and kind in {kinds}")
         return
     times = body.get("times")
     fault = Fault(
@@ -98,6 +148,7 @@ def _test_set_fault(h: ApiHandler) -> None:
 
 def _test_clear_faults(h: ApiHandler) -> None:
     h.state.registry.clear_faults()
+    h.state.chat.clear_faults()
     h.reply_json(200, {"status": "ok"})
 
 
@@ -176,6 +227,7 @@ ROUTES: list[Route] = [
     _r("DELETE", "/_test/faults", _test_clear_faults),
     _r("POST", "/_test/upstream", _test_upstream),
     _r("POST", "/_test/evict", _test_evict),
+    _r("POST", "/_test/chat", _test_chat),
 ]
 
 
