@@ -129,3 +129,8 @@ class TransientBackendError(BackendError):
     """A failure worth retrying: 5xx, busy, connection reset."""
 
     retryable = True
+
+
+class ChatFailed(BackendError):
+    """A chat or a canary generation failed: the backend said so (before or inside its
+    stream), the stream was cut or stalled; the message is one line."""

@@ -286,6 +286,23 @@ def _ram_bytes() -> int | None:
         return None
 
 
+def utilization_max() -> int | None:
+    """The busiest GPU's utilization in percent (``load.gpu_utilization_max``, which the
+    job router skips a node at 95 or more for); None on a node without NVML."""
+    nvml = _init() if os.environ.get("INFERNET_NO_NVML") != "1" else None
+    if nvml is None:
+        return None
+    try:
+        count = nvml.nvmlDeviceGetCount()
+        rates = [
+            int(nvml.nvmlDeviceGetUtilizationRates(nvml.nvmlDeviceGetHandleByIndex(i)).gpu)
+            for i in range(count)
+        ]
+    except Exception:  # not supported on this board (some vGPUs): better unsaid than wrong
+        return None
+    return max(rates) if rates else None
+
+
 def read_gpus(configured_vram: int | None) -> GpuState:
     """The VRAM budget's base: NVML totals, else the file's ``budget.vram``, else CPU RAM;
     with NVML, also who holds the memory in use."""

@@ -29,6 +29,14 @@ PROGRESS_STATUS = 64
 """What the control plane keeps of a command progress's ``status``..."""
 PROGRESS_PHASE = 32
 """...and of its ``phase``."""
+MAX_JOB_ID = 128
+"""Real job ids are UUIDs; a longer one is not a job we can answer."""
+MAX_MESSAGES = 1000
+"""Messages of one chat job taken; a longer conversation is refused."""
+MAX_PROMPT_CHARS = 1 * (1 << 20)
+"""Characters of one chat job's messages (the poll answer is capped at 1 MiB anyway)."""
+JOB_ERROR = 1024
+"""Characters of a failed job's error: the control plane keeps this much."""
 GPU_MODEL_NAME = 64
 """Characters of a GPU's model name in the heartbeat's specs."""
 
@@ -43,6 +51,9 @@ BACKEND_BODY = 32 * MiB
 """A local backend's listing or model details (thousands of models, a long license text)."""
 PROBE_BODY = 1 * MiB
 """An engine's ``/v1/models``."""
+CHAT_BODY = 64 * MiB
+"""A streamed chat answer: NDJSON or SSE, about 200-300 bytes a token, so some 250,000 tokens,
+more than any context a node serves."""
 PROGRESS_BYTES = 64 * KiB
 """What each stall window of a download must bring (218 bytes/s over the default 300 s)."""
 

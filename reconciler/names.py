@@ -24,6 +24,12 @@ def key(backend: str, canonical_name: str) -> ModelKey:
     return ModelKey(f"{BackendKind(backend).value}:{canonical_name}")
 
 
+def addressed(backend: str, name: str, canonical_name: str) -> str:
+    """What ``backend`` is told a model is called: its canonical ``org/repo@revision`` for a
+    kind whose models are repositories at a revision, else the name as the file writes it."""
+    return canonical_name if backends.driver(backend).revisions else name
+
+
 def is_valid(backend: str, name: str) -> str | None:
     """None when ``name`` is valid on ``backend``, else the reason."""
     try:

@@ -12,9 +12,9 @@ from state.lock import NodeLock
 from state.records import (
     ApplyRecord,
     CommandRecord,
+    JobRecord,
     JournalEntry,
     LockHolder,
-    OutboxItem,
     OwnedRecord,
 )
 from state.store import Store
@@ -22,10 +22,10 @@ from state.store import Store
 __all__ = [
     "ApplyRecord",
     "CommandRecord",
+    "JobRecord",
     "JournalEntry",
     "LockHolder",
     "NodeLock",
-    "OutboxItem",
     "OwnedRecord",
     "StatusKey",
     "Store",

@@ -14,3 +14,5 @@ class StatusKey(StrEnum):
     LAST_WITHDRAWAL = "last_withdrawal"  # a withdrawal before deletes the control plane missed
     DAEMON = "daemon"  # what `infernet status` shows about `infernet watch`
     COMMAND_UNDO = "command_undo"  # per command id, what takes an install's file edit back
+    JOBS = "jobs"  # the running daemon's job figures (load, bench) for other heartbeats
+    CANARIES = "canaries"  # per model key, the digest whose one-token test answered (or not)

@@ -1,8 +1,8 @@
-"""The remote-command ledger and the outbox to the control plane.
+"""The remote-command ledger.
 
 A command id is entered once and only ever moves forward, so a redelivered command is never
 run twice; a command stays "unreported" until its final answer was delivered, so none is left
-unanswered across crashes. The outbox keeps requests that could not be delivered yet.
+unanswered across crashes.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ from state.connection import (
     Connection,
     Unreadable,
     dump_json,
-    integer,
     load_dict,
     now_iso,
     text,
     text_or_none,
 )
-from state.records import CommandRecord, OutboxItem
+from state.records import CommandRecord
 
 COMMAND_STATES = frozenset({"received", "running", "completed", "failed"})
 KEEP_COMMANDS = 1000  # reported commands remembered (a redelivered id is refused by them)
@@ -129,60 +128,6 @@ class Ledger(Connection):
             return [_command(row) for row in rows]
 
         return self._read(query)
-
-    # -- outbox -----------------------------------------------------------------------------
-
-    def outbox_put(self, *, path: str, body: dict[str, Any], dedupe_key: str | None = None) -> int:
-        """Queues a request; returns its id.
-
-        With ``dedupe_key``, a pending item with the same key is replaced (newest body wins,
-        attempts restart) and keeps its id and place in the queue.
-        """
-        with self._writing() as conn:
-            rows = conn.execute(
-                """INSERT INTO outbox (path, body, dedupe_key, created_at) VALUES (?, ?, ?, ?)
-                   ON CONFLICT (dedupe_key) DO UPDATE SET
-                       path = excluded.path, body = excluded.body, attempts = 0,
-                       last_error = NULL, last_attempt_at = NULL
-                   RETURNING id""",
-                (path, dump_json(body), dedupe_key, now_iso()),
-            ).fetchall()
-        return int(rows[0]["id"])
-
-    def outbox_items(self) -> list[OutboxItem]:
-        """Everything still to deliver, oldest first."""
-
-        def query(conn: sqlite3.Connection) -> list[OutboxItem]:
-            rows = conn.execute("SELECT * FROM outbox ORDER BY id").fetchall()
-            return [
-                OutboxItem(
-                    id=integer(row, "id"),
-                    path=text(row, "path"),
-                    body=load_dict(row["body"]),
-                    dedupe_key=text_or_none(row, "dedupe_key"),
-                    created_at=text(row, "created_at"),
-                    attempts=integer(row, "attempts"),
-                    last_error=text_or_none(row, "last_error"),
-                    last_attempt_at=text_or_none(row, "last_attempt_at"),
-                )
-                for row in rows
-            ]
-
-        return self._read(query)
-
-    def outbox_done(self, item_id: int) -> None:
-        """Drops a delivered item; an id already gone is fine (delivery is at-least-once)."""
-        with self._writing() as conn:
-            conn.execute("DELETE FROM outbox WHERE id = ?", (item_id,))
-
-    def outbox_failed(self, item_id: int, *, error: str) -> None:
-        """Counts a failed delivery and keeps its error for `status`."""
-        with self._writing() as conn:
-            conn.execute(
-                """UPDATE outbox SET attempts = attempts + 1, last_error = ?, last_attempt_at = ?
-                   WHERE id = ?""",
-                (error, now_iso(), item_id),
-            )
 
 
 def _command(row: sqlite3.Row) -> CommandRecord:

@@ -73,17 +73,15 @@ class CommandRecord:
 
 
 @dataclass(frozen=True)
-class OutboxItem:
-    """A request to the control plane still waiting to be delivered."""
+class JobRecord:
+    """A job this node took from the control plane, and its answer while it is owed."""
 
-    id: int
-    path: str
-    body: dict[str, Any]
-    dedupe_key: str | None
-    created_at: str
-    attempts: int
-    last_error: str | None
-    last_attempt_at: str | None
+    job_id: str
+    model: str | None
+    state: str  # running | finished
+    answer: dict[str, Any] | None  # the ``complete`` body, once finished
+    received_at: str
+    reported_at: str | None
 
 
 @dataclass(frozen=True)

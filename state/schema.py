@@ -103,7 +103,23 @@ _V1 = (
     )""",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+_V2 = (
+    # Version 1's outbox was never used; job answers are kept with their jobs instead.
+    "DROP TABLE outbox",
+    # Every job taken from the control plane, so none is run twice (a poll returns a job until
+    # it is completed) and each answer, written before it is sent, is delivered exactly once.
+    """CREATE TABLE jobs (
+        id          TEXT PRIMARY KEY,
+        model       TEXT,
+        state       TEXT NOT NULL,
+        answer      TEXT,
+        received_at TEXT NOT NULL,
+        updated_at  TEXT NOT NULL,
+        reported_at TEXT
+    )""",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 VERSION = len(MIGRATIONS)
 
 # What a database at VERSION must contain; anything less means the schema went missing.
@@ -118,7 +134,7 @@ TABLES = frozenset(
         "cache",
         "status",
         "commands",
-        "outbox",
+        "jobs",
     }
 )
 

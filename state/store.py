@@ -2,7 +2,8 @@
 
 It remembers what the tool owns (and so may prune), what each apply did, which actions an
 interrupted apply left half-done (:mod:`state.journal`), small caches, the daemon's status, and
-the remote-command ledger and outbox (:mod:`state.ledger`).
+the remote-command ledger (:mod:`state.ledger`) and the jobs taken from the control plane
+(:mod:`state.jobs`).
 
 Caller mistakes (an unknown id, a bad outcome) raise ``ValueError``: they are bugs. A database
 that cannot be used raises :class:`reconciler.errors.StateError`.
@@ -27,6 +28,7 @@ from state.connection import (
     timestamp,
 )
 from state.database import open_database
+from state.jobs import JobBook
 from state.journal import Journal
 from state.keys import StatusKey
 from state.ledger import Ledger
@@ -34,7 +36,7 @@ from state.location import ensure_state_dir
 from state.records import OwnedRecord
 
 
-class Store(Journal, Ledger):
+class Store(Journal, Ledger, JobBook):
     """An open state database; use :meth:`open`, then :meth:`close` or a ``with`` block.
 
     ``rebuilt`` is a one-line notice when the database was unusable, moved aside and

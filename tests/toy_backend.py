@@ -13,13 +13,14 @@ import hashlib
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reconciler.backends.base import ChatRequest, Ending, Served
 from reconciler.backends.driver import Driver, Family
-from reconciler.errors import InvalidModelName, ModelNotFound, PullFailed
+from reconciler.errors import ChatFailed, InvalidModelName, ModelNotFound, PullFailed
 from reconciler.model import (
     BackendKind,
     BackendState,
@@ -31,6 +32,8 @@ from reconciler.model import (
 )
 
 KIND = BackendKind("toy")
+REPLY = ("toy", " model", " says", " hi.")
+"""Every toy chat's answer, one delta per token."""
 _NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,63}$")
 
 
@@ -132,6 +135,33 @@ class ToyBackend:
             marker.touch()
         else:
             marker.unlink(missing_ok=True)
+
+    def chat(
+        self, model: Served, request: ChatRequest, ending: Ending, cancel: threading.Event
+    ) -> Iterator[str]:
+        """``REPLY``, cut at ``max_tokens``; an embedding or missing model fails."""
+        if model.embedding:
+            raise ChatFailed(f"{model.name} is an embedding model; it does not chat")
+        if not self._file(model.name).exists():
+            raise ChatFailed(f"toy model {model.name} is not installed", model=model.name)
+        cap = request.max_tokens
+        tokens = REPLY[:cap] if cap is not None and cap > 0 else REPLY
+        for token in tokens:
+            if cancel.is_set():
+                ending.reason = "cancel"
+                return
+            yield token
+        ending.reason = "length" if len(tokens) < len(REPLY) else "stop"
+        ending.tokens = len(tokens)
+
+    def canary(self, model: Served) -> None:
+        """The model's file is there (and, for a chat model, one token comes out)."""
+        if not self._file(model.name).exists():
+            raise ChatFailed(f"toy model {model.name} is not installed", model=model.name)
+        if not model.embedding:
+            one = ChatRequest(messages=({"role": "user", "content": "hi"},), max_tokens=1)
+            for _ in self.chat(model, one, Ending(), threading.Event()):
+                pass
 
     def remove(self, name: str, *, embedding: bool) -> None:
         (self.folder / f"{name}.pinned").unlink(missing_ok=True)

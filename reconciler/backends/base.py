@@ -8,7 +8,7 @@ expensive parts only for models the file mentions.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -39,6 +39,35 @@ class AdapterContext:
     state_dir: Path | None = None  # None: a caller without a state folder (no engine records)
     stall_timeout: float = 300.0  # seconds without pull progress before a pull fails
     disk_reserve: int = 0  # budget.disk_reserve, kept free while downloading
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat a backend is asked to generate (a job's ``input_spec``, checked)."""
+
+    messages: tuple[Mapping[str, str], ...]  # {"role": ..., "content": ...}
+    max_tokens: int | None = None  # None: the backend's own limit
+    temperature: float | None = None  # None: the backend's default
+
+
+@dataclass
+class Ending:
+    """How a generation ended, filled in by ``Backend.chat`` as the stream is read."""
+
+    reason: str | None = None  # stop | length | ... as the backend said
+    tokens: int | None = None  # tokens generated, when the backend counts them
+    seconds: float | None = None  # generation time, when the backend measures it
+
+
+@dataclass(frozen=True)
+class Served:
+    """How one advertised model is served: what its chats and its canary are sent as."""
+
+    name: str  # the model as actions name it (the file's name; ``org/repo@rev`` for engines)
+    advertise_as: str  # the name jobs ask for; an engine serves the model under it
+    keep_alive: float | None = None  # the file's keep_alive (FOREVER = pinned); None: default
+    context: int | None = None  # the file's context, sent where the backend takes it per request
+    embedding: bool = False  # an embedding model: its canary is one embedding, it never chats
 
 
 class Backend(Protocol):
@@ -89,6 +118,20 @@ class Backend(Protocol):
         ``advertise_as`` is the name an engine-served model is served under."""
         ...
 
+    def chat(
+        self, model: Served, request: ChatRequest, ending: Ending, cancel: threading.Event
+    ) -> Iterator[str]:
+        """Stream a chat: yields the text deltas and fills ``ending``. Ends early (quietly)
+        once ``cancel`` is set. A backend error, an error inside the stream, a cut stream or
+        a stall raises ``ChatFailed`` (one line): never a quiet end without the backend's own
+        end of stream."""
+        ...
+
+    def canary(self, model: Served) -> None:
+        """Prove ``model`` answers: a one-token generation (one embedding for an embedding
+        model), leaving it loaded only if it is pinned; raises ``ChatFailed`` (one line)."""
+        ...
+
     def remove(self, name: str, *, embedding: bool) -> None:
         """Unload ``name`` whatever its keep_alive, then delete its weights."""
         ...
@@ -104,4 +147,14 @@ class Supervises(Protocol):
 
     def supervised(self) -> list[dict[str, Any]]:
         """One row per process: model, state, pid, port, exit_code, restarts, log, log_tail."""
+        ...
+
+
+@runtime_checkable
+class Tidies(Protocol):
+    """An adapter that leaves things behind for a later try (a partial download, kept so the
+    next pull resumes it) and can drop what belongs to models no longer wanted."""
+
+    def tidy(self, keep: Collection[str]) -> list[str]:
+        """Drop leftovers of models not named in ``keep``; returns what was dropped."""
         ...

@@ -37,7 +37,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,6 +216,21 @@ def partial_bytes(dest: Path, validator: str) -> int:
         return part.stat().st_size
     except (OSError, ValueError):
         return 0
+
+
+def discard_unfinished(folder: Path, keep: Collection[str]) -> list[str]:
+    """Delete the downloads into ``folder`` that infernet began and did not finish (the side
+    file it writes first says the partial is ours), but for the file names in ``keep``;
+    returns the names deleted."""
+    suffix = ".part.json"
+    try:
+        names = sorted(p.name[1 : -len(suffix)] for p in folder.glob(f".*{suffix}"))
+    except OSError:
+        return []
+    gone = [name for name in names if name not in keep]
+    for name in gone:
+        discard_partial(folder / name)
+    return gone
 
 
 def discard_partial(dest: Path) -> None:

@@ -76,6 +76,9 @@ def render_plan(plan: Plan, *, verbose: bool = False) -> str:
         out.append(f"Advertised after apply: {', '.join(plan.advertised)}")
     else:
         out.append("Advertised after apply: (nothing)")
+    if plan.checks:
+        tested = ", ".join(c.advertise_as for c in plan.checks)
+        out.append(f"Tested before they are advertised (a one-token generation): {tested}")
     for warning in plan.warnings:
         out.append(f"Warning: {warning}")
     for error in plan.errors:
@@ -83,6 +86,8 @@ def render_plan(plan: Plan, *, verbose: bool = False) -> str:
     out.append("")
     if plan.errors:
         out.append("This plan has errors and will not be applied.")
+    elif not plan.actions and plan.checks:
+        out.append("No changes to the inventory; apply runs the tests above.")
     elif not plan.actions:
         out.append("No changes. The node matches the file.")
     else:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from reconciler import backends
 from reconciler.cli.render import human_bytes, table
+from reconciler.controlplane import load
 from reconciler.model import BackendKind, Desired, Observed, Plan
 from reconciler.names import key
 from reconciler.planning import advertised
@@ -140,9 +141,27 @@ def build_status(session: Session, observed: Observed, plan: Plan) -> dict[str, 
             "actions": last.actions,
             "failed": last.failed,
         },
+        "unserved": list(plan.unserved),
+        "untested": [c.advertise_as for c in plan.checks],
+        "jobs": _jobs(session),
         "last_heartbeat": store.get_status(StatusKey.LAST_HEARTBEAT),
         "daemon": store.get_status(StatusKey.DAEMON),
         "state_notice": store.rebuilt,
+    }
+
+
+def _jobs(session: Session) -> dict[str, Any]:
+    """The jobs part: the file's settings and what a running daemon publishes."""
+    settings = session.desired.jobs
+    figures = dict(load.published(session.store))
+    figures.pop("gpu_utilization_max", None)
+    serving = session.desired.control_plane is not None and settings.enabled
+    return {
+        "enabled": serving,
+        "concurrency": settings.concurrency,
+        "poll_interval": settings.poll_interval,
+        "default_model": settings.default_model,
+        **figures,
     }
 
 
@@ -181,6 +200,26 @@ def render_status(doc: dict[str, Any]) -> str:
         if e.get("log_tail"):
             lines.extend(f"    {line}" for line in e["log_tail"].splitlines()[-12:])
     lines.append(f"Advertised: {', '.join(doc['advertised']) or '(nothing)'}")
+    for why in doc.get("unserved") or []:
+        lines.append(f"Not advertised: {why}")
+    if doc.get("untested"):
+        lines.append(
+            f"Not yet tested (the next apply runs a one-token generation): "
+            f"{', '.join(doc['untested'])}"
+        )
+    jobs = doc.get("jobs") or {}
+    if jobs.get("enabled"):
+        cap = jobs.get("concurrency_cap", 0)
+        if cap:
+            bench = jobs.get("bench") or {}
+            speed = (
+                f", {bench['tokens_per_second_avg']} tokens/s over {bench['samples']} jobs"
+                if bench
+                else ""
+            )
+            lines.append(f"Jobs: {jobs.get('active_jobs', 0)} running of {cap}{speed}")
+        else:
+            lines.append("Jobs: not served now (no `infernet watch` running on this node)")
     if doc["drift"]:
         lines.append("Drift: " + "; ".join(f"{d['op']} {d['model']}" for d in doc["drift"]))
     else:

@@ -23,6 +23,7 @@ from reconciler.model import (
     ConfigSource,
     ControlPlaneSettings,
     Desired,
+    JobSettings,
     ModelSpec,
     Policy,
 )
@@ -72,6 +73,7 @@ def build(raw: dict[str, Any], check: Check, env: Mapping[str, str]) -> Desired:
         budget=_budget(raw, check),
         control_plane=_control_plane(raw, check),
         policy=policy,
+        jobs=_jobs(raw, check, models),
     )
 
 
@@ -242,6 +244,30 @@ def _control_plane(raw: dict[str, Any], check: Check) -> ControlPlaneSettings | 
             url_path: JsonPath = ("control_plane", "url")
             check.report(url_path, f"{format_path(url_path)}: {problem}")
     return ControlPlaneSettings(**values)
+
+
+def _jobs(raw: dict[str, Any], check: Check, models: tuple[ModelSpec, ...]) -> JobSettings:
+    fields = raw.get("jobs")
+    if fields is None or not check.clean(("jobs",)):
+        return JobSettings()
+    values = dict(fields)
+    for name in ("poll_interval", "drain_timeout", "max_age"):
+        if name in values:
+            path: JsonPath = ("jobs", name)
+            seconds = check.convert(path, units.parse_duration, values[name])
+            if seconds is not None and seconds <= 0:
+                check.report(path, f"{format_path(path)}: expected more than 0 seconds")
+            values[name] = seconds
+    default = values.get("default_model")
+    served = [m.advertise_as for m in models]
+    if isinstance(default, str) and models and default not in served:
+        path = ("jobs", "default_model")
+        check.report(
+            path,
+            f"{format_path(path)}: '{default}' is not the advertised name of any model in "
+            f"served_models ({listed(served)}); jobs naming no model would all fail",
+        )
+    return JobSettings(**values)
 
 
 def plain_http_problem(url: str, *, insecure: bool) -> str | None:

@@ -53,7 +53,9 @@ class ControlPlaneError(InfernetError):
     """The control plane could not be reached or refused a call.
 
     ``status`` is the HTTP code when there was an answer; ``detail`` is the server's own
-    ``{"error": …}`` text when the answer was the control plane's JSON.
+    ``{"error": …}`` text when the answer was the control plane's JSON. ``unsent`` is True when
+    the request never left (no connection was made): the server can't have acted on it, which
+    a lost answer (a timeout, a reset after sending) does not tell.
     """
 
     def __init__(
@@ -63,10 +65,12 @@ class ControlPlaneError(InfernetError):
         status: int | None = None,
         detail: str | None = None,
         retryable: bool,
+        unsent: bool = False,
     ) -> None:
         self.status = status
         self.detail = detail
         self.retryable = retryable
+        self.unsent = unsent
         super().__init__(message)
 
 
@@ -151,7 +155,7 @@ class ControlPlane:
         """
         body = {"role": self.settings.role, **body}
         try:
-            data = self._post("/api/v1/node/heartbeat", body)
+            data = self.post("/api/v1/node/heartbeat", body)
         except ControlPlaneError as exc:
             # Only the control plane's own JSON 404 means "register first"; an HTML 404 is a
             # wrong URL, and registering there would only fail the same way.
@@ -160,13 +164,13 @@ class ControlPlane:
             if body.get("status") == "offline":
                 return HeartbeatOutcome(None)
             self.register(self._register_body(body))
-            data = self._post("/api/v1/node/heartbeat", body)
+            data = self.post("/api/v1/node/heartbeat", body)
             return HeartbeatOutcome(_row_id(data), registered=True)
         return HeartbeatOutcome(_row_id(data))
 
     def register(self, body: dict[str, Any]) -> dict[str, Any]:
         """Register (upsert on ``node_id``); the reply is ``{id, node_id}``."""
-        data = self._post("/api/v1/node/register", {"role": self.settings.role, **body})
+        data = self.post("/api/v1/node/register", {"role": self.settings.role, **body})
         return data if isinstance(data, dict) else {}
 
     def poll_commands(self, limit: int = limits.POLL_LIMIT) -> list[RemoteCommand]:
@@ -176,7 +180,7 @@ class ControlPlane:
         (it marked them running; its reaper fails them), so one answer can't make the node
         run an unbounded batch.
         """
-        data = self._post("/api/v1/node/commands/poll", {"limit": limit})
+        data = self.post("/api/v1/node/commands/poll", {"limit": limit})
         found = data.get("commands") if isinstance(data, dict) else None
         rows = found if isinstance(found, list) else []
         if len(rows) > limit:
@@ -215,7 +219,7 @@ class ControlPlane:
     def post_progress(self, command_id: str, progress: dict[str, Any]) -> str:
         """Report progress; returns the row status echoed back (``cancelled`` means stop)."""
         path = f"/api/v1/node/commands/{quote(command_id, safe='')}/progress"
-        data = self._post(path, {"progress": progress})
+        data = self.post(path, {"progress": progress})
         status = data.get("status") if isinstance(data, dict) else None
         return status if isinstance(status, str) else ""
 
@@ -240,7 +244,7 @@ class ControlPlane:
         if error is not None:
             body["error"] = error
         path = f"/api/v1/node/commands/{quote(command_id, safe='')}/complete"
-        data = self._post(path, body)
+        data = self.post(path, body)
         recorded = data.get("status") if isinstance(data, dict) else None
         return recorded if isinstance(recorded, str) else status
 
@@ -267,8 +271,9 @@ class ControlPlane:
             body["gpu_model"] = gpus[0]["model"]
         return body
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
-        """Serialise once, sign those bytes and the path as sent, POST, and unwrap ``data``."""
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        """Serialise once, sign those bytes and the path as sent, POST, and unwrap ``data``:
+        the one signed call every route goes through."""
         import httpx
 
         from reconciler import httpsafe
@@ -288,6 +293,7 @@ class ControlPlane:
                 f"control plane {where} did not answer within {self.timeout:g} s "
                 f"({type(exc).__name__}); will retry",
                 retryable=True,
+                unsent=isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout),
             ) from exc
         except httpsafe.BodyRefused as exc:
             raise ControlPlaneError(
@@ -319,11 +325,14 @@ class ControlPlane:
                 "check that the URL's scheme and port match the server",
                 retryable=True,
             )
+        import httpx
+
         return ControlPlaneError(
             f"cannot reach the control plane at {where} ({type(exc).__name__}: "
             f"{_line(redact(str(exc))) or 'no detail'}); check control_plane.url and "
             "that it is up",
             retryable=True,
+            unsent=isinstance(exc, httpx.ConnectError),
         )
 
 

@@ -15,13 +15,14 @@ withdrawal is recorded as unconfirmed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reconciler.controlplane.client import ControlPlane, ControlPlaneError, specs_for
 from reconciler.controlplane.identity import load_key
+from reconciler.controlplane.load import published
 from reconciler.errors import InfernetError
 from reconciler.model import ConfigSource, ControlPlaneSettings, GpuState, Plan
 from reconciler.redact import redact
@@ -43,7 +44,7 @@ def report(
     (its drift, errors and estimates), or, when none could be made, from ``drift`` alone."""
     if the_plan is not None:
         drift = [f"{a.op.value} {a.model}" for a in the_plan.actions]
-        errors = [*the_plan.errors, *errors]
+        errors = [*the_plan.errors, *the_plan.unserved, *errors]
     estimates = the_plan.budget.estimates if the_plan is not None else ()
     return {
         "config_sha256": source.sha256,
@@ -73,6 +74,9 @@ class Heartbeater:
     store: Store
     withdraw_timeout: float = WITHDRAW_TIMEOUT
     sleep: Callable[[float], None] = time.sleep
+    jobs: Callable[[], Mapping[str, Any]] | None = None
+    """The job figures for ``load`` and ``bench``, asked at every beat: the daemon's live
+    runner; by default what a running daemon published (``load.published``)."""
     _client: ControlPlane | None = field(default=None, init=False)
 
     def client(self) -> ControlPlane:
@@ -106,7 +110,8 @@ class Heartbeater:
         }
         failure: Exception | None = None
         try:
-            specs = specs_for(list(served), gpu, extension=extension)
+            jobs = self.jobs() if self.jobs is not None else published(self.store)
+            specs = specs_for(list(served), gpu, extension=extension, jobs=jobs)
             outcome = self._connect().heartbeat({"status": "available", "specs": specs})
             record.update(ok=True, registered=outcome.registered, error=None)
         except (InfernetError, ValueError) as exc:

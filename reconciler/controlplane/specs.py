@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from collections.abc import Mapping
 from typing import Any
 
 from reconciler import __version__, limits
@@ -46,12 +47,22 @@ def vram_tier(total_bytes: int | None) -> str:
     return ">=48gb"
 
 
-def specs_for(advertised: list[str], gpu: GpuState, *, extension: dict[str, Any]) -> dict[str, Any]:
+def specs_for(
+    advertised: list[str],
+    gpu: GpuState,
+    *,
+    extension: dict[str, Any],
+    jobs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The full ``specs`` for one heartbeat or register.
 
     ``advertised`` must already be what clients will request, byte for byte. More than 50
     names, or a name outside 1–200 characters, is a ``ValueError``: the control plane would
     silently drop them, and a model that is served but not advertised is invisible.
+
+    ``jobs`` is what the job runner says (``serving.load``): ``active_jobs``,
+    ``concurrency_cap`` and ``gpu_utilization_max`` go into ``load`` (the router's saturation
+    filter reads them), ``bench`` (tokens per second from real jobs) into ``bench``.
     """
     served = _served_models(advertised)
     model_name = limits.GPU_MODEL_NAME
@@ -66,6 +77,12 @@ def specs_for(advertised: list[str], gpu: GpuState, *, extension: dict[str, Any]
         "load": _load(gpu),
         "cli_version": CLI_VERSION,
     }
+    if jobs is not None:
+        for name in ("active_jobs", "concurrency_cap", "gpu_utilization_max"):
+            if jobs.get(name) is not None:
+                specs["load"][name] = jobs[name]
+        if jobs.get("bench"):
+            specs["bench"] = dict(jobs["bench"])
     cpu = _cpu()
     if cpu is not None:
         specs["cpu"] = cpu
@@ -96,11 +113,9 @@ def _served_models(advertised: list[str]) -> list[str]:
 
 
 def _load(gpu: GpuState) -> dict[str, Any]:
-    """``load`` as ``liveLoad`` reports it, minus what only the job runner knows.
-
-    ``active_jobs`` and ``gpu_utilization_max`` are left out rather than guessed: the
-    router's saturation filter skips a missing value but would act on a wrong one.
-    """
+    """``load`` as ``liveLoad`` reports it, minus what only the job runner knows (added by
+    ``specs_for`` from ``jobs``; never guessed: the router's saturation filter skips a missing
+    value but would act on a wrong one)."""
     total_vram = sum(g.total_bytes for g in gpu.gpus)
     free_vram = sum(g.free_bytes for g in gpu.gpus)
     ram_total, ram_free = _ram()

@@ -68,7 +68,8 @@ def apply(
 ) -> Applied:
     """Observe and plan (recording what the observation establishes about ownership), check a
     saved plan against the node, ``show`` the plan, refuse it when it has errors, heartbeat
-    when there is nothing to do, else ``confirm`` (None: no question) and execute."""
+    when there is nothing to do, run the canaries alone when that is all there is, else
+    ``confirm`` (None: no question) and execute."""
     observed, plan = session.observe_and_plan(
         allow_destroy=allow_destroy, refresh=refresh, force_remove=force_remove, record=True
     )
@@ -83,9 +84,11 @@ def apply(
     if plan.errors:
         more = f" (and {len(plan.errors) - 1} more)" if len(plan.errors) > 1 else ""
         raise PlanError(plan.errors[0] + more)
-    if not plan.actions:
+    if not plan.actions and not plan.checks:
         session.heartbeat(plan, observed, converged=True, progress=progress)
         return Applied(plan, None)
+    if not plan.actions:  # only canaries to run: nothing to confirm, nothing is taken away
+        return Applied(plan, session.apply(plan, observed, progress=progress))
     if confirm is not None and not confirm():
         return Applied(plan, None, cancelled=True)
     return Applied(plan, session.apply(plan, observed, progress=progress))

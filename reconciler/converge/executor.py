@@ -24,18 +24,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
-from reconciler import backends
-from reconciler.backends.base import Backend
-from reconciler.errors import BackendError, InfernetError
+from reconciler.backends.base import Backend, Served
+from reconciler.errors import BackendError, InfernetError, one_line
 from reconciler.events import Event, Kind, Progress, ignore
-from reconciler.model import Action, BackendKind, Observed, Op, Plan
-from reconciler.names import key
-from state import Store
+from reconciler.limits import PEER_TEXT
+from reconciler.model import Action, BackendKind, ModelFacts, ModelKey, Observed, Op, Plan
+from reconciler.names import addressed, key
+from state import StatusKey, Store, clock
 
 Reobserve = Callable[[], tuple[Observed, Plan]]
-Withdraw = Callable[[tuple[Action, ...]], str | None]
-"""Before deletes, advertise only what is served once these actions (done so far) are done;
-returns a note when the control plane did not confirm it."""
+Verified = frozenset[tuple[BackendKind, str]]
+"""``(backend, canonical)`` of the models whose canary answered in this apply."""
+Withdraw = Callable[[tuple[Action, ...], Verified], str | None]
+"""Before deletes, advertise only what is served once these actions (done so far) are done
+and these canaries answered; returns a note when the control plane did not confirm it."""
+Drain = Callable[[frozenset[ModelKey]], None]
+"""After the withdrawal, before the deletes: let the jobs running on these models finish (or
+fail them); the job runner's ``drain``."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class Result:
     final: Plan | None
     advertised: tuple[str, ...]
     heartbeat: bool | None = None  # the heartbeat after it: taken, refused, or none to send
+    verified: Verified = frozenset()  # models whose canary answered in this apply
+    observed: Observed | None = None  # the node as seen after the apply (with ``final``)
 
     @property
     def failed(self) -> tuple[Outcome, ...]:
@@ -72,21 +79,22 @@ class Executor:
     store: Store
     progress: Progress = ignore
     withdraw: Withdraw | None = None
+    drain: Drain | None = None
     parallel: int = 2
     retries: int = 3
     backoff: float = 2.0
     backoff_cap: float = 300.0
     sleep: Callable[[float], None] = time.sleep
     cancel: threading.Event = field(default_factory=threading.Event)
+    _pulled: dict[ModelKey, ModelFacts] = field(default_factory=dict, init=False)
 
     def _backend(self, action: Action) -> Backend:
         return self.backends[action.backend]
 
     @staticmethod
     def _target(action: Action) -> str:
-        """What the backend acts on: a repository at its revision (``org/repo@rev``, the
-        canonical form; actions carry the name as the file writes it), else the name."""
-        return action.canonical if backends.driver(action.backend).revisions else action.model
+        """What the backend acts on (actions carry the name as the file writes it)."""
+        return addressed(action.backend, action.model, action.canonical)
 
     def _with_retries(self, action: Action, work: Callable[[], None]) -> Outcome:
         """Run ``work`` with the one retry policy of the project."""
@@ -145,6 +153,7 @@ class Executor:
         target = self._target(action)
         backend.pull(target, report, self.cancel, source=action.source, digest=action.digest)
         facts = backend.verify(target, action.digest)
+        self._pulled[key(action.backend, action.canonical)] = facts
         self.store.record_installed(
             backend=action.backend.value,
             canonical=action.canonical,
@@ -201,6 +210,8 @@ class Executor:
             else:
                 outcomes.append(self._run(action, run_id, partial(self._pin, action)))
 
+        verified = self._canaries(plan, outcomes)
+
         removals = [a for a in plan.actions if a.op is Op.REMOVE]
         if removals and (failed_pulls or self.cancel.is_set()):
             why = "a pull failed or was cancelled: removals wait, the node keeps what it has"
@@ -208,13 +219,18 @@ class Executor:
         elif removals:
             if self.withdraw is not None:
                 # The heartbeat without them goes out (and is answered) before any delete.
-                note = self.withdraw(tuple(o.action for o in outcomes if o.result == "ok"))
+                done = tuple(o.action for o in outcomes if o.result == "ok")
+                note = self.withdraw(done, verified)
                 if note:
                     self.progress(Event(Kind.NOTE, message=note))
+            if self.drain is not None:
+                # Jobs on them finish (or fail "model removed") before they are unloaded.
+                self.drain(frozenset(key(a.backend, a.canonical) for a in removals))
             for action in removals:
                 outcomes.append(self._run(action, run_id, partial(self._remove, action)))
 
         final: Plan | None = None
+        observed: Observed | None = None
         converged = False
         if reobserve is not None:
             try:
@@ -237,7 +253,45 @@ class Executor:
         outcome = "converged" if converged else "not_converged"
         self.progress(Event(Kind.CONVERGED, outcome=outcome))
         advertised = final.advertised if final else plan.advertised
-        return Result(tuple(outcomes), converged, final, advertised)
+        return Result(
+            tuple(outcomes), converged, final, advertised, verified=verified, observed=observed
+        )
+
+    def _canaries(self, plan: Plan, outcomes: list[Outcome]) -> Verified:
+        """Run the plan's canaries whose model is there to test (its pull and engine start, if
+        any, succeeded); keep each result for the weights it tested."""
+        failed = {key(o.action.backend, o.action.canonical) for o in outcomes if o.result != "ok"}
+        verified: set[tuple[BackendKind, str]] = set()
+        for check in plan.checks:
+            k = key(check.backend, check.canonical)
+            if self.cancel.is_set() or k in failed:
+                continue
+            # What the backend says of weights it just pulled beats what the plan expected
+            # (the registry's config may not say a model is an embedding model).
+            pulled = self._pulled.get(k)
+            digest = pulled.digest if pulled is not None else check.digest
+            embedding = "embedding" in pulled.capabilities if pulled else check.embedding
+            served = Served(
+                name=addressed(check.backend, check.model, check.canonical),
+                advertise_as=check.advertise_as,
+                keep_alive=check.keep_alive,
+                context=check.context,
+                embedding=embedding,
+            )
+            try:
+                self.backends[check.backend].canary(served)
+            except InfernetError as exc:
+                error = one_line(str(exc), PEER_TEXT)
+                remember_canary(self.store, k, digest, error)
+                why = f"{check.advertise_as} did not answer a one-token test generation ({error})"
+                self.progress(Event(Kind.NOTE, outcome="failed", message=f"{why}; not advertised"))
+                continue
+            remember_canary(self.store, k, digest, None)
+            verified.add((check.backend, check.canonical))
+            self.progress(
+                Event(Kind.NOTE, outcome="ok", message=f"{check.advertise_as} answered its canary")
+            )
+        return frozenset(verified)
 
     def _record_measured(self, observed: Observed) -> None:
         """Keep ``size_vram`` of loaded desired models: the budget's "measured" layer."""
@@ -247,3 +301,10 @@ class Executor:
                     self.store.record_measured_vram(
                         backend=kind.value, canonical=loaded.canonical, size_vram=loaded.size_vram
                     )
+
+
+def remember_canary(store: Store, k: ModelKey, digest: str | None, error: str | None) -> None:
+    """Keep how ``k``'s canary went for the weights at ``digest`` (``StatusKey.CANARIES``)."""
+    kept = dict(store.get_status(StatusKey.CANARIES) or {})
+    kept[k] = {"digest": digest, "ok": error is None, "error": error, "at": clock.stamp()}
+    store.put_status(StatusKey.CANARIES, kept)

@@ -6,6 +6,7 @@ are written once (``converge.apply`` is one apply from start to end).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import threading
@@ -14,16 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import backends
-from reconciler.backends.base import AdapterContext, Backend, Cache
+from reconciler.backends.base import AdapterContext, Backend, Cache, Tidies
 from reconciler.backends.driver import OpenAdapters
 from reconciler.controlplane.heartbeat import WITHDRAW_TIMEOUT, Heartbeater, report
-from reconciler.converge.executor import Executor, Result
+from reconciler.converge.executor import Drain, Executor, Result, Verified
 from reconciler.converge.observe import observe
 from reconciler.errors import ConfigError
 from reconciler.events import Event, Kind, Progress, ignore
 from reconciler.model import (
     Action,
     BackendKind,
+    Canary,
     Desired,
     Observed,
     Op,
@@ -35,7 +37,7 @@ from reconciler.names import ModelKey, key
 from reconciler.planning import advertised
 from reconciler.planning.plan import plan
 from reconciler.redact import redact
-from state import NodeLock, StatusKey, Store
+from state import NodeLock, StatusKey, Store, clock
 
 
 def load_or_last_valid(path: Path, state_dir: Path) -> tuple[Desired, str | None]:
@@ -53,6 +55,36 @@ def load_or_last_valid(path: Path, state_dir: Path) -> tuple[Desired, str | None
         return desired.parse(kept["text"], path=str(path)), str(exc).splitlines()[0]
 
 
+def keep_last_valid(store: Store, the_desired: Desired) -> None:
+    """Keep the text of the file in force for ``load_or_last_valid``: every apply and daemon
+    reconcile keeps it, not only ``watch``'s (a daemon started on a broken file served the
+    version an earlier daemon had kept, older than what ``apply`` had applied since). The file
+    is re-read and kept only if it still hashes to what is in force: it may have turned
+    invalid a moment ago."""
+    source = the_desired.source
+    kept = store.get_status(StatusKey.LAST_VALID)
+    if isinstance(kept, dict) and kept.get("sha256") == source.sha256:
+        return
+    try:
+        data = Path(source.path).read_bytes()
+    except OSError:
+        return
+    if hashlib.sha256(data).hexdigest() == source.sha256:
+        text = data.decode("utf-8-sig")
+        store.put_status(
+            StatusKey.LAST_VALID, {"at": clock.stamp(), "text": text, "sha256": source.sha256}
+        )
+
+
+def tidy(adapters: dict[BackendKind, Backend], the_desired: Desired) -> None:
+    """Let each adapter that leaves things behind (a download cut off keeps its partial file
+    for a resume) drop what belongs to models no longer in the file: no retry will ever
+    resume those."""
+    for kind, adapter in adapters.items():
+        if isinstance(adapter, Tidies):
+            adapter.tidy({m.name for m in the_desired.models if m.backend is kind})
+
+
 class StoreCache:
     """The state store's cache table behind the backends' ``Cache`` protocol."""
 
@@ -67,6 +99,10 @@ class StoreCache:
     def put(self, kind: str, key: str, value: object) -> None:
         """Remember ``value``."""
         self._store.cache_put(kind, key, value)
+
+
+CANARY_RETRY = 600.0
+"""Seconds after which a model whose canary failed is tested again."""
 
 
 def retry_backoff() -> float:
@@ -123,7 +159,42 @@ def read_owned(store: Store) -> Owned:
     }
     measured = {key(b, c): v for (b, c), v in store.measured_vram().items()}
     protected = store.get_status(StatusKey.PROTECTED) or []
-    return Owned(models=models, measured_vram=measured, protected=frozenset(protected))
+    return Owned(
+        models=models,
+        measured_vram=measured,
+        protected=frozenset(protected),
+        canaries=read_canaries(store),
+    )
+
+
+def read_canaries(store: Store) -> dict[ModelKey, Canary]:
+    """How each model's last canary went; a failure older than ``CANARY_RETRY`` seconds is
+    forgotten, so the next apply tests the model again (a backend that was busy or short of
+    memory then may serve it now)."""
+    kept = store.get_status(StatusKey.CANARIES)
+    found: dict[ModelKey, Canary] = {}
+    if not isinstance(kept, dict):
+        return found
+    now = clock.now()
+    for k, row in kept.items():
+        if not isinstance(row, dict):
+            continue
+        ok = row.get("ok") is True
+        if not ok:
+            try:
+                age = (now - clock.parse(str(row.get("at")))).total_seconds()
+            except ValueError:
+                continue
+            if age > CANARY_RETRY:
+                continue
+        digest = row.get("digest")
+        error = row.get("error")
+        found[ModelKey(k)] = Canary(
+            digest if isinstance(digest, str) else None,
+            ok,
+            error if isinstance(error, str) else None,
+        )
+    return found
 
 
 def _interrupted_pulls(
@@ -263,6 +334,8 @@ class Session:
                 )
             remember_protected(self.store, self.desired, observed)
             owned = read_owned(self.store)
+            keep_last_valid(self.store, self.desired)
+            tidy(self.backends, self.desired)
         else:
             models = {**owned.models, **{key(o.backend, o.canonical): o for o, _ in adopted}}
             protected = _protected(owned.protected, self.desired, observed)
@@ -280,15 +353,17 @@ class Session:
         *,
         progress: Progress = ignore,
         cancel: threading.Event | None = None,
+        drain: Drain | None = None,
     ) -> Result:
-        """Execute ``the_plan``, observe again, heartbeat; the caller holds the node lock."""
+        """Execute ``the_plan``, observe again, heartbeat; the caller holds the node lock.
+        ``drain``: the job runner's, for the jobs running on models about to be removed."""
         remember_protected(self.store, self.desired, observed)
         withdraw = None
         if self.heartbeater is not None:
             beats = self.heartbeater
 
-            def withdraw(done: tuple[Action, ...]) -> str | None:
-                served = advertised.now(the_plan, self.desired, done=done)
+            def withdraw(done: tuple[Action, ...], verified: Verified) -> str | None:
+                served = advertised.now(the_plan, self.desired, done=done, verified=verified)
                 extension = self.extension(the_plan, converged=False)
                 return beats.withdraw(served, observed.gpu, extension)
 
@@ -297,6 +372,7 @@ class Session:
             self.store,
             progress=progress,
             withdraw=withdraw,
+            drain=drain,
             parallel=self.desired.policy.parallel_pulls,
             backoff=retry_backoff(),
             cancel=cancel or threading.Event(),

@@ -37,34 +37,35 @@ import os
 import queue
 import threading
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reconciler.controlplane.heartbeat import Heartbeater, report
+from reconciler.controlplane.heartbeat import Heartbeater
 from reconciler.converge.session import Session
 from reconciler.daemon.backoff import Backoff, Faults
+from reconciler.daemon.boundary import Boundary
 from reconciler.daemon.commands import CommandRunner, settle_interrupted
 from reconciler.daemon.metrics import Metrics
+from reconciler.daemon.serve import Serving
 from reconciler.daemon.stop import Stopping
 from reconciler.daemon.verbs import ReconcileOutcome
 from reconciler.daemon.watch import Watching
-from reconciler.errors import InfernetError, LockError, one_line
+from reconciler.errors import InfernetError, LockError
 from reconciler.events import Event, Kind, Progress, ignore
-from reconciler.limits import FAULT_TEXT
 from reconciler.model import GpuState, Op, Plan
+from reconciler.names import key
 from reconciler.planning.advertised import now as advertised_now
+from reconciler.serving.routes import Routes
+from reconciler.serving.runner import JobRunner
+from reconciler.serving.throughput import Throughput
 from state import StatusKey, clock
-from state.location import crash_report
 
 log = logging.getLogger("infernet.daemon")
 
 LOCK_WAIT = 5.0  # how long an act waits for an `infernet apply` running from a shell
-_MAX_CRASH_REPORTS = 10  # per process: a fault whose wording changes each time can't fill the disk
 
 
-class Daemon(Stopping, Watching):
+class Daemon(Boundary, Serving, Stopping, Watching):
     """The watch loop; ``run()`` returns the process exit code."""
 
     def __init__(
@@ -95,7 +96,6 @@ class Daemon(Stopping, Watching):
         self._runner: CommandRunner | None = None
         self._runner_stale = False  # its heartbeater was replaced: build a new one next tick
         self._retired: list[Heartbeater] = []  # replaced, closed once the runner is done
-        self._kept_sha: str | None = None
         self.faults = Faults()
         self._crash_reports = 0
         # What the last heartbeat said, for the one a fault sends when no plan could be made.
@@ -107,6 +107,11 @@ class Daemon(Stopping, Watching):
         self._finished = threading.Event()  # the main thread's shutdown is complete
         self._wakeup: tuple[int, int] | None = None
         self._old_wakeup_fd = -1
+        # Serving: the job runner (started after the first reconcile) and its routes.
+        self._jobs: JobRunner | None = None
+        self._jobs_client: object | None = None
+        self._routes = Routes()
+        self._throughput = Throughput()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -128,6 +133,7 @@ class Daemon(Stopping, Watching):
         scheduler.every(max(1, round(interval * 0.9))).to(latest).seconds.do(self.wake.put, "tick")
         log.info("watching %s (tick every %.0fs)", self.config_path, interval)
         try:
+            self._guarded("serving", self._serve)
             self._guarded("reconcile", lambda: self.reconcile("start"))
             self.tick()
             while not self.stopping.is_set() and not self.once:
@@ -165,80 +171,6 @@ class Daemon(Stopping, Watching):
         self.reload(force=True)
         self.reconcile("SIGHUP")
 
-    # ------------------------------------------------------------------ the boundary
-
-    def _guarded(self, step: str, act: Callable[[], object], *, retry_now: bool = False) -> None:
-        """Run one step of the daemon; whatever it raises stops here (see the module's doc)."""
-        if retry_now:
-            self.faults.retry_now(step)
-        if not self.faults.allowed(step):
-            if step == "reconcile":
-                self._fault_beat()  # still alive, still failing: the control plane hears it
-            return
-        try:
-            act()
-        except Exception as exc:
-            self._fault(step, exc)
-        else:
-            if self.faults.cleared(step):
-                log.info("%s works again", step)
-                self._safely(self._status)
-
-    def _fault(self, step: str, exc: Exception) -> None:
-        detail = one_line(str(exc), FAULT_TEXT, mark="")
-        reason = f"{step} failed: internal error {type(exc).__name__}" + (
-            f": {detail}" if detail else ""
-        )
-        delay, news = self.faults.failed(step, reason)
-        if news:
-            where = ""
-            if self._crash_reports < _MAX_CRASH_REPORTS:
-                self._crash_reports += 1
-                report = crash_report(self.state_dir, traceback.format_exc())
-                where = f"; details in {report}, please report it" if report else ""
-            log.error(
-                "%s (next try in %.0fs; the desired state in force stays)%s", reason, delay, where
-            )
-        else:
-            log.debug("%s again (next try in %.0fs)", reason, delay)
-        self._safely(self._status)
-        if step == "reconcile":
-            self._fault_beat()
-        elif step == "commands":
-            self._runner_stale = True  # whatever state it was left in, the next tick starts anew
-
-    def _safely(self, act: Callable[[], object]) -> None:
-        """Reporting a fault must not raise a second one (the store may be what broke)."""
-        try:
-            act()
-        except Exception as exc:
-            log.debug("while reporting a fault: %s: %s", type(exc).__name__, exc)
-
-    def _fault_beat(self) -> None:
-        """A heartbeat carrying the faults in ``reconciler.errors``; it advertises what the last
-        heartbeat did, since serving goes on while planning fails."""
-        session = self.session
-        if session is None or session.heartbeater is None:
-            return
-        errors = list(self.faults.reasons.values())
-        try:
-            if self._last_plan is not None:
-                extension = session.extension(self._last_plan, converged=False)
-                extension["errors"] = [*extension["errors"], *errors]
-            else:
-                extension = report(
-                    session.desired.source,
-                    converged=False,
-                    the_plan=None,
-                    drift=self.drift,
-                    errors=errors,
-                )
-            failed = session.heartbeater.beat(self._advertised, self._last_gpu, extension)
-        except Exception as exc:
-            failed = f"{type(exc).__name__}: {exc}"
-        if failed:
-            log.debug("heartbeat with the fault not sent: %s", failed)
-
     def _close_retired(self) -> None:
         """Close heartbeaters replaced by a control_plane edit, once no command uses them."""
         while self._retired:
@@ -273,8 +205,10 @@ class Daemon(Stopping, Watching):
                 session = self.session
                 # record: ownership facts (protections, finished pulls) are kept even when
                 # the plan turns out to be empty.
-                observed, plan = session.observe_and_plan(force_remove=force_remove, record=True)
-                plan, held = self.backoff.filter(plan)
+                observed, full = session.observe_and_plan(force_remove=force_remove, record=True)
+                # What is advertised comes from the whole plan: a pull that is backing off is
+                # still pending, and its model is not installed (``planning.advertised``).
+                plan, held = self.backoff.filter(full)
                 self.drift = [f"{a.op.value} {a.model}" for a in plan.actions]
                 self.metrics.drift(len(plan.actions))
                 b = plan.budget
@@ -287,18 +221,31 @@ class Daemon(Stopping, Watching):
                 if plan.errors:
                     for error in plan.errors:
                         log.error("plan refused: %s", error)
-                    self._beat(plan, observed, converged=False)
-                    return self._done("failed", started, plan.errors[0], plan)
-                if not plan.actions or not heal:
+                    self._beat(full, observed, converged=False)
+                    self._serve_routes(full, observed)
+                    return self._done("failed", started, plan.errors[0], full)
+                if not heal or not (plan.actions or plan.checks):
                     if plan.actions:
                         log.warning("drift (self_heal is off): %s", "; ".join(self.drift))
-                    self._beat(plan, observed, converged=not plan.actions and not held)
+                    self._beat(full, observed, converged=not plan.actions and not held)
+                    self._serve_routes(full, observed)
                     outcome = "converged" if not plan.actions else "not_converged"
-                    return self._done(outcome, started, None, plan)
-                log.info("reconciling (%s): %s", why, "; ".join(self.drift))
-                result = session.apply(
-                    plan, observed, progress=self._progress(progress), cancel=cancel or self.cancel
-                )
+                    return self._done(outcome, started, None, full)
+                log.info("reconciling (%s): %s", why, "; ".join(self.drift) or "canaries")
+                removals = [a for a in plan.actions if a.op is Op.REMOVE]
+                removed = frozenset(key(a.backend, a.canonical) for a in removals)
+                try:
+                    result = session.apply(
+                        plan,
+                        observed,
+                        progress=self._progress(progress),
+                        cancel=cancel or self.cancel,
+                        drain=self._drain_jobs,
+                    )
+                finally:
+                    self._undrain_jobs(removed)
+                if result.final is not None and result.observed is not None:
+                    self._serve_routes(result.final, result.observed)
         except LockError as exc:
             log.warning("%s; will try again on the next tick", str(exc).splitlines()[0])
             return self._done("skipped_locked", started, str(exc), None)
@@ -382,6 +329,7 @@ class Daemon(Stopping, Watching):
         heal = self.session.desired.policy.self_heal
         self._guarded("reconcile", lambda: self.reconcile("tick", heal=heal))
         self._guarded("commands", self._run_commands)
+        self._guarded("serving", self._serve)  # follow a control plane or jobs edit
 
     def _run_commands(self) -> None:
         runner = self._command_runner()

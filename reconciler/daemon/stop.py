@@ -4,6 +4,11 @@ A stop watchdog thread, woken by the signal itself through ``signal.set_wakeup_f
 handlers only between bytecodes of the main thread), gives the main thread ``STOP_GRACE``
 seconds to stop by itself; then it sends the offline heartbeat and writes the daemon's status
 itself, each bounded, and ends the process.
+
+Jobs in flight change one thing: the offline heartbeat goes first (the router sends nothing
+more), then running jobs get ``jobs.drain_timeout`` seconds to finish, the rest are failed "node
+shutting down" and every job is answered; the process ends ``STOP_DEADLINE`` seconds after
+that drain at the latest (keep the unit's ``TimeoutStopSec`` above ``drain_timeout`` + 10 s).
 """
 
 from __future__ import annotations
@@ -56,6 +61,19 @@ class Stopping:
     def _close_retired(self) -> None:
         raise NotImplementedError
 
+    def _jobs_busy(self) -> bool:
+        raise NotImplementedError
+
+    def _stop_serving(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def _drain_budget(self) -> float:
+        """Seconds the running jobs get on a stop: ``jobs.drain_timeout`` while any runs."""
+        session = self.session
+        if session is None or not self._jobs_busy():
+            return 0.0
+        return session.desired.jobs.drain_timeout
+
     def _install_signals(self) -> None:
         def stop(signum: int, _frame: object) -> None:
             # No logging and no Event.set() here: a handler interrupting the main thread while
@@ -89,12 +107,14 @@ class Stopping:
             if any(n in _STOP_SIGNALS for n in got):
                 break
         signalled = time.monotonic()
+        drain = self._drain_budget()
         self.stopping.set()
         self.cancel.set()  # pulls in flight are abandoned; the journal rolls them forward
         if not self._finished.wait(STOP_GRACE) and self._goodbye.acquire(blocking=False):
             # The main thread is stuck in something slow and has not begun its goodbye.
             where = _main_thread_at()
             self._say_goodbye(signalled + STOP_DEADLINE - 0.2)
+            self._stop_serving(drain)
             log.warning(
                 "stopping: the main thread did not stop within %.1fs of the signal "
                 "(blocked in %s); ending the process",
@@ -102,9 +122,9 @@ class Stopping:
                 where,
             )
             _exit_now()
-        # The main thread is saying goodbye, or done: only the exit itself may still hang (a
-        # pull's worker thread joined at interpreter exit).
-        time.sleep(max(0.0, signalled + STOP_DEADLINE - time.monotonic()))
+        # The main thread is saying goodbye (and draining jobs), or done: only the exit itself
+        # may still hang (a pull's worker thread joined at interpreter exit).
+        time.sleep(max(0.0, signalled + drain + STOP_DEADLINE - time.monotonic()))
         _exit_now()
 
     def _say_goodbye(self, deadline: float) -> None:
@@ -153,7 +173,8 @@ class Stopping:
         # The stop watchdog may have said goodbye already (this thread was stuck until now).
         if session is not None and self._goodbye.acquire(blocking=False):
             if session.heartbeater is not None:
-                self._offline(session.heartbeater)
+                self._offline(session.heartbeater)  # first: the router sends nothing more
+            self._safely(lambda: self._stop_serving(self._drain_budget()))
             self._safely(lambda: self._status(running=False))
             self._close_retired()
             session.close()

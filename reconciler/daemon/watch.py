@@ -6,7 +6,6 @@ state stays in force (it is kept in the state store, so a restart keeps it too).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import time
@@ -14,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.config import desired as desired_mod
-from reconciler.converge.session import Session, load_or_last_valid
+from reconciler.converge.session import Session, keep_last_valid, load_or_last_valid
 from reconciler.daemon.metrics import Metrics
 from reconciler.errors import ConfigError, InfernetError, one_line
 from reconciler.limits import DETAIL_TEXT
 from reconciler.model import Desired
-from state import StatusKey, Store, clock
+from state import StatusKey, Store
 
 log = logging.getLogger("infernet.daemon")
 
@@ -37,7 +36,6 @@ class Watching:
     metrics: Metrics
     config_error: str | None
     _observer: Any
-    _kept_sha: str | None
     _runner_stale: bool
     _retired: list[Any]
 
@@ -136,23 +134,10 @@ class Watching:
         return True
 
     def _keep_valid(self) -> None:
-        """Keep the text of the desired state in force, for a restart while the file is broken.
-
-        The file is re-read and kept only if it still hashes to what is in force: it may have
-        turned invalid a moment ago, before its change event was handled.
-        """
+        """Keep the text of the desired state in force, for a restart while the file is broken
+        (``keep_last_valid``; every apply and reconcile keeps it too, under the node lock)."""
         assert self.session is not None
-        wanted = self.session.desired.source.sha256
-        if wanted == self._kept_sha:
-            return
-        try:
-            data = self.config_path.read_bytes()
-        except OSError:
-            return
-        if hashlib.sha256(data).hexdigest() == wanted:
-            text = data.decode("utf-8-sig")
-            self.session.store.put_status(StatusKey.LAST_VALID, {"at": clock.stamp(), "text": text})
-            self._kept_sha = wanted
+        keep_last_valid(self.session.store, self.session.desired)
 
     # ------------------------------------------------------------------ acting
 

@@ -3,8 +3,9 @@
 The control plane routes a job only to nodes whose heartbeat lists the requested name, so a
 name goes out only for a model that is installed, verified and fits the budget: the plan's
 ``advertised`` names (served by a backend that answers, fitting, the first ``MAX_ADVERTISED``
-in file order, ``first``), less those whose pull or engine start has not been done (``now``).
-Heartbeats, ``status`` and the withdrawal before deletes all ask ``now``.
+in file order, ``first``), less those whose pull or engine start has not been done or whose
+canary has not answered (``now``, ``planning.verified``). Heartbeats, ``status``, the job
+routes and the withdrawal before deletes all ask ``now``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Collection, Sequence
 
 from reconciler import backends
 from reconciler.limits import MAX_ADVERTISED
-from reconciler.model import Action, Desired, Op, Plan
+from reconciler.model import Action, BackendKind, Desired, Op, Plan
 
 
 def first(names: Sequence[str]) -> tuple[tuple[str, ...], str | None]:
@@ -37,12 +38,24 @@ def makes_servable(action: Action) -> bool:
     return action.op is Op.PULL or (action.op is Op.PIN and backends.driver(action.backend).engine)
 
 
-def now(the_plan: Plan, desired: Desired, *, done: Collection[Action] = ()) -> tuple[str, ...]:
+def now(
+    the_plan: Plan,
+    desired: Desired,
+    *,
+    done: Collection[Action] = (),
+    verified: Collection[tuple[BackendKind, str]] = (),
+) -> tuple[str, ...]:
     """What may be advertised right now: the plan's advertised names, in file order, less the
     models whose pull or engine start in the plan is not among ``done`` (the actions that have
-    succeeded so far): a model is advertised only once installed and verified."""
+    succeeded so far), or whose canary (``the_plan.checks``) is not among ``verified``
+    (``(backend, canonical)`` of those that answered): a model is advertised only once it is
+    installed and answered."""
     waiting = {
         (a.backend, a.canonical) for a in the_plan.actions if makes_servable(a) and a not in done
+    } | {
+        (c.backend, c.canonical)
+        for c in the_plan.checks
+        if (c.backend, c.canonical) not in verified
     }
     return tuple(
         spec.advertise_as

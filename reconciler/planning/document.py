@@ -21,6 +21,7 @@ from reconciler.model import (
     Action,
     BackendKind,
     Budget,
+    Check,
     ConfigSource,
     Desired,
     DiskBudget,
@@ -113,6 +114,20 @@ def to_document(plan: Plan) -> dict[str, Any]:
         "advertised": list(plan.advertised),
         "errors": list(plan.errors),
         "warnings": list(plan.warnings),
+        "checks": [
+            {
+                "model": c.model,
+                "backend": c.backend.value,
+                "canonical": c.canonical,
+                "advertise_as": c.advertise_as,
+                "digest": c.digest,
+                "keep_alive": c.keep_alive,
+                "context": c.context,
+                "embedding": c.embedding,
+            }
+            for c in plan.checks
+        ],
+        "unserved": list(plan.unserved),
     }
 
 
@@ -186,6 +201,16 @@ def from_document(doc: dict[str, Any], *, path: str) -> Plan:
         advertised=tuple(doc["advertised"]),
         errors=tuple(doc["errors"]),
         warnings=tuple(doc["warnings"]),
+        # A plan saved before canaries existed has none: the next apply runs what it needs.
+        checks=tuple(
+            Check(
+                **{k: v for k, v in c.items() if k not in ("backend", "keep_alive")},
+                backend=BackendKind(c["backend"]),
+                keep_alive=None if c["keep_alive"] is None else float(c["keep_alive"]),
+            )
+            for c in doc.get("checks", [])
+        ),
+        unserved=tuple(doc.get("unserved", [])),
     )
 
 

@@ -20,6 +20,7 @@ from reconciler.model import (
     Action,
     BackendKind,
     BackendState,
+    Check,
     Desired,
     DiskBudget,
     Estimate,
@@ -34,7 +35,7 @@ from reconciler.model import (
     Upstream,
 )
 from reconciler.names import key
-from reconciler.planning import budget, prune
+from reconciler.planning import budget, prune, verified
 from reconciler.planning.advertised import first as advertised_first
 
 _ORDER = {Op.PULL: 0, Op.UPDATE: 0, Op.PIN: 1, Op.UNPIN: 2, Op.REMOVE: 3}
@@ -53,6 +54,8 @@ class _Draft:
     warnings: list[str] = field(default_factory=list)
     estimates: list[Estimate] = field(default_factory=list)
     servable: list[ModelSpec] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    unserved: list[str] = field(default_factory=list)
     download: defaultdict[BackendKind, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -139,8 +142,7 @@ def _plan_missing(draft: _Draft, spec: ModelSpec, up: Upstream | None) -> None:
     measured = draft.owned.measured_vram.get(key(spec.backend, spec.canonical))
     est = _estimate(draft, spec, up.facts, measured)
     draft.estimates.append(est)
-    if _can_serve(draft, spec):
-        draft.servable.append(spec)
+    _serve(draft, spec, up.facts.digest, embedding="embedding" in up.facts.capabilities)
     draft.download[spec.backend] += up.download_bytes
     draft.actions.append(
         Action(
@@ -191,10 +193,9 @@ def _plan_installed(
     measured = draft.owned.measured_vram.get(k)
     est = _estimate(draft, spec, facts, measured)
     draft.estimates.append(est)
-    if _can_serve(draft, spec):
-        draft.servable.append(spec)
-    _warn_context(draft, spec, facts)
     embedding = "embedding" in facts.capabilities
+    _serve(draft, spec, facts.digest, embedding=embedding)
+    _warn_context(draft, spec, facts)
     up = draft.observed.upstream.get(k)
     # An installed file of unknown checksum can't be compared with upstream: no false update.
     if (
@@ -287,6 +288,21 @@ def _estimate(draft: _Draft, spec: ModelSpec, facts: ModelFacts, measured: int |
         accelerator=bool(gpu.gpus),
         engine_share=share(settings),
     )
+
+
+def _serve(draft: _Draft, spec: ModelSpec, digest: str | None, *, embedding: bool) -> None:
+    """Count ``spec`` among what is advertised once applied, when its backend serves and its
+    weights answered their canary (or will be tested by the apply: ``verified``)."""
+    if not _can_serve(draft, spec):
+        return
+    found = verified.verdict(spec, digest, draft.owned, embedding=embedding)
+    if isinstance(found, str):
+        draft.unserved.append(found)
+        draft.warnings.append(f"{found}; not advertised (tested again by a later apply)")
+        return
+    if found is not None:
+        draft.checks.append(found)
+    draft.servable.append(spec)
 
 
 def _can_serve(draft: _Draft, spec: ModelSpec) -> bool:
@@ -404,4 +420,6 @@ def _finish(draft: _Draft) -> Plan:
         advertised=advertised,
         errors=tuple(draft.errors),
         warnings=tuple(draft.warnings),
+        checks=tuple(c for c in draft.checks if c.advertise_as in advertised),
+        unserved=tuple(draft.unserved),
     )

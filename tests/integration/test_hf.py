@@ -123,7 +123,7 @@ class Hf:
         return sorted(p.name for snap in folder.iterdir() for p in snap.iterdir())
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -135,7 +135,7 @@ def hf(node: Node, tmp_path: Path) -> Iterator[Hf]:
     node.env.update(hub.client_env(tmp_path / "hf-home"))
     node.env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # engines run elsewhere
     env_cache = tmp_path / "hf-cache"
-    h = Hf(node, hub, env_cache, _free_port())
+    h = Hf(node, hub, env_cache, free_port())
     try:
         yield h
     finally:

@@ -94,7 +94,9 @@ class ControlPlaneServer(Closing):
         """Every node request since the last reset, oldest first.
 
         Each is ``{method, path, body (parsed JSON or None), raw, pubkey (verified, else
-        None), status (0: connection dropped), error, time}``.
+        None), status (0: connection dropped), error, time}``; ``time`` is when the answer
+        was ready (just before it is sent). A ``/jobs/poll`` answered 200 also has ``jobs``:
+        the ids its answer carried.
         """
         result: list[dict[str, Any]] = self._call("GET", "/_test/requests")
         return result
@@ -206,6 +208,13 @@ class ControlPlaneServer(Closing):
             "payment_coin": payment_coin,
         }
         return str(self._call("POST", "/_test/jobs", body)["id"])
+
+    def create_jobs(self, count: int, pubkey: str | None = None, **fields: Any) -> list[str]:
+        """``count`` jobs as :meth:`create_job` makes them, inserted at once (a poll sees all
+        or none of them); their ids."""
+        body = {"pubkey": pubkey} | fields
+        rows = self._call("POST", "/_test/job_batch", {"jobs": [body] * count})
+        return [str(row["id"]) for row in rows]
 
     def assign_job(self, job_id: str, pubkey: str) -> dict[str, Any]:
         """Give the job to ``pubkey``'s provider (``assigned``, ``assigned_at`` now); its row."""

@@ -33,9 +33,16 @@ MAX_JOB_POLL_LIMIT = 25
 DEFAULT_JOB_POLL_LIMIT = 5
 MAX_ERROR_CHARS = 1024
 POLL_COLUMNS = (
-    "id", "title", "type", "status", "payment_offer", "payment_coin", "model_name",
-    "input_spec", "created_at",
-)  # fmt: skip
+    "id",
+    "title",
+    "type",
+    "status",
+    "payment_offer",
+    "payment_coin",
+    "model_name",
+    "input_spec",
+    "created_at",
+)
 FAULT_ROUTES = ("poll", "events", "complete")
 FAULT_KINDS = ("error", "drop", "close", "delay")
 MULTIPLE_ROWS = "JSON object requested, multiple (or no) rows returned"
@@ -314,6 +321,11 @@ class Jobs:
                 now=stamp,
             )
 
+    def create_many(self, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Insert several jobs at once: no poll sees some of them without the others."""
+        with self.lock:
+            return [self.create(body) for body in bodies]
+
     def _insert(
         self,
         *,
@@ -520,6 +532,8 @@ def test_route(jobs: Jobs, method: str, path: str, body: dict[str, Any]) -> Any:
         return jobs.job_events(parts[2])
     if head == "jobs" and len(parts) == 4 and parts[3] == "assign":
         return jobs.assign(parts[2], str(body.get("pubkey")))
+    if head == "job_batch" and len(parts) == 2:
+        return jobs.create_many(list(body.get("jobs") or []))
     if head == "chats" and len(parts) == 2:
         return jobs.create_chat(body)
     if head == "pick" and len(parts) == 2:

@@ -16,7 +16,7 @@ Test routes (unsigned, never logged, never down): ``GET /_test/requests``,
 ``GET /_test/nodes``, ``POST /_test/reset``, ``POST /_test/commands {pubkey, command, args}``,
 ``GET /_test/commands/<id>``, ``POST /_test/commands/<id>/cancel``,
 ``POST /_test/down {seconds|null, mode, interval, size}``, ``POST /_test/clock {offset}``,
-``POST /_test/poll_limit {ignore}``; for jobs ``GET|POST /_test/jobs``,
+``POST /_test/poll_limit {ignore}``; for jobs ``GET|POST /_test/jobs``, ``POST /_test/job_batch``,
 ``GET /_test/jobs/<id>``, ``GET /_test/jobs/<id>/events``, ``POST /_test/jobs/<id>/assign``,
 ``POST /_test/chats``, ``POST /_test/pick``, ``POST /_test/providers``,
 ``POST /_test/providers/update``, ``POST /_test/job_faults``, ``POST /_test/job_faults/clear``
@@ -220,6 +220,9 @@ class Handler(BaseHTTPRequestHandler):
             except Auth as exc:
                 raise Refusal(401, str(exc)) from None
             payload = {"data": handler(entry["pubkey"], _json_body(raw))}
+            if self.path.split("?", 1)[0] == "/api/v1/node/jobs/poll":
+                # Which jobs this answer carried: when each job reached the node (benchmarks).
+                entry["jobs"] = [job["id"] for job in payload["data"]["jobs"]]
         except Refusal as refusal:
             status, payload = refusal.status, {"error": str(refusal)}
         except DropConnection as drop:  # a job-route fault: no answer at all

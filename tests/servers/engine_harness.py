@@ -117,13 +117,26 @@ def start_fake_engine(
     (folder / "config.json").write_text(json.dumps({"max_position_embeddings": max_model_len}))
     port = _free_port()
     log = tmp_dir / "fake-engine.log"
-    args = [sys.executable, "-m", "tests.servers.fake_engine", "serve", str(folder),
-            "--served-model-name", name, "--port", str(port)]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "tests.servers.fake_engine",
+        "serve",
+        str(folder),
+        "--served-model-name",
+        name,
+        "--port",
+        str(port),
+    ]
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            args,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
             env={**os.environ, **(env or {})},
-        )  # fmt: skip
+        )
     engine = FakeEngine(proc, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:

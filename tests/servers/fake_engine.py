@@ -241,16 +241,20 @@ def check_model(path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     _log(f"INFO:     Started server process [{os.getpid()}]")
-    _log(f"INFO:     args: model={args.model_path} served_model_name={args.name} "
-         f"port={args.port} memory_fraction={args.fraction}")  # fmt: skip
+    _log(
+        f"INFO:     args: model={args.model_path} served_model_name={args.name} "
+        f"port={args.port} memory_fraction={args.fraction}"
+    )
     if not 0 < args.fraction <= 1:
         _log(f"ValueError: GPU memory utilization must be within (0, 1]. Got {args.fraction}.")
         return 1
     max_len = check_model(args.model_path)
     exit_code = os.environ.get("FAKE_ENGINE_EXIT_AT_START")
     if exit_code:
-        _log("RuntimeError: fake engine failed at start: CUDA out of memory "
-             f"(FAKE_ENGINE_EXIT_AT_START={exit_code})")  # fmt: skip
+        _log(
+            "RuntimeError: fake engine failed at start: CUDA out of memory "
+            f"(FAKE_ENGINE_EXIT_AT_START={exit_code})"
+        )
         return int(exit_code)
     delay = float(os.environ.get("FAKE_ENGINE_READY_DELAY") or 0)
     engine = Engine(
@@ -260,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         server = Server((args.host, args.port), engine)
     except OSError as exc:
         reason = exc.strerror.lower() if exc.strerror else str(exc)
-        _log(f"ERROR:    [Errno {exc.errno}] error while attempting to bind on address "
-             f"({args.host!r}, {args.port}): {reason}")  # fmt: skip
+        _log(
+            f"ERROR:    [Errno {exc.errno}] error while attempting to bind on address "
+            f"({args.host!r}, {args.port}): {reason}"
+        )
         return 1
 
     stop = threading.Event()

@@ -27,9 +27,16 @@ from tests.servers.ollama_http import Handler, Route, route
 from tests.servers.ollama_names import Name
 
 FAULT_KINDS = (
-    "stall", "error_mid", "not_found", "requires", "digest_mismatch", "slow", "trickle",
-    "huge_config", "bad_config",
-)  # fmt: skip
+    "stall",
+    "error_mid",
+    "not_found",
+    "requires",
+    "digest_mismatch",
+    "slow",
+    "trickle",
+    "huge_config",
+    "bad_config",
+)
 BLOB_FAULTS = ("stall", "error_mid", "digest_mismatch", "slow")
 CONFIG_FAULTS = ("huge_config", "bad_config")
 REQUIRES_TEXT = (

@@ -22,9 +22,16 @@ from tests.servers.controlplane_harness import ControlPlaneServer, start_control
 POLL = "/api/v1/node/jobs/poll"
 PG_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?\+00:00$")
 NINE = [
-    "id", "title", "type", "status", "payment_offer", "payment_coin", "model_name",
-    "input_spec", "created_at",
-]  # fmt: skip
+    "id",
+    "title",
+    "type",
+    "status",
+    "payment_offer",
+    "payment_coin",
+    "model_name",
+    "input_spec",
+    "created_at",
+]
 TYPES_ERROR = "invalid event_type (must be one of meta, token, done, error)"
 
 
@@ -107,11 +114,26 @@ def test_poll_returns_the_nine_columns_of_assigned_jobs_oldest_first_and_claims_
 @pytest.mark.parametrize(
     ("limit", "expected"),
     [
-        (None, 5), (0, 5), ("", 5), ("many", 5), ({}, 5), (False, 5), ([], 5),
-        (-3, 1), (1, 1), (True, 1), ("3", 3), (" 7 ", 7), ([7], 7), (2.5, 2),
-        (25, 25), (26, 25), (10**9, 25), ("Infinity", 25),
+        (None, 5),
+        (0, 5),
+        ("", 5),
+        ("many", 5),
+        ({}, 5),
+        (False, 5),
+        ([], 5),
+        (-3, 1),
+        (1, 1),
+        (True, 1),
+        ("3", 3),
+        (" 7 ", 7),
+        ([7], 7),
+        (2.5, 2),
+        (25, 25),
+        (26, 25),
+        (10**9, 25),
+        ("Infinity", 25),
     ],
-)  # fmt: skip
+)
 def test_poll_limit_is_clamped_like_javascript(
     cp: ControlPlaneServer, node: SignedNode, limit: Any, expected: int
 ) -> None:
@@ -334,6 +356,42 @@ def test_wait_job_returns_once_completed(cp: ControlPlaneServer, node: SignedNod
     job = cp.create_job(node.pubkey)
     threading.Timer(0.2, node.complete, args=(job, {"status": "failed"})).start()
     assert cp.wait_job(job, timeout=5)["status"] == "failed"
+
+
+def test_create_jobs_inserts_them_all_at_once(cp: ControlPlaneServer, node: SignedNode) -> None:
+    stop = threading.Event()
+    seen: list[list[Any]] = []
+
+    def poll() -> None:
+        while not stop.is_set():
+            seen.append([j["model_name"] for j in data(node.poll_jobs(25))["jobs"]])
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for batch in range(3):  # 24 jobs: every one fits in a poll's 25
+            ids = cp.create_jobs(8, node.pubkey, model_name=f"m:{batch}", max_tokens=None)
+            assert len(set(ids)) == 8
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        poller.join()
+    assert len(seen) > 3
+    for models in seen:  # never a poll that saw part of a batch
+        assert all(models.count(m) == 8 for m in models), models
+    row = cp.job(ids[0])
+    assert (row["model_name"], row["input_spec"]["max_tokens"]) == ("m:2", None)
+
+
+def test_the_request_log_says_which_jobs_each_poll_answer_carried(
+    cp: ControlPlaneServer, node: SignedNode
+) -> None:
+    assert data(node.poll_jobs(5))["jobs"] == []
+    first, second = cp.create_job(node.pubkey), cp.create_job(node.pubkey)
+    data(node.poll_jobs(1))
+    polls = [r for r in cp.received() if r["path"] == POLL]
+    assert [p["jobs"] for p in polls] == [[], [first]]
+    assert second
 
 
 # faults ----------------------------------------------------------------------------------------

@@ -29,11 +29,19 @@ def prov(specs: Any = None, **row: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        (None, 0.0), ("", 0.0), ("  12  ", 12.0), ("0x10", 16.0), ("1e3", 1000.0),
-        ("-Infinity", -math.inf), (True, 1.0), ([], 0.0), ([4], 4.0), (["5"], 5.0),
+        (None, 0.0),
+        ("", 0.0),
+        ("  12  ", 12.0),
+        ("0x10", 16.0),
+        ("1e3", 1000.0),
+        ("-Infinity", -math.inf),
+        (True, 1.0),
+        ([], 0.0),
+        ([4], 4.0),
+        (["5"], 5.0),
         ([None], 0.0),
     ],
-)  # fmt: skip
+)
 def test_js_number(value: Any, expected: float) -> None:
     assert router.js_number(value) == expected
 

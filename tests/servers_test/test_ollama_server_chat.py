@@ -23,9 +23,18 @@ MESSAGES = [
     {"role": "user", "content": "Explain paged attention"},
 ]
 FINAL_KEYS = [
-    "model", "created_at", "message", "done_reason", "done", "total_duration", "load_duration",
-    "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration",
-]  # fmt: skip
+    "model",
+    "created_at",
+    "message",
+    "done_reason",
+    "done",
+    "total_duration",
+    "load_duration",
+    "prompt_eval_count",
+    "prompt_eval_duration",
+    "eval_count",
+    "eval_duration",
+]
 
 
 @pytest.fixture

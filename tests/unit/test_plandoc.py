@@ -155,6 +155,8 @@ def test_document_has_the_contract_shape() -> None:
         "advertised",
         "errors",
         "warnings",
+        "checks",
+        "unserved",
     ]
 
 
@@ -211,7 +213,7 @@ def _refusal(why: str, path: str = "plan.json") -> str:
         (
             lambda d: d.update(extra=1),
             "unknown key 'extra' at the top level; valid keys are: format_version, config, "
-            "observed, actions, noops, budget, advertised, errors, warnings",
+            "observed, actions, noops, budget, advertised, errors, warnings, checks, unserved",
         ),
         (
             lambda d: (d["noops"][0].update(backend="docker"), d.update(advertised="x")),

@@ -60,7 +60,7 @@ def test_watch_service_settings() -> None:
         "ExecReload": "/bin/kill -HUP $MAINPID",
         "Restart": "on-failure",
         "RestartSec": "5",
-        "TimeoutStopSec": "15",
+        "TimeoutStopSec": "90",
         "KillSignal": "SIGTERM",
         "StateDirectory": "infernet",
         "Environment": "INFERNET_STATE_DIR=/var/lib/infernet",

@@ -9,6 +9,7 @@
   counts by dtype and ``config.json`` the shape, so the budget is checked first.
 * **Install** = ``snapshot_download`` of weights, config and tokenizer files only; **remove** =
   the engine stopped, then the revision deleted through the cache API.
+* **Chats** go to the engine serving the model (``hf.chat``), under its served name.
 * **Serving**: one engine per model, started from the command template of its kind and
   supervised through ``reconciler.backends.hf.engines`` (records in the state folder, so a later
   ``infernet`` process finds the engines again). "Loaded" means the engine's ``/v1/models``
@@ -27,7 +28,7 @@ import dataclasses
 import functools
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,14 +37,24 @@ import httpx
 
 from reconciler import httpsafe, limits
 from reconciler.backends import hub
-from reconciler.backends.base import AdapterContext, Backend, Cache, PullProgress
+from reconciler.backends.base import (
+    AdapterContext,
+    Backend,
+    Cache,
+    ChatRequest,
+    Ending,
+    PullProgress,
+    Served,
+)
 from reconciler.backends.hf.cache import (
     CacheScanner,
+    blob_bytes,
     config_facts,
     local_parameter_count,
     split,
     weights,
 )
+from reconciler.backends.hf.chat import EngineChats
 from reconciler.backends.hf.engines import Engines, EngineSpec
 from reconciler.backends.hf.settings import HfSettings
 from reconciler.errors import BackendError, ModelNotFound, PullFailed
@@ -75,6 +86,7 @@ class HfBackend:
         engines: Engines,
         cache: Cache | None = None,
         scanner: CacheScanner | None = None,
+        stall_timeout: float = 300.0,
     ) -> None:
         self.kind = kind
         self.url = settings.url.rstrip("/")
@@ -84,6 +96,7 @@ class HfBackend:
         self.engines = engines
         # The three kinds share one scanner, so one observation walks the cache once.
         self.scanner = scanner or CacheScanner(self.cache_dir)
+        self.chats = EngineChats(kind, engines, self.url, stall_timeout)
 
     @functools.cached_property
     def _http(self) -> httpx.Client:
@@ -319,7 +332,7 @@ class HfBackend:
         repo_dir = self.cache_dir / ("models--" + repo.replace("/", "--"))
         while worker.is_alive():
             worker.join(0.25)
-            progress("downloading", _blob_bytes(repo_dir), None)
+            progress("downloading", blob_bytes(repo_dir), None)
             if cancel.is_set():
                 raise PullFailed(f"download of {name} cancelled; it resumes next time")
         error = result.get("error")
@@ -335,7 +348,7 @@ class HfBackend:
         self.scanner.forget()
         if self.cache is not None:
             self.cache.put("hf.pending", marker, False)
-        done = _blob_bytes(repo_dir)
+        done = blob_bytes(repo_dir)
         progress("success", done, done)
 
     def verify(self, name: str, digest: str | None) -> ModelFacts:
@@ -381,6 +394,16 @@ class HfBackend:
         self.engines.start(spec)
         self.engines.wait_ready(key, READY_TIMEOUT)
 
+    def chat(
+        self, model: Served, request: ChatRequest, ending: Ending, cancel: threading.Event
+    ) -> Iterator[str]:
+        """Stream the chat from the engine serving ``model`` (``hf.chat``)."""
+        return self.chats.chat(model, request, ending, cancel)
+
+    def canary(self, model: Served) -> None:
+        """One token from the engine serving ``model`` (``hf.chat``)."""
+        self.chats.canary(model)
+
     def remove(self, name: str, *, embedding: bool) -> None:
         """Stop the engine, then delete the revision through the cache API."""
         self.engines.stop(f"{self.kind.value}:{name}")
@@ -402,20 +425,6 @@ class HfBackend:
                 self.scanner.forget()
 
 
-def _blob_bytes(repo_dir: Path) -> int:
-    """Bytes under the repo's blobs folder (complete and ``.incomplete``): download progress."""
-    total = 0
-    try:
-        for blob in (repo_dir / "blobs").iterdir():
-            try:
-                total += blob.stat().st_size
-            except OSError:
-                continue
-    except OSError:
-        return 0
-    return total
-
-
 def open_backends(
     kinds: Sequence[BackendKind], settings: HfSettings, context: AdapterContext
 ) -> dict[BackendKind, Backend]:
@@ -426,7 +435,14 @@ def open_backends(
     engines = Engines(context.state_dir / "engines", base_port=_port(settings.url))
     scanner = CacheScanner(Path(settings.cache_dir).expanduser())
     return {
-        kind: HfBackend(kind, settings, engines=engines, cache=context.cache, scanner=scanner)
+        kind: HfBackend(
+            kind,
+            settings,
+            engines=engines,
+            cache=context.cache,
+            scanner=scanner,
+            stall_timeout=context.stall_timeout,
+        )
         for kind in sorted(kinds)
     }
 

@@ -133,3 +133,17 @@ class CacheScanner:
             return scan_cache_dir(self.cache_dir)
         except CacheNotFound:
             return None
+
+
+def blob_bytes(repo_dir: Path) -> int:
+    """Bytes under the repo's blobs folder (complete and ``.incomplete``): download progress."""
+    total = 0
+    try:
+        for blob in (repo_dir / "blobs").iterdir():
+            try:
+                total += blob.stat().st_size
+            except OSError:
+                continue
+    except OSError:
+        return 0
+    return total

@@ -14,6 +14,8 @@
   ``-np`` (read from the router's per-model arguments, ``run_settings``, and used for the
   estimate: every slot's KV cache counts). With the router down, ``backends.llamacpp.parallel``
   says how many slots it runs.
+* Chats go to the router's ``/v1/chat/completions`` with the file's router id as ``model``
+  (the router autoloads it), without keep_alive or context (the router's flags rule).
 * Measured memory: the router reports only weight bytes, so the child process is found and
   its resident memory read (the GPU layer replaces it with the process's VRAM when NVML can
   attribute it).
@@ -26,7 +28,7 @@ import dataclasses
 import functools
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +36,18 @@ import httpx
 
 from reconciler import httpsafe, limits
 from reconciler.backends import sources
-from reconciler.backends.base import AdapterContext, Backend, Cache, PullProgress
+from reconciler.backends.base import (
+    AdapterContext,
+    Backend,
+    Cache,
+    ChatRequest,
+    Ending,
+    PullProgress,
+    Served,
+)
 from reconciler.backends.gguf import meta as ggufmeta
 from reconciler.backends.llamacpp import rules
+from reconciler.backends.llamacpp.chat import LlamacppChats
 from reconciler.backends.llamacpp.router import (
     AUTO_PARALLEL,
     RouterClient,
@@ -46,7 +57,12 @@ from reconciler.backends.llamacpp.router import (
     run_settings,
 )
 from reconciler.backends.llamacpp.settings import LlamacppSettings
-from reconciler.errors import BackendError, BackendUnreachable, ModelNotFound, PullFailed
+from reconciler.errors import (
+    BackendError,
+    BackendUnreachable,
+    ModelNotFound,
+    PullFailed,
+)
 from reconciler.model import (
     BackendKind,
     BackendState,
@@ -92,6 +108,7 @@ class LlamacppBackend:
         self.disk_reserve = disk_reserve  # kept free while downloading, not only in the plan
         self.parallel = settings.parallel
         self.router = RouterClient(self.url)
+        self.chats = LlamacppChats(self.url, self.router, stall_timeout=stall_timeout)
 
     @functools.cached_property
     def _http(self) -> httpx.Client:
@@ -369,6 +386,22 @@ class LlamacppBackend:
             self.router.load(model_id(name), name)
         else:
             self.router.unload(model_id(name), name)
+
+    def chat(
+        self, model: Served, request: ChatRequest, ending: Ending, cancel: threading.Event
+    ) -> Iterator[str]:
+        """Stream the router's ``/v1/chat/completions`` (``llamacpp.chat``)."""
+        return self.chats.chat(model, request, ending, cancel)
+
+    def canary(self, model: Served) -> None:
+        """One token, or one embedding, then unloaded unless pinned (``llamacpp.chat``)."""
+        self.chats.canary(model)
+
+    def tidy(self, keep: Collection[str]) -> list[str]:
+        """Delete the unfinished downloads of models not in ``keep``: a download cut off keeps
+        its partial so the next try resumes, but once the model left the file there is no next
+        try, and the partial would stay in the folder for good."""
+        return sources.discard_unfinished(self.models_dir, keep)
 
     def remove(self, name: str, *, embedding: bool) -> None:
         """Unload through the router, delete the file, then rescan the router's list."""

@@ -9,6 +9,8 @@ recorded responses); ``OllamaBackend`` does the I/O. Facts that shape the code:
   client raises ``ResponseError`` with status -1), and a watchdog fails a pull whose summed
   ``completed`` stops growing: Ollama keeps sending identical lines while parts stall.
 * Embedding-only models refuse ``/api/generate``; they are loaded and unloaded through embed.
+* Chats and canaries are ``ollama/chat.py``'s: ``/api/chat`` streamed, with the model's
+  keep_alive and context on every request.
 * Every request has an overall deadline and a body cap (``reconciler.httpsafe``): API calls
   ``INFERNET_HTTP_TIMEOUT`` (30 s), a load the stall timeout (a big model takes minutes to
   load and Ollama answers only then), a pull none but its stall watchdog; the registry's
@@ -17,6 +19,7 @@ recorded responses); ``OllamaBackend`` does the I/O. Facts that shape the code:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -27,9 +30,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from reconciler import httpsafe, limits
-from reconciler.backends.base import AdapterContext, Backend, Cache, PullProgress
+from reconciler.backends.base import (
+    AdapterContext,
+    Backend,
+    Cache,
+    ChatRequest,
+    Ending,
+    PullProgress,
+    Served,
+)
+from reconciler.backends.chat import CANARY, Hangup, chat_limits, drain, refuse_embedding
 from reconciler.backends.gguf import header as gguf_header
-from reconciler.backends.ollama import registry
+from reconciler.backends.ollama import chat, registry
 from reconciler.backends.ollama.names import OllamaName, parse_ollama
 from reconciler.backends.ollama.parse import (
     apply_gguf_header,
@@ -96,7 +108,7 @@ class OllamaBackend:
             follow_redirects=False,
         )
 
-    def _ollama_client(self, limits: httpsafe.Limits) -> ollama.Client:
+    def _ollama_client(self, limits: httpsafe.Limits, **extra: Any) -> ollama.Client:
         timeout = httpx.Timeout(30.0, read=max(self._stall, 30.0), connect=5.0)
         return self._ollama.Client(
             host=self.url,
@@ -104,7 +116,13 @@ class OllamaBackend:
             headers=httpsafe.identity(),
             trust_env=False,
             transport=httpsafe.transport(limits),
+            **extra,
         )
+
+    def _chat_client(self, hangup: Hangup) -> ollama.Client:
+        """One chat's own client (and connection): started within the stall window, a byte
+        every stall window after that, traced so that a cancel can hang it up."""
+        return self._ollama_client(chat_limits(self._stall), event_hooks={"request": [hangup.hook]})
 
     @functools.cached_property
     def _loader(self) -> ollama.Client:
@@ -318,8 +336,9 @@ class OllamaBackend:
                         f"expected {digest[:12]} (the tag moved during the pull?)",
                         model=name,
                     )
-                self.details(model.name, model.facts.digest)
-                return model.facts
+                shown = self.details(model.name, model.facts.digest)
+                # The listing's facts, with what only ``show`` knows (an embedding model?).
+                return dataclasses.replace(model.facts, capabilities=shown.capabilities)
         raise PullFailed(f"'{name}' is not listed by Ollama after its pull", model=name)
 
     def load(
@@ -345,6 +364,26 @@ class OllamaBackend:
             raise self._translate(exc, name) from exc
         except Exception as exc:
             raise self._translate(exc, name) from exc
+
+    @functools.cached_property
+    def _chats(self) -> chat.OllamaChats:
+        return chat.OllamaChats(self.url, self._chat_client, stall=self._stall)
+
+    def chat(
+        self, model: Served, request: ChatRequest, ending: Ending, cancel: threading.Event
+    ) -> Iterator[str]:
+        """Stream ``/api/chat`` with the model's keep_alive and context (``ollama.chat``)."""
+        refuse_embedding(model)
+        yield from self._chats.stream(model, request, ending, cancel, keep_alive=model.keep_alive)
+
+    def canary(self, model: Served) -> None:
+        """One token (one embedding for an embedding model), sent with the model's keep_alive
+        when it has one, else 0: a model not pinned and without one is unloaded after."""
+        keep_alive = model.keep_alive if model.keep_alive is not None else 0.0
+        if model.embedding:
+            self._chats.embed(self._loader, model, keep_alive=keep_alive)
+            return
+        drain(self._chats.stream(model, CANARY, Ending(), threading.Event(), keep_alive=keep_alive))
 
     def remove(self, name: str, *, embedding: bool) -> None:
         """Unload (delete never does), then delete; an already-absent model is fine."""

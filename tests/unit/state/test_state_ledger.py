@@ -1,4 +1,4 @@
-"""The remote-command ledger and the outbox."""
+"""The remote-command ledger."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from state import CommandRecord, OutboxItem, Store
+from state import CommandRecord, Store
 
 # -- commands ----------------------------------------------------------------------------------
 
@@ -129,65 +129,3 @@ def test_commands_cut_off_by_a_crash_are_still_owed(state_dir: Path) -> None:
         store.set_command_state("c", state="failed", error="interrupted by a restart")
         store.mark_command_reported("c")
         assert store.unreported_commands() == []
-
-
-# -- outbox ------------------------------------------------------------------------------------
-
-
-def test_outbox_starts_empty(store: Store) -> None:
-    assert store.outbox_items() == []
-
-
-def test_outbox_put_and_items(store: Store) -> None:
-    first = store.outbox_put(path="/v1/heartbeat", body={"models": ["a"]})
-    second = store.outbox_put(path="/v1/commands/c/complete", body={"ok": True}, dedupe_key="c")
-    assert first < second
-    items = store.outbox_items()
-    assert [(i.id, i.path, i.body, i.dedupe_key, i.attempts) for i in items] == [
-        (first, "/v1/heartbeat", {"models": ["a"]}, None, 0),
-        (second, "/v1/commands/c/complete", {"ok": True}, "c", 0),
-    ]
-    assert all(isinstance(i, OutboxItem) for i in items)
-    assert items[0].last_error is None
-    assert items[0].last_attempt_at is None
-
-
-def test_outbox_dedupe_key_replaces_the_pending_item(store: Store) -> None:
-    first = store.outbox_put(path="/v1/heartbeat", body={"seq": 1}, dedupe_key="heartbeat")
-    other = store.outbox_put(path="/v1/other", body={})
-    store.outbox_failed(first, error="connection refused")
-    again = store.outbox_put(path="/v1/heartbeat", body={"seq": 2}, dedupe_key="heartbeat")
-    assert again == first
-    items = store.outbox_items()
-    assert [i.id for i in items] == [first, other]
-    assert (items[0].body, items[0].attempts, items[0].last_error) == ({"seq": 2}, 0, None)
-    # Items without a key never merge.
-    store.outbox_put(path="/v1/other", body={})
-    assert len(store.outbox_items()) == 3
-
-
-def test_outbox_done(store: Store) -> None:
-    item = store.outbox_put(path="/v1/heartbeat", body={}, dedupe_key="hb")
-    store.outbox_done(item)
-    assert store.outbox_items() == []
-    store.outbox_done(item)
-    # A delivered key can be queued again.
-    assert store.outbox_put(path="/v1/heartbeat", body={}, dedupe_key="hb") != item
-
-
-def test_outbox_failed_counts_attempts(store: Store) -> None:
-    item = store.outbox_put(path="/v1/heartbeat", body={})
-    store.outbox_failed(item, error="timeout")
-    store.outbox_failed(item, error="503 Service Unavailable")
-    [pending] = store.outbox_items()
-    assert pending.attempts == 2
-    assert pending.last_error == "503 Service Unavailable"
-    assert pending.last_attempt_at is not None
-    store.outbox_failed(item + 1000, error="gone")
-
-
-def test_outbox_survives_reopen(state_dir: Path) -> None:
-    with Store.open(state_dir) as store:
-        store.outbox_put(path="/v1/heartbeat", body={"a": 1})
-    with Store.open(state_dir) as store:
-        assert [i.body for i in store.outbox_items()] == [{"a": 1}]

@@ -244,7 +244,7 @@ def test_timestamps_are_utc_iso8601(store: Store) -> None:
     run = store.begin_run(config_sha256="c", plan={})
     store.begin_action(run_id=run, op="pull", backend="ollama", canonical="a:1", model="a:1")
     store.record_command(command_id="c1", verb="pull", payload={})
-    store.outbox_put(path="/v1/heartbeat", body={})
+    store.job_begin("j1", model="a:1")
     last = store.last_apply()
     assert last is not None
     command = store.command_seen("c1")
@@ -255,7 +255,7 @@ def test_timestamps_are_utc_iso8601(store: Store) -> None:
         store.unfinished_actions()[0].started_at,
         command.received_at,
         command.updated_at,
-        store.outbox_items()[0].created_at,
+        store.jobs_unreported()[0].received_at,
     ]
     after = datetime.now(UTC)
     for stamp in stamps:

@@ -96,7 +96,8 @@ def test_every_part_of_the_store_reads_damage_as_empty(state_dir: Path) -> None:
         config_sha256="c", git_commit=None, converged=True, actions=1, failed=0, summary={}
     )
     store.record_command(command_id="c1", verb="model_install", payload={"model": "a"})
-    store.outbox_put(path="/x", body={"a": 1})
+    store.job_begin("j1", model="a")
+    store.job_finish("j1", {"status": "completed"})
     store.record_measured_vram(backend="ollama", canonical="a:latest", size_vram=5)
     store.close()
     damage: list[tuple[str, str, Callable[[Store], object], object]] = [
@@ -104,7 +105,8 @@ def test_every_part_of_the_store_reads_damage_as_empty(state_dir: Path) -> None:
         ("applies", "summary", lambda s: s.last_apply(), None),
         ("commands", "payload", lambda s: s.unreported_commands(), []),
         ("commands", "state", lambda s: s.command_seen("c1"), None),
-        ("outbox", "body", lambda s: s.outbox_items(), []),
+        ("jobs", "answer", lambda s: s.jobs_unreported(), []),
+        ("jobs", "state", lambda s: s.job_seen("j1"), None),
         ("measured_vram", "size_vram", lambda s: s.measured_vram(), {}),
     ]
     for table, column, read, empty in damage:
@@ -127,7 +129,9 @@ def _refill(state_dir: Path) -> None:
         )
         if store.command_seen("c1") is None:
             store.record_command(command_id="c1", verb="model_install", payload={"model": "a"})
-        store.outbox_put(path="/x", body={"a": 1}, dedupe_key="k")
+        if store.job_seen("j1") is None:
+            store.job_begin("j1", model="a")
+            store.job_finish("j1", {"status": "completed"})
 
 
 def test_a_store_follows_a_file_another_process_set_aside(state_dir: Path) -> None:

@@ -181,6 +181,12 @@ class Engines:
         rec = self.files.read(key)
         return None if rec is None else self._status(rec)
 
+    def address(self, key: str) -> tuple[str, str] | None:
+        """``(url, served name)`` of the engine recorded for ``key``, without asking it anything
+        (a chat learns soon enough whether it answers); None when there is no record."""
+        rec = self.files.read(key)
+        return None if rec is None else (self._url(rec.port), rec.spec.served_name)
+
     def log_tail(self, key: str, lines: int = 20) -> str:
         """The last ``lines`` lines of the engine's output in its current (or last) run."""
         return self.files.log_tail(key, lines)
