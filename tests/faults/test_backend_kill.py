@@ -29,7 +29,7 @@ from tests.integration.conftest import Node
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 MODELS = ["smollm2:135m", "qwen2.5:0.5b", "llama3.2:1b", "all-minilm:latest"]
-COUNT = trials(20)
+COUNT = trials(20, full=60)
 
 
 def _delete(node: Node, name: str) -> None:
@@ -67,36 +67,41 @@ def test_backend_killed_mid_pull(fnode: Node) -> None:
     rng = random.Random(9001)
     server = fnode.throttle(250_000)  # 60-200 KB models: pulls take a fraction of a second
     ledger = Ledger("backend killed mid-pull")
-    desired: set[str] = set()
     for _ in range(COUNT):
         ledger.trials += 1
-        before = installed(fnode)
-        target, delete = next_trial(rng, before)
-        if delete is not None:
-            _delete(fnode, delete)
+        with ledger.step("setup"):
             before = installed(fnode)
-        kept = target & before
-        write_config(fnode, sorted(target))
-        server.reset_requests()
-        proc = fnode.popen("apply", "--yes")
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and proc.poll() is None:
-            if any(r["path"] == "/api/pull" for r in server.requests()):
-                break
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.3))
-        server.restart(kill=True)
+            target, delete = next_trial(rng, before)
+            if delete is not None:
+                _delete(fnode, delete)
+                before = installed(fnode)
+            kept = target & before
+            write_config(fnode, sorted(target))
+            server.reset_requests()
+        with ledger.step("apply until /api/pull"):
+            proc = fnode.popen("apply", "--yes")
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and proc.poll() is None:
+                if any(r["path"] == "/api/pull" for r in server.requests()):
+                    break
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.3))
+        with ledger.step("restart"):
+            server.restart(kill=True)
         ledger.fault("backend SIGKILL + restart")
-        _out, err = proc.communicate(timeout=60)
+        with ledger.step("faulted apply ends"):
+            _out, err = proc.communicate(timeout=60)
         ledger.check("Traceback" not in err, f"traceback from the faulted apply: {err}")
         ledger.check(proc.returncode in (0, 1), f"faulted apply exited {proc.returncode}: {err}")
-        have = installed(fnode)
-        ledger.check(kept <= have, f"kept models lost: {sorted(kept - have)}")
-        extra = set(status(fnode)["advertised"]) - have
+        with ledger.step("status"):
+            have = installed(fnode)
+            ledger.check(kept <= have, f"kept models lost: {sorted(kept - have)}")
+            extra = set(status(fnode)["advertised"]) - have
         ledger.check(not extra, f"advertised after the fault, not installed: {sorted(extra)}")
 
-        out = run_cli(fnode, "apply", "--yes")
+        with ledger.step("apply"):
+            out = run_cli(fnode, "apply", "--yes")
         ledger.check(out.returncode == 0, f"the next apply failed: {out.stdout}{out.stderr}")
-        desired = target
-        ledger.converged_invariants(fnode, desired)
+        with ledger.step("converged"):
+            ledger.converged_invariants(fnode, target)
     ledger.assert_clean()

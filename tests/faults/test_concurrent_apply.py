@@ -11,14 +11,14 @@ from collections import Counter
 
 import pytest
 
-from tests.faults.conftest import Ledger, budget, installed, run_cli, trials, write_config
+from tests.faults.conftest import Ledger, budget, installed, run_cli, scaled, write_config
 from tests.integration.conftest import Node
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 MODELS = ["smollm2:135m", "qwen2.5:0.5b", "llama3.2:1b", "all-minilm:latest"]
 PROCESSES = 50
-ROUNDS = max(1, trials(20) // 20)
+ROUNDS = scaled(1, full=2, per=20)
 LOCK_MESSAGE = "holds the node lock"
 
 

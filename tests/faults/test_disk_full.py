@@ -25,7 +25,7 @@ import yaml
 
 from reconciler.backends import sources
 from reconciler.errors import PullFailed
-from tests.faults.conftest import Ledger, budget, node_env, trials
+from tests.faults.conftest import Ledger, budget, node_env, scaled
 from tests.integration.conftest import INFERNET
 from tests.servers.hub_harness import start_hub_server
 from tests.servers.tinygguf import write_tiny_gguf
@@ -33,7 +33,7 @@ from tests.servers.tinygguf import write_tiny_gguf
 pytestmark = pytest.mark.faults
 
 SIZE = 3 << 20  # the small filesystem
-COUNT = max(2, trials(20) // 10)
+COUNT = scaled(2, full=10, per=10)
 
 
 @contextlib.contextmanager

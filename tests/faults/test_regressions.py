@@ -153,3 +153,105 @@ def test_a_pull_finished_after_a_crash_is_owned_and_pruned(fnode: Any) -> None:
     out = fnode.run("apply", "--yes")
     assert out.returncode == 0, out.stderr
     assert installed(fnode) == {small}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_pull_that_failed_is_never_advertised_while_it_backs_off(
+    fnode: Any, tmp_path: Path
+) -> None:
+    """Found by the hostile-peer campaign: once a pull had failed, the daemon's next ticks
+    planned without the pull (it was backing off), so the heartbeat no longer saw it pending
+    and advertised the model it had failed to install."""
+    import time
+
+    from tests.faults.conftest import Beats, installed, wait_for, write_config
+    from tests.faults.test_watch_kill import Watch
+    from tests.integration.conftest import keygen
+    from tests.servers.controlplane_harness import start_control_plane
+
+    small, qwen = "smollm2:135m", "qwen2.5:0.5b"
+    fnode.server.fault(qwen, "error_mid", 1000)  # every pull of it fails
+    with start_control_plane(tmp_path / "cp") as cp:
+        keygen(fnode)
+        plane = {"url": cp.url, "key_file": str(fnode.tmp / "node.key"),
+                 "heartbeat_interval": "1s"}  # fmt: skip
+        write_config(fnode, [small, qwen], control_plane=plane)
+        watch = Watch(fnode, 0)
+        try:
+            wait_for("the failed pull", lambda: "next try in" in watch.text(), 60)
+            time.sleep(4)  # ticks while the pull backs off
+            assert "Traceback" not in watch.text()
+        finally:
+            watch.kill()
+        beats = Beats(cp).all()
+    served = [set(b["body"]["specs"]["served_models"]) for b in beats if b["body"].get("specs")]
+    assert served and small in served[-1], served
+    assert qwen not in installed(fnode)
+    assert [s for s in served if qwen in s] == [], "advertised while its pull backed off"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_an_unfinished_download_of_a_model_that_left_the_file_is_deleted(tmp_path: Path) -> None:
+    """Found by the hostile-peer campaign: a download cut off keeps its partial so that the
+    next try resumes; once the model left the file nothing ever tried again, and the partial
+    (up to the model's size) stayed in llama.cpp's folder for good."""
+    import subprocess
+
+    import yaml
+
+    from tests.faults.conftest import node_env
+    from tests.integration.conftest import INFERNET
+    from tests.servers.hub_harness import start_hub_server
+    from tests.servers.tinygguf import write_tiny_gguf
+
+    models = tmp_path / "models"
+    models.mkdir()
+    config, state = tmp_path / "infernet.yaml", tmp_path / "state"
+    env = {**node_env(tmp_path), "INFERNET_RETRY_BACKOFF": "0.01"}
+
+    def apply(*served: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        doc = {"served_models": list(served),
+               "backends": {"llamacpp": {"models_dir": str(models), "url": "http://127.0.0.1:9"}},
+               "budget": {"vram": "24GiB", "disk_reserve": "1MiB"},
+               "policy": {"allow_empty": True}}  # fmt: skip
+        config.write_text(yaml.safe_dump(doc))
+        return subprocess.run([INFERNET, "apply", "--yes", "-c", str(config), "--state-dir",
+                               str(state)], capture_output=True, text=True, env=env, timeout=90,
+                              stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+
+    with start_hub_server(tmp_path / "hub", tmp_path / "hub-root") as hub:
+        hub.files_dir.mkdir(parents=True, exist_ok=True)
+        size = write_tiny_gguf(hub.files_dir / "cut.gguf", name="cut", hidden=256, layers=4)
+        hub.fault("*/cut.gguf", "cut", after_bytes=size // 10, times=100)  # 4 tries: 40 %
+        out = apply({"name": "cut.gguf", "backend": "llamacpp", "source": hub.file_url("cut.gguf")})
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr
+        assert ".cut.gguf.part" in {p.name for p in models.iterdir()}  # kept to resume
+        out = apply()  # the model leaves the file
+        assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(p.name for p in models.iterdir()) == []
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_daemon_started_on_a_broken_file_serves_what_apply_last_applied(fnode: Any) -> None:
+    """Found by the hostile-peer campaign: only ``watch`` kept the last valid file, so a daemon
+    started while the file was broken served the version an earlier daemon had kept, older
+    than what ``apply`` had applied since, and pulled the model that apply had removed."""
+    from tests.faults.conftest import installed, write_config
+
+    small, qwen = "smollm2:135m", "qwen2.5:0.5b"
+    write_config(fnode, [small, qwen])
+    out = fnode.run("watch", "--once")  # a daemon keeps this version
+    assert out.returncode == 0, out.stderr
+    write_config(fnode, [small])
+    out = fnode.run("apply", "--yes")  # qwen leaves the file and the node
+    assert out.returncode == 0, out.stderr
+    assert installed(fnode) == {small}
+    fnode.config.write_text("backends:\n" + "[" * 2000 + "\n")
+    out = fnode.run("watch", "--once")
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "last valid version" in out.stderr, out.stderr
+    assert installed(fnode) == {small}, "the daemon served a version older than the last apply"

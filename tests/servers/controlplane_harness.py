@@ -90,15 +90,15 @@ class ControlPlaneServer(Closing):
         resp.raise_for_status()
         return resp.json()
 
-    def received(self) -> list[dict[str, Any]]:
-        """Every node request since the last reset, oldest first.
+    def received(self, since: int = 0) -> list[dict[str, Any]]:
+        """Every node request since the last reset, oldest first (from the ``since``-th on).
 
         Each is ``{method, path, body (parsed JSON or None), raw, pubkey (verified, else
         None), status (0: connection dropped), error, time}``; ``time`` is when the answer
         was ready (just before it is sent). A ``/jobs/poll`` answered 200 also has ``jobs``:
         the ids its answer carried.
         """
-        result: list[dict[str, Any]] = self._call("GET", "/_test/requests")
+        result: list[dict[str, Any]] = self._call("GET", f"/_test/requests?since={since}")
         return result
 
     def heartbeats(self) -> list[dict[str, Any]]:
@@ -209,11 +209,19 @@ class ControlPlaneServer(Closing):
         }
         return str(self._call("POST", "/_test/jobs", body)["id"])
 
-    def create_jobs(self, count: int, pubkey: str | None = None, **fields: Any) -> list[str]:
+    def create_jobs(
+        self,
+        count: int,
+        pubkey: str | None = None,
+        *,
+        each: list[dict[str, Any]] | None = None,
+        **fields: Any,
+    ) -> list[str]:
         """``count`` jobs as :meth:`create_job` makes them, inserted at once (a poll sees all
-        or none of them); their ids."""
+        or none of them); ``each[i]`` overrides fields of the i-th. Their ids."""
         body = {"pubkey": pubkey} | fields
-        rows = self._call("POST", "/_test/job_batch", {"jobs": [body] * count})
+        bodies = [body | (each[i] if each else {}) for i in range(count)]
+        rows = self._call("POST", "/_test/job_batch", {"jobs": bodies})
         return [str(row["id"]) for row in rows]
 
     def assign_job(self, job_id: str, pubkey: str) -> dict[str, Any]:

@@ -12,7 +12,8 @@ Node routes (signed POSTs, verified as ``packages/auth/src/signed-request.js`` a
 This module checks the signature independently of the reconciler's client code, so a
 mistake there can't be mirrored here.
 
-Test routes (unsigned, never logged, never down): ``GET /_test/requests``,
+Test routes (unsigned, never logged, never down): ``GET /_test/requests[?since=N]`` (the
+log from entry ``N`` on, so a long test can fetch only what is new),
 ``GET /_test/nodes``, ``POST /_test/reset``, ``POST /_test/commands {pubkey, command, args}``,
 ``GET /_test/commands/<id>``, ``POST /_test/commands/<id>/cancel``,
 ``POST /_test/down {seconds|null, mode, interval, size}``, ``POST /_test/clock {offset}``,
@@ -49,7 +50,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 from tests.servers import controlplane_jobs
 from tests.servers.controlplane_jobs import DropConnection
@@ -332,8 +333,10 @@ class Handler(BaseHTTPRequestHandler):
         store = STATE.store
         if path.startswith(("/_test/job", "/_test/chats", "/_test/providers", "/_test/pick")):
             return controlplane_jobs.test_route(store.jobs, self.command, path, body)
+        path, _, query = path.partition("?")
         if path == "/_test/requests":
-            return store.log_copy()
+            since = parse_qs(query).get("since", ["0"])[0]
+            return store.log_copy(int(since) if since.isdigit() else 0)
         if path == "/_test/nodes":
             return store.nodes()
         if path == "/_test/reset":

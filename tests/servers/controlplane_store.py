@@ -292,6 +292,8 @@ class Store:
         with self.lock:
             self.requests.append({**entry, "time": time.time()})
 
-    def log_copy(self) -> list[dict[str, Any]]:
+    def log_copy(self, since: int = 0) -> list[dict[str, Any]]:
+        """The log from entry ``since`` on (a campaign polling it every 50 ms for hours must
+        not copy and send the whole of it every time)."""
         with self.lock:
-            return [dict(e) for e in self.requests]
+            return [dict(e) for e in self.requests[since:]]

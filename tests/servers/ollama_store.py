@@ -126,7 +126,7 @@ class Store:
 
     def manifests_list(self) -> list[LocalManifest]:
         out = []
-        for path in sorted(self.manifests.glob("*/*/*/*")):
+        for path in sorted(self._manifest_paths()):
             name = Name(*path.relative_to(self.manifests).parts)
             if not path.is_file() or not name.is_valid():
                 continue
@@ -139,6 +139,16 @@ class Store:
             if isinstance(data, dict):
                 out.append(LocalManifest(name, path, raw, data, mtime))
         return out
+
+    def _manifest_paths(self) -> list[Path]:
+        """``manifests/*/*/*/*``; a folder a delete removes meanwhile is skipped, as Ollama's
+        listing does (``Path.glob`` raised, and ``/api/tags`` answered 500 during a delete)."""
+        for _ in range(10):
+            try:
+                return list(self.manifests.glob("*/*/*/*"))
+            except FileNotFoundError:
+                continue
+        return []
 
     def find(self, name: Name) -> LocalManifest | None:
         """The manifest for ``name``, matched case-insensitively."""

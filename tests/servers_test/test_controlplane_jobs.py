@@ -381,6 +381,8 @@ def test_create_jobs_inserts_them_all_at_once(cp: ControlPlaneServer, node: Sign
         assert all(models.count(m) == 8 for m in models), models
     row = cp.job(ids[0])
     assert (row["model_name"], row["input_spec"]["max_tokens"]) == ("m:2", None)
+    mixed = cp.create_jobs(2, node.pubkey, model_name="m:1", each=[{}, {"model_name": "m:9"}])
+    assert [cp.job(j)["model_name"] for j in mixed] == ["m:1", "m:9"]
 
 
 def test_the_request_log_says_which_jobs_each_poll_answer_carried(
