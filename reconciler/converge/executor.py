@@ -3,16 +3,18 @@
 Ordering and safety (contract §4):
 
 * pulls (``policy.parallel_pulls`` at once) and updates first, each verified before it counts;
-* pins and unpins next;
+* pins and unpins next (an engine-served model's "pin" starts its engine);
+* then the canaries: each new model answers a one-token generation before it is advertised;
 * removals last, and only when every pull succeeded (make before break): before any weights
-  are deleted the shrunken advertised list is handed to ``withdraw`` (the heartbeat), and each
-  model is unloaded before it is deleted;
+  are deleted the shrunken advertised list is handed to ``withdraw`` (the heartbeat), the jobs
+  running on them are drained (``drain``), and each model is unloaded before it is deleted;
 * one failed action doesn't stop independent ones; retryable failures are retried here and
   nowhere else, with a capped exponential backoff;
 * every action is journalled, so an apply killed halfway is rolled forward by the next one
   (the next plan is computed from what is really installed).
 
-At the end the node is observed again and the result says whether it converged.
+The caller then observes the node again (the session: the executor never reaches back up) and
+``settle`` records whether the run converged.
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from reconciler.backends.base import Backend, Served
-from reconciler.errors import BackendError, InfernetError, one_line
+from reconciler.errors import InfernetError, one_line
 from reconciler.events import Event, Kind, Progress, ignore
 from reconciler.limits import PEER_TEXT
 from reconciler.model import Action, BackendKind, ModelFacts, ModelKey, Observed, Op, Plan
 from reconciler.names import addressed, key
 from state import StatusKey, Store, clock
 
-Reobserve = Callable[[], tuple[Observed, Plan]]
 Verified = frozenset[tuple[BackendKind, str]]
 """``(backend, canonical)`` of the models whose canary answered in this apply."""
 Withdraw = Callable[[tuple[Action, ...], Verified], str | None]
@@ -51,6 +52,15 @@ class Outcome:
     result: str  # ok | failed | skipped
     error: str | None = None
     attempts: int = 1
+
+
+@dataclass(frozen=True)
+class Executed:
+    """What ``execute`` did: its journal run, the actions' outcomes, the canaries answered."""
+
+    run_id: str
+    outcomes: tuple[Outcome, ...]
+    verified: Verified
 
 
 @dataclass(frozen=True)
@@ -180,8 +190,9 @@ class Executor:
 
     # ---- the run
 
-    def execute(self, plan: Plan, reobserve: Reobserve | None = None) -> Result:
-        """Apply ``plan``'s actions in the safe order, then observe again."""
+    def execute(self, plan: Plan) -> Executed:
+        """Apply ``plan``'s actions and canaries in the safe order (``settle`` records how the
+        run ended, from the observation the caller makes after it)."""
         interrupted = self.store.unfinished_actions()
         if interrupted:
             names = ", ".join(sorted({f"{e.op} {e.model}" for e in interrupted}))
@@ -229,32 +240,30 @@ class Executor:
             for action in removals:
                 outcomes.append(self._run(action, run_id, partial(self._remove, action)))
 
-        final: Plan | None = None
-        observed: Observed | None = None
-        converged = False
-        if reobserve is not None:
-            try:
-                observed, final = reobserve()
-            except BackendError as exc:
-                self.progress(Event(Kind.NOTE, message=f"could not observe after apply: {exc}"))
-            else:
-                converged = not final.actions and not final.errors
-                self._record_measured(observed)
-        self.store.finish_run(run_id, converged=converged)
-        failed = sum(1 for o in outcomes if o.result == "failed")
+        return Executed(run_id, tuple(outcomes), verified)
+
+    def settle(self, plan: Plan, done: Executed, after: tuple[Observed, Plan] | None) -> Result:
+        """Record how the run of ``plan`` ended: converged when the node observed ``after`` it
+        needs nothing more (None: it could not be observed); the measured VRAM of what is
+        loaded is kept for the budget."""
+        observed, final = after if after is not None else (None, None)
+        converged = final is not None and not final.actions and not final.errors
+        if observed is not None:
+            self._record_measured(observed)
+        self.store.finish_run(done.run_id, converged=converged)
+        failed = sum(1 for o in done.outcomes if o.result == "failed")
+        advertised = final.advertised if final else plan.advertised
         self.store.record_apply(
             config_sha256=plan.source.sha256,
             git_commit=plan.source.git_commit,
             converged=converged,
-            actions=len(outcomes),
+            actions=len(done.outcomes),
             failed=failed,
-            summary={"advertised": list(final.advertised if final else plan.advertised)},
+            summary={"advertised": list(advertised)},
         )
-        outcome = "converged" if converged else "not_converged"
-        self.progress(Event(Kind.CONVERGED, outcome=outcome))
-        advertised = final.advertised if final else plan.advertised
+        self.progress(Event(Kind.CONVERGED, outcome="converged" if converged else "not_converged"))
         return Result(
-            tuple(outcomes), converged, final, advertised, verified=verified, observed=observed
+            done.outcomes, converged, final, advertised, verified=done.verified, observed=observed
         )
 
     def _canaries(self, plan: Plan, outcomes: list[Outcome]) -> Verified:

@@ -20,7 +20,7 @@ from reconciler.backends.driver import OpenAdapters
 from reconciler.controlplane.heartbeat import WITHDRAW_TIMEOUT, Heartbeater, report
 from reconciler.converge.executor import Drain, Executor, Result, Verified
 from reconciler.converge.observe import observe
-from reconciler.errors import ConfigError
+from reconciler.errors import BackendError, ConfigError
 from reconciler.events import Event, Kind, Progress, ignore
 from reconciler.model import (
     Action,
@@ -377,7 +377,13 @@ class Session:
             backoff=retry_backoff(),
             cancel=cancel or threading.Event(),
         )
-        result = executor.execute(the_plan, self.observe_and_plan)
+        done = executor.execute(the_plan)
+        try:
+            after: tuple[Observed, Plan] | None = self.observe_and_plan()
+        except BackendError as exc:
+            progress(Event(Kind.NOTE, message=f"could not observe after apply: {exc}"))
+            after = None
+        result = executor.settle(the_plan, done, after)
         if result.final is not None:
             beat = self.heartbeat(
                 result.final, observed, converged=result.converged, progress=progress
