@@ -10,9 +10,12 @@
    edits of 4), and its RSS over ``--reconciles`` SIGHUP reconciles (``bench/daemon_soak.py``).
 6. VRAM/memory estimate vs measured: the recorded runs in ``bench/results/`` re-scored
    (``bench/accuracy.py --rescore``); ``--rerun-accuracy`` also repeats the CPU run (~6 min).
+7. Serving jobs (issue 15, ``bench/jobs_bench.py``): overhead against the backend called
+   directly, pick-up latency and request rate, exactly once against the real daemon's loop;
+   its own "Serving jobs" section (~10 min; quick: under a minute).
 
-    .venv/bin/python -m bench.all            # the full run: ~17 min on 2 cores, 10 min idle
-    .venv/bin/python -m bench.all --quick    # ~6 min: 60 s idle, fewer repetitions
+    .venv/bin/python -m bench.all            # the full run: ~27 min on 2 cores, 10 min idle
+    .venv/bin/python -m bench.all --quick    # ~7 min: 60 s idle, fewer repetitions
 
 Writes ``bench/out/all.json`` (raw numbers; ``bench/out/`` is not tracked), ``bench/
 plan_scaling.png`` and ``bench/watch_latency.png``, and appends a dated section to
@@ -40,7 +43,7 @@ OUT = ROOT / "bench" / "out"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 PLAN_PNG = ROOT / "bench" / "plan_scaling.png"
 WATCH_PNG = ROOT / "bench" / "watch_latency.png"
-ITEMS = (1, 2, 3, 4, 5, 6)
+ITEMS = (1, 2, 3, 4, 5, 6, 7)
 
 
 # --------------------------------------------------------------------------- the machine
@@ -149,6 +152,8 @@ def accuracy(rerun: bool, threads: int) -> dict[str, Any]:
 
 
 def plots(data: dict[str, Any]) -> list[Path]:
+    if not (data.get("plan_scaling") or data.get("watch")):
+        return []  # nothing to draw (``--only 7``): no need for matplotlib
     import matplotlib
 
     matplotlib.use("Agg")
@@ -398,6 +403,30 @@ def summary_table(data: dict[str, Any]) -> str:
         rows.append(("5", f"RSS MB over {soak['sighups']} reconciles", rss))
     for name, a in (data.get("accuracy") or {}).items():
         rows.append(("6", name, f"{a['passed']}/{a['rows']} within +0..10 %"))
+    for key, d in ((data.get("jobs") or {}).get("overhead") or {}).items():
+        ratio = d["tokens_per_s_ratio"]
+        rows.append(
+            (
+                "7",
+                f"overhead {key}",
+                f"+{d['added_ttft_p50_s'] * 1000:.1f} ms first token (p50), "
+                + (f"{ratio:.3f}× tokens/s" if ratio is not None else "tokens/s n/a"),
+            )
+        )
+    for run in ((data.get("jobs") or {}).get("pickup") or {}).get("runs", []):
+        rows.append(
+            (
+                "7",
+                f"pick-up, poll {run['poll_interval']}",
+                f"p50 {run['p50_s']:.2f} s, p99 {run['p99_s']:.2f} s",
+            )
+        )
+    once = (data.get("jobs") or {}).get("once")
+    if once:
+        cells = (
+            f"infernet {once['infernet']['meta_events']}, replica {once['replica']['meta_events']}"
+        )
+        rows.append(("7", "runs of a job longer than a poll", cells))
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows)
 
@@ -440,6 +469,10 @@ def main() -> int:
         data = json.loads(Path(args.replot).read_text())
         plots(data)
         print(report(data, args))
+        if data.get("jobs"):
+            from bench import jobs_bench
+
+            print(jobs_bench.report(data["jobs"], data["machine"], data["command"], args.replot))
         print(summary_table(data))
         return 0
     sys.path.insert(0, str(ROOT))
@@ -473,12 +506,23 @@ def main() -> int:
         data["soak"] = daemon_soak.soak(args.reconciles, max(1, args.reconciles // 10))
     if step("memory estimate vs measured (recorded runs)", 6):
         data["accuracy"] = accuracy(args.rerun_accuracy, min(4, os.cpu_count() or 1))
+    if step("serving jobs (bench/jobs_bench.py)", 7):
+        from bench import jobs_bench
+
+        data["jobs"] = jobs_bench.run(args.quick)
     data["seconds"] = time.monotonic() - started
 
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "all.json").write_text(json.dumps(data, indent=1))
     made = plots(data)
-    section = report(data, args)
+    section = report(data, args) if only - {7} else ""
+    if data.get("jobs"):
+        from bench import jobs_bench
+
+        raw = "bench/out/all.json"
+        section += ("\n" if section else "") + jobs_bench.report(
+            data["jobs"], data["machine"], command, raw
+        )
     (OUT / "all.md").write_text(section)
     if not args.no_results:
         with RESULTS.open("a") as f:

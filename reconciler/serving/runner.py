@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -70,7 +70,7 @@ class JobClient(Protocol):
 class JobLedger(Protocol):
     """The state store's job book (``state.jobs``)."""
 
-    def job_begin(self, job_id: str, *, model: str | None) -> bool: ...
+    def jobs_begin(self, jobs: Sequence[tuple[str, str | None]]) -> set[str]: ...
 
     def job_finish(self, job_id: str, answer: dict[str, Any]) -> None: ...
 
@@ -220,15 +220,19 @@ class JobRunner:
         if self._poll_failing:
             log.info("job poll works again")
         self._poll_failing = False
-        taken = []
+        fresh: dict[str, Job] = {}
         for row in rows[:POLL_LIMIT]:
             job = parse_row(row)
-            if job is None or self._in_flight(job.id):
-                continue
-            if not self.ledger.job_begin(job.id, model=job.model_name):
-                continue  # taken before (an owed answer goes out in deliver_owed)
-            taken.append(job.id)
-            self._take(job)
+            if job is not None and job.id not in fresh and not self._in_flight(job.id):
+                fresh[job.id] = job
+        if not fresh:
+            return []
+        # Entered before any runs, in one commit: a job known already was taken before (an
+        # owed answer goes out in deliver_owed) and is never run again.
+        entered = self.ledger.jobs_begin([(j.id, j.model_name) for j in fresh.values()])
+        taken = [job_id for job_id in fresh if job_id in entered]
+        for job_id in taken:
+            self._take(fresh[job_id])
         return taken
 
     def _in_flight(self, job_id: str) -> bool:

@@ -60,6 +60,10 @@ class ControlPlaneServer(Closing):
             self._proc, what="control-plane test server", stderr=self.stderr, give_up=self.close
         )
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
     def stderr(self) -> str:
         try:
             return self._stderr_path.read_text("utf-8", "replace")
@@ -114,9 +118,12 @@ class ControlPlaneServer(Closing):
         result: list[dict[str, Any]] = self._call("GET", "/_test/nodes")
         return result
 
-    def enqueue_command(self, pubkey: str, command: str, args: dict[str, Any] | None = None) -> str:
-        """Queue a command for ``pubkey`` as an owner would; returns its id."""
-        body = {"pubkey": pubkey, "command": command, "args": args or {}}
+    def enqueue_command(
+        self, pubkey: str, command: str, args: dict[str, Any] | None = None, *, shape: str = ""
+    ) -> str:
+        """Queue a command for ``pubkey`` as an owner would; returns its id. ``shape="flat"``
+        hands it to the node as the seed writes one: ``{id, type, model, issued_at}``."""
+        body = {"pubkey": pubkey, "command": command, "args": args or {}, "shape": shape}
         return str(self._call("POST", "/_test/commands", body)["id"])
 
     def command(self, command_id: str) -> dict[str, Any]:

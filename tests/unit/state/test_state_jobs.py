@@ -29,6 +29,14 @@ def test_a_job_is_taken_once(store: Store) -> None:
     assert store.job_seen("other") is None
 
 
+def test_a_polls_jobs_are_entered_together_and_each_once(store: Store) -> None:
+    store.job_begin("old", model="m")
+    entered = store.jobs_begin([("old", "m"), ("a", "m"), ("b", None), ("a", "m")])
+    assert entered == {"a", "b"}  # "old" was taken before; "a" twice in one poll is one job
+    assert store.jobs_begin([("a", "m"), ("b", None)]) == set()
+    assert [r.job_id for r in store.jobs_unreported()] == ["old", "a", "b"]
+
+
 def test_an_answer_is_owed_until_reported(store: Store) -> None:
     store.job_begin("j1", model=None)
     store.job_begin("j2", model="m")
