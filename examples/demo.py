@@ -119,7 +119,10 @@ def main() -> int:
                 _step("do it, with progress", "apply", "--yes", "--verbose", **run) == 0,
                 _step("where the node stands", "status", **run) == 0,
                 _step("idempotent: nothing left to do", "plan", "--detailed-exitcode", **run) == 0,
-                _step("remove one model by name", "model", "remove", "tiny-code.gguf", **run) == 0,
+                _step(
+                    "remove one model by name", "model", "remove", "tiny-code.gguf", "--yes", **run
+                )
+                == 0,
                 _step("the inventory now", "model", "list", **run) == 0,
             ]
             listed = sorted(p.name for p in models.iterdir())

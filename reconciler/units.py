@@ -2,9 +2,11 @@
 
 The grammar here is the one the JSON Schema's patterns describe (``$defs/size``,
 ``$defs/duration``, ``$defs/keep_alive``), so an editor that validates against the schema and
-``infernet validate`` agree. Sizes use both decimal (``GB`` = 10^9, as ``nvidia-smi`` and model
-cards print) and binary (``GiB`` = 2^30, as Ollama prints) units because users copy numbers from
-both; durations follow Go's ``time.ParseDuration`` subset that Ollama's ``keep_alive`` accepts.
+``infernet validate`` agree. Sizes use both decimal (``GB`` = 10^9, as ``ollama list`` and model
+cards print) and binary (``GiB`` = 2^30, as GPUs are sold and ``nvidia-smi`` counts) units
+because users copy numbers from both; durations follow Go's ``time.ParseDuration`` subset that
+Ollama's ``keep_alive`` accepts. Shown back, download and model sizes are decimal
+(``format_size``) and VRAM binary (``format_bytes``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ KEEP_ALIVE_HINT = (
 )
 
 _BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+_DECIMAL_UNITS = ("KB", "MB", "GB", "TB", "PB")
 
 
 def parse_size(value: int | str) -> int:
@@ -122,7 +125,7 @@ def parse_keep_alive(value: int | float | str) -> float:
 
 
 def format_bytes(n: int) -> str:
-    """Binary units with one decimal, as Ollama prints them: ``8.4 GiB``, ``512 B``."""
+    """Binary units with one decimal, for VRAM: ``8.4 GiB``, ``512 B``."""
     sign = "-" if n < 0 else ""
     try:
         size = float(abs(n))
@@ -136,6 +139,27 @@ def format_bytes(n: int) -> str:
             return f"{sign}{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def format_size(n: int | float) -> str:
+    """Decimal units as ``ollama list`` prints sizes, so they read like what operators compare
+    them with: ``9.0 GB``, ``274 MB``, ``42 GB``, ``512 B`` (one decimal below ten, whole
+    numbers from ten, cut rather than rounded). VRAM is not a size of this kind: it stays in
+    binary units (``format_bytes``), as GPUs are sold and ``nvidia-smi`` counts."""
+    sign = "-" if n < 0 else ""
+    try:
+        value = float(abs(n))
+    except OverflowError:  # past float range: only a mistyped file gets here
+        return f"{sign}{len(str(abs(int(n))))}-digit number of bytes"
+    if value < 1000:
+        return f"{sign}{int(value)} B"
+    for unit in _DECIMAL_UNITS:
+        value /= 1000
+        if value < 1000 or unit == _DECIMAL_UNITS[-1]:
+            break
+    if value >= 10 or value == int(value):
+        return f"{sign}{int(value)} {unit}"
+    return f"{sign}{value:.1f} {unit}"
 
 
 def format_duration(seconds: float) -> str:

@@ -106,6 +106,16 @@ class Store(Journal, Ledger, JobBook):
                 "DELETE FROM pins WHERE backend = ? AND canonical = ?", (backend, canonical)
             )
 
+    def forget_owned(self, *, backend: str, canonical: str) -> bool:
+        """Stop owning a model without touching it (``infernet state forget``): prune then
+        treats it as any model infernet did not install. Only the ownership row goes: a pin
+        or a protection stays what it is. False when it was not owned."""
+        with self._writing() as conn:
+            gone = conn.execute(
+                "DELETE FROM owned WHERE backend = ? AND canonical = ?", (backend, canonical)
+            ).rowcount
+        return bool(gone)
+
     def set_pinned(self, *, backend: str, canonical: str, pinned: bool) -> None:
         """Records that we pinned (or unpinned) a model; it need not be one we own."""
         with self._writing() as conn:

@@ -80,10 +80,21 @@ class Driver:
     """Where a pull of this kind comes from, shown in plans (default: the file's ``source``)."""
     remote_install_problem: Callable[[str, Desired], str | None] | None = None
     """Why a remote command may not install this name on this kind, or None."""
+    title: str = ""
+    """The backend's name as people write it (``llama.cpp``); the kind when empty."""
+    gguf_quantization: bool = True
+    """Whether ``quantization:`` names a GGUF quantization (validated, and checked against
+    the artifact). Engines' repositories carry no quantization infernet reads: their
+    ``quantization:`` is the operator's note (AWQ, GPTQ, FP8…), not checked."""
 
     @property
     def value(self) -> str:
         return self.kind.value
+
+    @property
+    def shown(self) -> str:
+        """``title``, or the kind's name when the driver gives none."""
+        return self.title or self.kind.value
 
 
 @dataclass(frozen=True)

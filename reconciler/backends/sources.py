@@ -50,6 +50,7 @@ from reconciler.backends import hub, ranged
 from reconciler.backends.gguf import meta as ggufmeta
 from reconciler.errors import BackendError, ModelNotFound, PullFailed, TransientBackendError
 from reconciler.model import ModelFacts
+from reconciler.units import format_size
 
 Progress = Callable[[str, int | None, int | None], None]
 CHUNK = 1 << 20
@@ -333,7 +334,7 @@ def _keep_reserve(dest: Path, reserve: int, remaining: int) -> None:
     if free - remaining < reserve:
         raise _Refused(
             f"disk full at {dest.parent}: downloading {dest.name} would leave less than "
-            f"budget.disk_reserve ({reserve / (1 << 30):.2f} GiB) free; the partial download "
+            f"budget.disk_reserve ({format_size(reserve)}) free; the partial download "
             "was deleted: free space or lower the models kept"
         )
 

@@ -12,11 +12,13 @@ import os
 import sys
 from typing import Any
 
+from reconciler.cli import terminal
 from reconciler.cli.commands import (
     EXIT_ERROR,
+    EXIT_OK,
     cmd_apply,
+    cmd_completion,
     cmd_keygen,
-    cmd_model,
     cmd_plan,
     cmd_schema,
     cmd_status,
@@ -25,6 +27,8 @@ from reconciler.cli.commands import (
     err,
     state_dir,
 )
+from reconciler.cli.models import cmd_model
+from reconciler.cli.ownership import cmd_adopt, cmd_state
 from reconciler.cli.parser import build_parser
 from reconciler.errors import ConfigError, InfernetError, ValidationError
 
@@ -37,16 +41,24 @@ COMMANDS = {
     "model": cmd_model,
     "keygen": cmd_keygen,
     "watch": cmd_watch,
+    "adopt": cmd_adopt,
+    "state": cmd_state,
+    "completion": cmd_completion,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``infernet`` console script."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except InfernetError as exc:  # a --backend choice is checked against the backend registry
         err(str(exc))
         return EXIT_ERROR
+    if args.command is None:  # a bare ``infernet``: the help, as ollama and kubectl print it
+        parser.print_help()
+        return EXIT_OK
+    terminal.configure(quiet=args.quiet, no_color=args.no_color)
     try:
         try:
             code = COMMANDS[args.command](args)

@@ -9,14 +9,16 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reconciler.errors import PlanError, ValidationError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from reconciler.converge.apply import SavedPlan
-    from reconciler.converge.edits import Edit
     from reconciler.converge.session import Session
     from reconciler.model import Desired, Plan
     from state import NodeLock
@@ -57,7 +59,9 @@ def _lock(args: argparse.Namespace, purpose: str) -> NodeLock:
 
 
 def err(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    from reconciler.cli import terminal
+
+    terminal.error(message)
 
 
 def _confirm(prompt: str) -> bool:
@@ -65,7 +69,11 @@ def _confirm(prompt: str) -> bool:
         raise PlanError(
             "refusing to apply without confirmation: stdin is not a terminal; pass --yes"
         )
-    answer = input(f"{prompt} Only 'yes' will be accepted: ")
+    try:
+        answer = input(f"{prompt} Only 'yes' will be accepted: ")
+    except EOFError:  # the terminal closed (Ctrl-D): no answer is not a yes
+        print(file=sys.stderr)
+        return False
     return answer.strip() == "yes"
 
 
@@ -77,16 +85,30 @@ def _emit_plan(plan: Plan, args: argparse.Namespace) -> None:
 
         render.print_json(to_document(plan))
     else:
-        print(render.render_plan(plan, verbose=getattr(args, "verbose", False)), flush=True)
+        _show_plan(plan, verbose=getattr(args, "verbose", False))
+
+
+def _show_plan(plan: Plan, *, verbose: bool = False, always: bool = False) -> None:
+    """The plan for a person; with ``--quiet`` only its errors, unless ``always`` (a plan
+    about to be confirmed is shown: nobody answers a question about what they can't see)."""
+    from reconciler.cli import render, terminal
+
+    if terminal.quiet() and not always:
+        for problem in plan.errors:
+            err(problem)
+        return
+    terminal.show(render.render_plan(plan, verbose=verbose), always=always)
 
 
 # --------------------------------------------------------------------------- commands
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """validate: every problem on its own line; exit 0 or 1."""
+    """validate: every problem on its own line (or one JSON document); exit 0 or 1."""
     from reconciler.config import desired
 
+    if args.json:
+        return _validate_json(args)
     path = desired.locate(args.config)
     try:
         loaded = desired.load(path)
@@ -94,8 +116,38 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_ERROR
-    print(f"{path}: valid ({len(loaded.models)} served models)")
+    from reconciler.cli import terminal
+
+    terminal.show(f"{path}: valid ({len(loaded.models)} served models)")
     return EXIT_OK
+
+
+def _validate_json(args: argparse.Namespace) -> int:
+    """``validate --json``: ``{path, valid, served_models, errors[{file, line, column,
+    message}]}`` on stdout, also when the file is missing or unreadable (line and column null),
+    so a CI step or an editor reads one shape whatever went wrong."""
+    from reconciler.cli import render
+    from reconciler.config import desired
+    from reconciler.errors import ConfigError
+
+    where: str | None = args.config
+    errors: list[dict[str, object]] = []
+    count = 0
+    try:
+        path = desired.locate(args.config)
+        where = str(path)
+        count = len(desired.load(path).models)
+    except ValidationError as exc:
+        errors = [
+            {"file": p.file, "line": p.line, "column": p.column, "message": p.message}
+            for p in exc.problems
+        ]
+    except ConfigError as exc:
+        errors = [{"file": where, "line": None, "column": None, "message": str(exc)}]
+    render.print_json(
+        {"path": where, "valid": not errors, "served_models": count, "errors": errors}
+    )
+    return EXIT_ERROR if errors else EXIT_OK
 
 
 def cmd_schema(_args: argparse.Namespace) -> int:
@@ -117,10 +169,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.out:
         from reconciler.planning.document import write_document
 
-        write_document(plan, Path(args.out))
-        print(
+        # The absolute path: `infernet apply PLAN` re-reads the file from wherever it is run.
+        source = replace(plan.source, path=os.path.abspath(plan.source.path))
+        write_document(replace(plan, source=source), Path(args.out))
+        from reconciler.cli import terminal
+
+        terminal.show(
             f"Saved the plan to {args.out}; apply it with: infernet apply {args.out}",
-            file=sys.stderr,
+            sys.stderr,
         )
     if plan.errors:
         return EXIT_ERROR
@@ -133,11 +189,13 @@ def run_apply(
     *,
     saved: SavedPlan | None = None,
     force_remove: frozenset[str] = frozenset(),
-    confirm: bool = True,
+    confirm: bool | Callable[[], bool] = True,
 ) -> int:
     """One apply (``converge.apply``), shown and reported here; the caller holds the node lock
-    (``_lock``), taken before it read the file."""
-    from reconciler.cli import render
+    (``_lock``), taken before it read the file. ``confirm``: ask "Apply these changes?" (True),
+    don't (False), or ask this way (after the plan is shown, unless ``--yes``)."""
+    from reconciler.cli import render, terminal
+    from reconciler.cli.progress import ProgressPrinter
     from reconciler.converge.apply import apply
     from reconciler.converge.session import summary
 
@@ -145,19 +203,20 @@ def run_apply(
 
     def show(plan: Plan) -> None:
         if not json_lines:
-            print(render.render_plan(plan), flush=True)
+            _show_plan(plan, always=asked)
         elif plan.errors:
             _emit_plan(plan, args)
 
-    asked = confirm and not args.yes
-    printer = render.ProgressPrinter(json_lines=json_lines, verbose=getattr(args, "verbose", False))
+    asked = confirm is not False and not args.yes
+    ask = confirm if callable(confirm) else (lambda: _confirm("Apply these changes?"))
+    printer = ProgressPrinter(json_lines=json_lines, verbose=getattr(args, "verbose", False))
     try:
         applied = apply(
             session,
             saved=saved,
             show=show,
             progress=printer,
-            confirm=(lambda: _confirm("Apply these changes?")) if asked else None,
+            confirm=ask if asked else None,
             allow_destroy=getattr(args, "allow_destroy", False),
             refresh=getattr(args, "refresh", False),
             force_remove=force_remove,
@@ -187,7 +246,7 @@ def run_apply(
         )
         return EXIT_ERROR
     if not json_lines:
-        print(
+        terminal.show(
             f"Apply complete: {len(result.outcomes)} actions. Advertised: "
             f"{', '.join(result.advertised) or '(nothing)'}"
         )
@@ -211,8 +270,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """status: desired vs installed vs loaded vs advertised, budget, last apply."""
-    from reconciler.cli import render
-    from reconciler.cli.status import build_status, render_status
+    from reconciler.cli import render, terminal
+    from reconciler.cli.status import build_status, render_status, verdict
     from reconciler.config import desired
     from reconciler.converge.session import load_or_last_valid
 
@@ -223,102 +282,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         observed, plan = session.observe_and_plan()
         doc = build_status(session, observed, plan)
     doc["config_error"] = config_error
+    errors, pending = verdict(doc)
+    doc["converged"] = not errors and not pending
     if args.json:
         render.print_json(doc)
     else:
-        print(render_status(doc))
-    return EXIT_OK
-
-
-def cmd_model(args: argparse.Namespace) -> int:
-    """model list | install | remove."""
-    from reconciler.cli import render
-    from reconciler.cli.status import model_rows
-
-    if args.model_command == "list":
-        the_desired = _load(args)
-        with _session(args, the_desired) as session:
-            observed, _plan = session.observe_and_plan()
-            rows = model_rows(session.desired, observed, session.store)
-        if args.json:
-            render.print_json({"models": rows})
-        else:
-            print(render.render_models(rows))
-        return EXIT_OK
-    return _model_edit(args)
-
-
-def _model_edit(args: argparse.Namespace) -> int:
-    """model install | remove: lock, read, edit, apply; a failed install leaves the file as
-    it was, byte for byte."""
-    from reconciler.config import desired
-
-    path = desired.locate(args.config)
-    with _lock(args, f"model {args.model_command}"):
-        current = desired.load(path)
-        if args.model_command == "install":
-            return _install(args, path, current)
-        return _remove(args, path, current)
-
-
-def _install(args: argparse.Namespace, path: Path, current: Desired) -> int:
-    from reconciler.config import desired
-    from reconciler.converge import edits
-
-    install = edits.local_install(current, args.name, args.backend, pin=args.pin)
-    edit = edits.add(path, install, pin=args.pin)
-    code = EXIT_ERROR
-    try:
-        with _session(args, desired.load(path)) as session:
-            code = run_apply(session, args, confirm=False)
-    finally:
-        if code != EXIT_OK and edit.changed:
-            _restore(edit, args.name)
-    return code
-
-
-def _restore(edit: Edit, name: str) -> None:
-    """Put the file back as it was before a failed install, unless someone changed it since
-    (their edit wins; say so)."""
-    import hashlib
-
-    from reconciler.converge.edits import unchanged_since
-    from reconciler.files import write_atomically
-
-    path = edit.path
-    try:
-        if unchanged_since(path, hashlib.sha256(edit.after).hexdigest()):
-            write_atomically(path, edit.before)
-            print(f"Restored {path} as it was before the install of {name}.", file=sys.stderr)
-            return
-    except OSError as exc:
-        err(f"could not restore {path} after the failed install of {name}: {exc}")
-        return
-    err(
-        f"{path} was changed by someone else during the install of {name}; left as it is "
-        f"(take {name} out of it if it is still listed)"
-    )
-
-
-def _remove(args: argparse.Namespace, path: Path, current: Desired) -> int:
-    from reconciler.config import desired
-    from reconciler.converge import edits
-    from reconciler.model import BackendKind
-
-    only = BackendKind(args.backend) if args.backend else None
-    removal = edits.removal(current, args.name, only)
-    if not removal.matched:
-        raise PlanError(
-            f"{args.name} is not in {path}; nothing removed (infernet model list shows the "
-            "file's models and what is installed)"
-        )
-    if removal.protected is not None:
-        raise PlanError(
-            f"{removal.protected.name} is protect: true in {path}; set protect: false there first"
-        )
-    edits.remove(path, args.name, only)
-    with _session(args, desired.load(path)) as session:
-        return run_apply(session, args, force_remove=removal.keys, confirm=False)
+        terminal.show(render_status(doc))
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        err(errors[0] + more)
+        return EXIT_ERROR
+    return EXIT_CHANGES if args.detailed_exitcode and pending else EXIT_OK
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -337,6 +311,21 @@ def cmd_watch(args: argparse.Namespace) -> int:
             "metrics at http://%s:%d/metrics", host, port, extra={"port": port}
         )
     return Daemon(path, state_dir(args), metrics=metrics, once=args.once, tick=args.tick).run()
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """completion SHELL: the script; ``--models`` (what the script calls): the file's model
+    names, one a line, and nothing at all when there is no valid file to read them from."""
+    from reconciler.cli import completion
+
+    if args.models:
+        names = completion.model_names(args.config)
+        sys.stdout.write("".join(f"{name}\n" for name in names))
+        return EXIT_OK
+    from reconciler.cli.parser import build_parser
+
+    sys.stdout.write(completion.script(build_parser(), args.shell))
+    return EXIT_OK
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

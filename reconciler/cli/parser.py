@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterator
+from typing import NoReturn
 
 from reconciler import __version__
+
+# A usage error exits with the contract's error code, never 2: under --detailed-exitcode 2
+# means "changes", and a typo in a CI job must not read as a plan to apply.
+EXIT_USAGE = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors exiting ``EXIT_USAGE`` (sub-parsers inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -25,17 +39,32 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
         default=default,
         help="state directory (default: $INFERNET_STATE_DIR, XDG)",
     )
+    flag = False if top else argparse.SUPPRESS
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=flag,
+        help="print only errors (and the JSON asked for with --json); the exit code says the rest",
+    )
+    parser.add_argument(
+        "--no-color",
+        action="store_true",
+        default=flag,
+        help="no colour on a terminal (also: NO_COLOR=1; piped output never has colour)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="infernet",
         description="Keep this node's model inventory exactly as infernet.yaml declares.",
     )
     parser.add_argument("--version", action="version", version=f"infernet {__version__}")
     _common(parser, top=True)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Not required: a bare ``infernet`` prints this help (``cli.main``).
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     kinds = _Kinds()
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -43,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p, top=False)
         return p
 
-    command("validate", "validate the file; print every error as FILE:LINE:COL: message")
+    p = command("validate", "validate the file; print every error as FILE:LINE:COL: message")
+    p.add_argument(
+        "--json", action="store_true", help="print the verdict and every error as one JSON document"
+    )
     p = command("plan", "show what apply would change")
     p.add_argument("--out", metavar="PLAN", help="save the plan for 'infernet apply PLAN'")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON document")
@@ -65,10 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 2 when changes were made and the node converged",
     )
     p.add_argument("--refresh", action="store_true", help="check every model upstream for updates")
-    p.add_argument("-v", "--verbose", action="store_true", help="progress lines with speed")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="progress lines when piped too (on a terminal the line is always redrawn)",
+    )
 
     p = command("status", "desired vs installed vs loaded vs advertised")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--detailed-exitcode",
+        action="store_true",
+        help="exit 2 when the node has drift or is not converged (1 stays an error)",
+    )
 
     model = command("model", "list, install or remove one model")
     msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
@@ -80,12 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME")
     p.add_argument("--backend", choices=kinds, metavar="KIND", help=_KIND_HELP)
     p.add_argument("--pin", action="store_true", help="keep it loaded (keep_alive: forever)")
-    p.add_argument("--verbose", "-v", action="store_true", help="progress: percent, GB, speed")
+    p.add_argument(
+        "--source",
+        metavar="URL",
+        help="where a llama.cpp file comes from: hf://org/repo/file.gguf, https://…, file://…",
+    )
+    p.add_argument("--sha256", metavar="HEX", help="the file's SHA-256; a mismatch is discarded")
+    p.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="progress lines when piped too: bar, percent, GB done / total, speed",
+    )
     p.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
     p = msub.add_parser("remove", help="remove NAME from the file, withdraw it, delete it")
     _common(p, top=False)
     p.add_argument("name", metavar="NAME")
     p.add_argument("--backend", choices=kinds, metavar="KIND", help=_KIND_HELP)
+    p.add_argument("--yes", "-y", action="store_true", help="don't ask for confirmation")
     p.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
 
     p = command("watch", "the daemon: reconcile on every change of the file and on drift")
@@ -115,6 +169,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="one reconcile and one tick (heartbeat, commands), then exit",
     )
 
+    p = command("adopt", "mark installed models as managed, as if infernet had installed them")
+    p.add_argument("names", nargs="+", metavar="NAME", help="models the file lists")
+    p.add_argument("--backend", choices=kinds, metavar="KIND", help=_KIND_HELP)
+    state = command("state", "what infernet believes it owns (list, show NAME, forget NAME)")
+    ssub = state.add_subparsers(dest="state_command", metavar="ACTION", required=True)
+    p = ssub.add_parser("list", help="every model infernet manages")
+    _common(p, top=False)
+    p.add_argument("--json", action="store_true")
+    for verb, text in (
+        ("show", "what infernet knows of NAME"),
+        ("forget", "stop managing NAME; its weights and the backend are not touched"),
+    ):
+        p = ssub.add_parser(verb, help=text, description=text)
+        _common(p, top=False)
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("--backend", choices=kinds, metavar="KIND", help=_KIND_HELP)
+        if verb == "show":
+            p.add_argument("--json", action="store_true")
+
     command("schema", "print the JSON Schema of infernet.yaml")
     p = command("keygen", "make this node's BIP-340 key (mode 0600); print its public key")
     p.add_argument(
@@ -124,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         "~/.config/infernet/node.key)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing key")
+
+    p = command("completion", "print a shell-completion script (bash, zsh or fish)")
+    p.add_argument("shell", choices=["bash", "zsh", "fish"], metavar="SHELL", help="%(choices)s")
+    # What the script itself calls to complete model names: the file's, one a line.
+    p.add_argument("--models", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 

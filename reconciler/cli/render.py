@@ -1,23 +1,21 @@
 """Everything the terminal sees: plan tables, progress, results, JSON.
 
-Human output of ``plan``/``status``/``model list`` goes to stdout; progress and logs to stderr
-so ``--json`` stdout stays one clean document (or JSON lines for ``apply``). rich is imported
-only when a progress bar is actually drawn on a terminal.
+Human output of ``plan``/``status``/``model list`` goes to stdout; progress (``progress``) and
+logs to stderr so ``--json`` stdout stays one clean document (or JSON lines for ``apply``).
+Model and download sizes read as ``ollama list`` prints them (decimal: ``9.0 GB``); VRAM as
+GPUs are sold and ``nvidia-smi`` counts (binary: ``8.4 GiB``); JSON keeps exact bytes.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import threading
-import time
 from collections.abc import Iterable
 from typing import IO, Any
 
-from reconciler.events import Event, Kind
 from reconciler.model import Op, Plan
 from reconciler.planning.document import revision
-from reconciler.units import format_bytes
+from reconciler.units import format_bytes, format_size
 
 _SIGN = {Op.PULL: "+", Op.UPDATE: "~", Op.PIN: "^", Op.UNPIN: "v", Op.REMOVE: "-"}
 _VERB = {
@@ -30,7 +28,12 @@ _VERB = {
 
 
 def human_bytes(n: int | None) -> str:
-    """``8988124069`` → ``8.4 GiB``; ``?`` when unknown."""
+    """A model or download size: ``8988124069`` → ``8.9 GB``; ``?`` when unknown."""
+    return "?" if n is None else format_size(n)
+
+
+def vram(n: int | None) -> str:
+    """VRAM: ``10200547328`` → ``9.5 GiB``; ``?`` when unknown."""
     return "?" if n is None else format_bytes(n)
 
 
@@ -72,6 +75,8 @@ def render_plan(plan: Plan, *, verbose: bool = False) -> str:
         out.append(table(rows, ["", "ACTION", "MODEL", "BACKEND", "REASON"]))
         out.append("")
     out.extend(render_budget(plan))
+    if verbose:
+        out.extend(render_estimates(plan))
     if plan.advertised:
         out.append(f"Advertised after apply: {', '.join(plan.advertised)}")
     else:
@@ -99,6 +104,32 @@ def render_plan(plan: Plan, *, verbose: bool = False) -> str:
     return "\n".join(out)
 
 
+def render_estimates(plan: Plan) -> list[str]:
+    """``plan -v``: each VRAM estimate's parts beside the seed's bytes-per-parameter rule of
+    thumb, so an operator sizing a GPU from that table sees why the figures differ (mostly the
+    KV cache at the context the model runs at, which the table leaves out)."""
+    rows = []
+    for e in plan.budget.estimates:
+        row = [e.model, f"{vram(e.bytes)} ({e.source})", "", "", "", ""]
+        if (p := e.parts) is not None:
+            sequences = f" × {p.parallel}" if p.parallel > 1 else ""
+            thumb = "" if p.rule_of_thumb is None else vram(p.rule_of_thumb)
+            thumb += f" ({p.quantization})" if thumb and p.quantization else ""
+            kv = f"{vram(p.kv)} at {p.context}{sequences}"
+            row[2:] = [vram(p.weights), kv, vram(p.runtime), thumb]
+        rows.append(row)
+    if not rows:
+        return []
+    headers = ["MODEL", "VRAM ESTIMATE", "WEIGHTS", "KV CACHE AT CONTEXT", "RUNTIME"]
+    return [
+        "",
+        table(rows, [*headers, "RULE OF THUMB"]),
+        "Rule of thumb: parameters × bytes per parameter (FP16 2, INT8 1, INT4 0.5) + 15 %, "
+        "no KV cache.",
+        "",
+    ]
+
+
 def render_budget(plan: Plan) -> list[str]:
     """VRAM (pinned, largest swap-in, reserve against what is available), what other processes
     hold when they hold something, and disk (per backend when more than one downloads)."""
@@ -113,28 +144,28 @@ def render_budget(plan: Plan) -> list[str]:
         filled = min(20, round(share * 20))
         bar = "#" * filled + "." * (20 - filled)
         verdict = "fits" if b.fits else "DOES NOT FIT"
-        of = f"{human_bytes(b.vram_total_bytes)} ({b.vram_source})"
+        of = f"{vram(b.vram_total_bytes)} ({b.vram_source})"
         if available < b.vram_total_bytes:
-            of = f"{human_bytes(available)} available ({human_bytes(b.vram_total_bytes)} "
+            of = f"{vram(available)} available ({vram(b.vram_total_bytes)} "
             of += f"{b.vram_source}, less memory held outside the backends)"
         lines.append(
             f"VRAM [{bar}] {share:.0%} of {of}: "
-            f"pinned {human_bytes(b.vram_pinned_bytes)} + largest swap-in "
-            f"{human_bytes(b.largest_swap_in_bytes)} + reserve {human_bytes(b.reserve_bytes)}"
+            f"pinned {vram(b.vram_pinned_bytes)} + largest swap-in "
+            f"{vram(b.largest_swap_in_bytes)} + reserve {vram(b.reserve_bytes)}"
             f" — {verdict}"
         )
         held = []
         if b.foreign_bytes:
             shown = ", ".join(
-                f"{p.name} {human_bytes(p.bytes)}, pid {p.pid}" for p in b.foreign_processes[:3]
+                f"{p.name} {vram(p.bytes)}, pid {p.pid}" for p in b.foreign_processes[:3]
             )
             more = len(b.foreign_processes) - 3
             shown += f", {more} more" if more > 0 else ""
             held.append(
-                f"other processes {human_bytes(b.foreign_bytes)}" + (f" ({shown})" if shown else "")
+                f"other processes {vram(b.foreign_bytes)}" + (f" ({shown})" if shown else "")
             )
         if b.unattributed_bytes:
-            held.append(f"{human_bytes(b.unattributed_bytes)} used by no identifiable process")
+            held.append(f"{vram(b.unattributed_bytes)} used by no identifiable process")
         if held:
             lines.append(f"VRAM held outside the backends: {'; '.join(held)}")
     if len(b.disks) > 1:
@@ -152,109 +183,6 @@ def render_budget(plan: Plan) -> list[str]:
         f"(reserve {human_bytes(b.disk_reserve_bytes)})"
     )
     return lines
-
-
-class ProgressPrinter:
-    """Turns executor events into output: JSON lines, rich bars on a TTY, or plain lines."""
-
-    def __init__(self, *, json_lines: bool, verbose: bool, stream: IO[str] | None = None) -> None:
-        self.json_lines = json_lines
-        self.verbose = verbose
-        self.stream = stream or sys.stderr
-        self._lock = threading.Lock()
-        self._bars: Any = None
-        self._tasks: dict[str, Any] = {}
-        self._speed: dict[str, tuple[float, int]] = {}
-        self._last_line: dict[str, float] = {}
-        # Bars on a terminal, started by the first action's event: nothing is drawn before
-        # there is progress to show (the plan, a question, a heartbeat note come first).
-        self._tty = not json_lines and self.stream.isatty()
-
-    def _started_bars(self) -> Any:
-        if self._bars is None:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TransferSpeedColumn,
-            )
-
-            self._bars = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                console=Console(file=self.stream),
-                transient=False,
-            )
-            self._bars.start()
-        return self._bars
-
-    def close(self) -> None:
-        """Stop the live display."""
-        if self._bars is not None:
-            self._bars.stop()
-
-    def __call__(self, event: Event) -> None:
-        with self._lock:
-            if self.json_lines:
-                print_json(event.to_json())
-            elif self._tty and event.action is not None:
-                self._bar(event)
-            else:
-                self._line(event)
-
-    def _bar(self, event: Event) -> None:
-        action = event.action
-        assert action is not None
-        bars = self._started_bars()
-        label = f"{action.op.value} {action.model}"
-        task = self._tasks.get(label)
-        if task is None:
-            task = bars.add_task(label, total=None)
-            self._tasks[label] = task
-        if event.kind is Kind.PROGRESS and event.total:
-            bars.update(task, completed=event.completed or 0, total=event.total)
-        elif event.kind is Kind.FINISHED:
-            done = "done" if event.outcome == "ok" else f"{event.outcome}: {event.message or ''}"
-            bars.update(task, description=f"{label} — {done}")
-            if event.outcome == "ok":
-                total = bars.tasks[task].total or 1
-                bars.update(task, completed=total, total=total)
-        elif event.kind is Kind.RETRY:
-            bars.console.print(f"retry {label}: {event.message}")
-
-    def _line(self, event: Event) -> None:
-        action = event.action
-        label = f"{action.op.value} {action.model}" if action else ""
-        if event.kind is Kind.STARTED:
-            self._speed[label] = (time.monotonic(), 0)
-            print(f"{label}: started", file=self.stream, flush=True)
-        elif event.kind is Kind.PROGRESS and self.verbose and event.total:
-            now = time.monotonic()
-            if now - self._last_line.get(label, 0.0) < 1.0 and event.completed != event.total:
-                return
-            self._last_line[label] = now
-            start, _ = self._speed.get(label, (now, 0))
-            done = event.completed or 0
-            rate = done / max(now - start, 1e-6)
-            pct = 100 * done / event.total
-            # The seed's line: percent, GB done/total, speed; MB for models under a GB.
-            unit, scale = ("GB", 1e9) if event.total >= 1e9 else ("MB", 1e6)
-            print(
-                f"{label}: {event.phase or ''} {pct:3.0f}% {done / scale:.2f}/"
-                f"{event.total / scale:.2f} {unit} {rate / 1e6:.1f} MB/s",
-                file=self.stream,
-                flush=True,
-            )
-        elif event.kind is Kind.FINISHED:
-            tail = f": {event.message}" if event.message else ""
-            print(f"{label}: {event.outcome}{tail}", file=self.stream, flush=True)
-        elif event.kind in (Kind.RETRY, Kind.NOTE):
-            prefix = f"{label}: " if label else ""
-            print(f"{prefix}{event.message}", file=self.stream, flush=True)
 
 
 def render_models(rows: Iterable[dict[str, Any]]) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reconciler import backends
 from reconciler.cli.render import human_bytes, table
+from reconciler.config import gitcommit
 from reconciler.controlplane import load
 from reconciler.model import BackendKind, Desired, Observed, Plan
 from reconciler.names import key
@@ -105,6 +107,7 @@ def build_status(session: Session, observed: Observed, plan: Plan) -> dict[str, 
             "path": plan.source.path,
             "sha256": plan.source.sha256,
             "git_commit": plan.source.git_commit,
+            "git": gitcommit.facts(Path(plan.source.path)).as_json(),
         },
         "backends": {
             kind.value: {
@@ -165,12 +168,41 @@ def _jobs(session: Session) -> dict[str, Any]:
     }
 
 
+def verdict(doc: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """What ``status`` exits on, from its document: ``(errors, pending)``. An error (exit 1) is
+    a backend the node uses that can't be reached or serves nothing, a file invalid right now,
+    or a plan that can't be carried out; pending (exit 2 under ``--detailed-exitcode``) is what
+    keeps an otherwise healthy node from being converged: drift, models not yet tested, models
+    installed but not advertised."""
+    errors: list[str] = []
+    said: set[str] = set()  # a backend's error the plan repeats is said once
+    for name, b in doc["backends"].items():
+        if not b.get("used", True):
+            continue
+        if not b["reachable"]:
+            errors.append(f"backend {name} unreachable: {b['error']}")
+            said.add(str(b["error"]))
+        elif b.get("serving_error"):
+            errors.append(f"backend {name} at {b['url']} serves nothing: {b['serving_error']}")
+            said.add(str(b["serving_error"]))
+    if doc.get("config_error"):
+        errors.append(
+            f"the file is invalid now (the last valid version is shown): {doc['config_error']}"
+        )
+    errors.extend(e for e in doc["errors"] if e not in said)
+    pending = [f"{d['op']} {d['model']}" for d in doc["drift"]]
+    pending += [f"untested {name}" for name in doc.get("untested") or []]
+    pending += list(doc.get("unserved") or [])
+    return errors, pending
+
+
 def render_status(doc: dict[str, Any]) -> str:
     """``status`` for a person."""
     cfg = doc["config"]
     lines = [f"Config: {cfg['path']} (sha256 {cfg['sha256'][:12]})"]
     if doc.get("config_error"):
         lines.append(f"Config INVALID now, showing the last valid version: {doc['config_error']}")
+    lines.extend(_git_line(cfg.get("git") or {}))
     for name, b in doc["backends"].items():
         if not b.get("used", True):
             continue  # a backend the file doesn't use and that holds nothing is not news
@@ -220,8 +252,11 @@ def render_status(doc: dict[str, Any]) -> str:
             lines.append(f"Jobs: {jobs.get('active_jobs', 0)} running of {cap}{speed}")
         else:
             lines.append("Jobs: not served now (no `infernet watch` running on this node)")
+    unseen = [n for n, b in doc["backends"].items() if b.get("used", True) and not b["reachable"]]
     if doc["drift"]:
         lines.append("Drift: " + "; ".join(f"{d['op']} {d['model']}" for d in doc["drift"]))
+    elif unseen:  # what an unreachable backend holds can't be compared: never "none"
+        lines.append(f"Drift: unknown ({', '.join(unseen)} unreachable)")
     else:
         lines.append("Drift: none")
     last = doc["last_apply"]
@@ -257,4 +292,15 @@ def render_status(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["build_status", "model_rows", "render_status"]
+def _git_line(git: dict[str, Any]) -> list[str]:
+    """What git says of the file, when it is news: local edits a ``git pull`` would meet, or
+    that git could not be asked (so no commit is reported)."""
+    if git.get("state") == gitcommit.GitState.MODIFIED:
+        head = f" (HEAD {git['head'][:12]})" if git.get("head") else ""
+        return [f"Git: local edits not in git{head}; commit them, or a git pull may conflict"]
+    if git.get("state") == gitcommit.GitState.UNKNOWN:
+        return [f"Git: not checked: {git.get('reason')}"]
+    return []
+
+
+__all__ = ["build_status", "model_rows", "render_status", "verdict"]

@@ -1,121 +1,188 @@
-"""Which git commit a config file comes from, read from ``.git`` without spawning git.
+"""What git says about a config file: the commit it comes from, or that it has local edits.
 
 A GitOps node wants ``plan`` and heartbeats to say "deployed from commit X", but only when that
-is true: the file must be tracked and identical to what the index holds. Spawning ``git`` costs
-tens of milliseconds on every ``infernet plan``, so we read ``.git`` directly: ``HEAD``, loose
-refs, ``packed-refs`` and the index (versions 2–4).
-
-Limitation, on purpose: the file is compared with the index, not with HEAD's tree (that needs
-the pack format). An edit staged but not committed is therefore reported as HEAD's commit.
+is true: the file must be tracked and its bytes identical to HEAD's version of it. The answer
+comes from the ``git`` command itself, run without a shell and with a deadline, so split
+indexes, SHA-256 repositories, worktrees, packed refs and whatever git adds next are read the
+way git reads them. When git is not installed, refuses the repository (another user's checkout:
+git's ``safe.directory``) or does not answer in time, the facts say so and carry no commit.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-import struct
+import contextlib
+import enum
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-_SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
-_ENTRY_FIXED = 62  # ctime, mtime, dev, ino, mode, uid, gid, size (40) + sha1 (20) + flags (2)
-_EXTENDED = 0x4000
+TIMEOUT = 5.0
+"""Seconds all git commands for one file may take together: a hung network filesystem or a
+stuck git must not hang ``plan`` or the daemon."""
+
+# Variables that would point git at another repository than the one holding the file (a git
+# hook, for instance, runs with GIT_DIR and GIT_INDEX_FILE set).
+_REDIRECTS = (
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_INDEX_FILE",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_COMMON_DIR",
+    "GIT_NAMESPACE",
+    "GIT_PREFIX",
+)
+
+
+class GitState(enum.StrEnum):
+    NONE = "none"  # not inside a git work tree
+    UNTRACKED = "untracked"  # in a work tree, but not in HEAD (or nothing committed yet)
+    CLEAN = "clean"  # identical to HEAD's version
+    MODIFIED = "modified"  # tracked, and differs from HEAD's version: local edits not in git
+    UNKNOWN = "unknown"  # in a repository, but git could not say (``reason`` says why)
+
+
+@dataclass(frozen=True)
+class GitFacts:
+    """What git says about one file."""
+
+    state: GitState
+    head: str | None = None  # HEAD's commit, when there is one
+    toplevel: Path | None = None
+    relative: str | None = None  # the file's path from the work tree's top
+    reason: str | None = None  # why git could not say (UNKNOWN only)
+
+    @property
+    def commit(self) -> str | None:
+        """The commit the file comes from: HEAD's, when the file is exactly HEAD's version."""
+        return self.head if self.state is GitState.CLEAN else None
+
+    def as_json(self) -> dict[str, str | None]:
+        return {"state": self.state.value, "head": self.head, "reason": self.reason}
+
+    def commit_hint(self, message: str) -> str | None:
+        """For a tracked file with local edits: one line saying so and how to commit them."""
+        if self.state is not GitState.MODIFIED or self.toplevel is None:
+            return None
+        head = f" (HEAD {self.head[:12]})" if self.head else ""
+        command = shlex.join(
+            ["git", "-C", str(self.toplevel), "commit", "-m", message, "--", str(self.relative)]
+        )
+        return (
+            f"{self.relative} now differs from git{head}; commit it (and push, where nodes "
+            f"pull it) with: {command}"
+        )
 
 
 def commit_of(path: Path, data: bytes) -> str | None:
     """HEAD's commit when ``path`` (whose bytes are ``data``) is tracked and clean, else None."""
+    return facts(path, data).commit
+
+
+def facts(path: Path, data: bytes | None = None) -> GitFacts:
+    """What git says about ``path``; ``data`` is its content as read (None: read it now), so
+    the commit named is the one whose version is exactly the bytes that were validated."""
     try:
-        found = _repository(path.resolve())
-        if found is None:
-            return None
-        worktree, gitdir = found
-        relative = path.resolve().relative_to(worktree).as_posix()
-        staged = _index_sha(gitdir / "index", relative)
-        if staged is None or staged != _blob_sha1(data):
-            return None
-        return _head(gitdir)
-    except (OSError, ValueError, struct.error, UnicodeDecodeError):
-        # An unreadable or unfamiliar repository just means "we can't say".
-        return None
+        resolved = path.resolve()  # a symlink into a checkout: the checkout decides
+        if data is None:
+            data = resolved.read_bytes()
+    except OSError:
+        return GitFacts(GitState.NONE)
+    folder = resolved.parent
+    if shutil.which("git") is None:
+        if any((d / ".git").exists() for d in (folder, *folder.parents)):
+            return GitFacts(GitState.UNKNOWN, reason="the git command is not installed")
+        return GitFacts(GitState.NONE)
+    try:
+        return _ask(folder, resolved.name, data)
+    except _GitFailed as exc:
+        return GitFacts(GitState.UNKNOWN, reason=str(exc))
 
 
-def _repository(path: Path) -> tuple[Path, Path] | None:
-    """(work tree, git dir) of the repository containing ``path``."""
-    for directory in path.parents:
-        dotgit = directory / ".git"
-        if dotgit.is_dir():
-            return directory, dotgit
-        if dotgit.is_file():  # worktrees and submodules: "gitdir: <path>"
-            text = dotgit.read_text(encoding="utf-8").strip()
-            if text.startswith("gitdir:"):
-                return directory, (directory / text.removeprefix("gitdir:").strip()).resolve()
-            return None
-    return None
+# --------------------------------------------------------------------------- internals
 
 
-def _head(gitdir: Path) -> str | None:
-    head = (gitdir / "HEAD").read_text(encoding="utf-8").strip()
-    if not head.startswith("ref:"):
-        return head if _SHA.match(head) else None
-    ref = head.removeprefix("ref:").strip()
-    # A linked worktree keeps HEAD and index in its own git dir but refs in the common one.
-    common = gitdir
-    if (gitdir / "commondir").is_file():
-        common = (gitdir / (gitdir / "commondir").read_text(encoding="utf-8").strip()).resolve()
-    for base in dict.fromkeys((gitdir, common)):
-        loose = base / ref
-        if loose.is_file():
-            sha = loose.read_text(encoding="utf-8").strip()
-            return sha if _SHA.match(sha) else None
-    packed = common / "packed-refs"
-    if packed.is_file():
-        for line in packed.read_text(encoding="utf-8").splitlines():
-            sha, _, name = line.partition(" ")
-            if name == ref and _SHA.match(sha):
-                return sha
-    return None  # an unborn branch: nothing committed yet
+class _GitFailed(Exception):
+    """git did not answer, or answered with an error we can't read as a fact."""
 
 
-def _blob_sha1(data: bytes) -> bytes:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).digest()
+def _ask(folder: Path, name: str, data: bytes) -> GitFacts:
+    deadline = time.monotonic() + TIMEOUT
+    inside = _git(deadline, folder, "rev-parse", "--is-inside-work-tree", "--show-toplevel")
+    if inside.returncode != 0:
+        if "not a git repository" in inside.stderr or "in a work tree" in inside.stderr:
+            return GitFacts(GitState.NONE)  # no repository, or inside a .git folder
+        raise _GitFailed(_first_line(inside.stderr))
+    answer = inside.stdout.split("\n")
+    if answer[0] != "true":
+        return GitFacts(GitState.NONE)  # inside a .git folder or a bare repository
+    toplevel = Path(answer[1])
+    try:
+        relative = (folder / name).relative_to(toplevel).as_posix()
+    except ValueError:  # a path git spells differently (case, bind mounts): no claim
+        raise _GitFailed(f"git places {folder} outside its work tree {toplevel}") from None
+    head = _git(deadline, folder, "rev-parse", "-q", "--verify", "HEAD^{commit}")
+    if head.returncode != 0:
+        return GitFacts(GitState.UNTRACKED, toplevel=toplevel, relative=relative)
+    commit = head.stdout.strip()
+    committed = _git(deadline, folder, "rev-parse", "-q", "--verify", f"HEAD:./{name}")
+    if committed.returncode != 0:
+        return GitFacts(GitState.UNTRACKED, commit, toplevel, relative)
+    # --path: the file's attributes apply (end-of-line conversion), as for `git status`.
+    ours = _git(deadline, folder, "hash-object", "--stdin", f"--path={name}", stdin=data)
+    if ours.returncode != 0:
+        raise _GitFailed(_first_line(ours.stderr))
+    same = ours.stdout.strip() == committed.stdout.strip()
+    state = GitState.CLEAN if same else GitState.MODIFIED
+    return GitFacts(state, commit, toplevel, relative)
 
 
-def _index_sha(index: Path, wanted: str) -> bytes | None:
-    """The staged blob id of ``wanted`` in a git index (format 2, 3 or 4), else None."""
-    data = index.read_bytes()
-    signature, version, count = struct.unpack_from(">4sII", data, 0)
-    if signature != b"DIRC" or version not in (2, 3, 4):
-        return None
-    target = wanted.encode("utf-8")
-    offset, previous = 12, b""
-    for _ in range(count):
-        sha = data[offset + 40 : offset + 60]
-        (flags,) = struct.unpack_from(">H", data, offset + 60)
-        offset += _ENTRY_FIXED + (2 if version >= 3 and flags & _EXTENDED else 0)
-        if version == 4:
-            # Path compression: drop N bytes of the previous path, then a NUL-ended suffix.
-            strip, offset = _varint(data, offset)
-            end = data.index(b"\0", offset)
-            name = previous[: len(previous) - strip] + data[offset:end]
-            offset = end + 1
-        else:
-            end = data.index(b"\0", offset)
-            name = data[offset:end]
-            entry_start = offset - _ENTRY_FIXED - (2 if version >= 3 and flags & _EXTENDED else 0)
-            # Entries are NUL-padded to a multiple of 8 bytes (1 to 8 NULs).
-            offset = entry_start + ((end - entry_start) // 8 + 1) * 8
-        previous = name
-        if name == target and (flags >> 12) & 0x3 == 0:  # stage 0: not mid-merge
-            return sha
-    return None
+def _git(
+    deadline: float, folder: Path, *argv: str, stdin: bytes = b""
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in _REDIRECTS}
+    # Never take the index lock or ask for credentials: these are reads, run by a daemon.
+    env.update({"GIT_OPTIONAL_LOCKS": "0", "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"})
+    try:
+        # Its own process group: on the deadline the whole group goes, so nothing git started
+        # (a hook, an fsmonitor) can keep our pipes open and the wait going.
+        child = subprocess.Popen(
+            ["git", *argv],
+            cwd=folder,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise _GitFailed(f"cannot run git: {exc.strerror or exc}") from None
+    try:
+        out, err = child.communicate(stdin, timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        raise _GitFailed(f"git did not answer within {TIMEOUT:g} s") from None
+    return subprocess.CompletedProcess(
+        child.args,
+        child.returncode,
+        out.decode("utf-8", "replace"),
+        err.decode("utf-8", "replace"),
+    )
 
 
-def _varint(data: bytes, offset: int) -> tuple[int, int]:
-    """Git's offset varint (index v4, pack files)."""
-    byte = data[offset]
-    value = byte & 0x7F
-    offset += 1
-    while byte & 0x80:
-        byte = data[offset]
-        offset += 1
-        value = ((value + 1) << 7) | (byte & 0x7F)
-    return value, offset
+def _first_line(text: str) -> str:
+    """git's error as one line. Its refusal of another user's checkout explains itself over
+    several lines: the first says what, a later one the command that trusts the folder."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "git failed without a message"
+    first = lines[0].removeprefix("fatal: ")
+    trust = next((line for line in lines if line.startswith("git config ")), None)
+    return f"{first} (to trust it: {trust})" if trust else first

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler import backends, names, units
+from reconciler.backends.gguf import quantization
 from reconciler.config import yamldoc
 from reconciler.config.yamldoc import JsonPath, format_path
 from reconciler.errors import Problem, listed
@@ -158,6 +159,11 @@ def _model(entry: Any, path: JsonPath, check: Check, default: BackendKind) -> Mo
             at_key=True,
         )
         usable = False
+    if driver.gguf_quantization and isinstance(fields.get("quantization"), str):
+        why = quantization.problem(fields["quantization"])
+        if why is not None:
+            check.report((*path, "quantization"), f"{format_path(path)}.quantization: {why}")
+            usable = False
     keep_alive = vram = None
     if "keep_alive" in fields:
         keep_alive = check.convert(

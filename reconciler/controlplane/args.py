@@ -13,6 +13,8 @@ to point it at any URL it can reach (the Ollama driver's ``remote_install_proble
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Mapping
+from typing import Any
 
 from reconciler import names
 from reconciler.errors import one_line
@@ -20,6 +22,24 @@ from reconciler.limits import MAX_MODEL_NAME, SHOWN_NAME
 from reconciler.model import BackendKind
 
 NO_HF = "HuggingFace models need the vllm backend, which this node doesn't run yet"
+_ABOUT_A_COMMAND = ("id", "type", "issued_at", "status")
+"""The flat shape's keys that say which command it is, not what it does."""
+
+
+def command_of(row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The verb and arguments of a polled command, in either shape it comes in: the control
+    plane's ``{id, command, args}``, or the seed's flat ``{id, type, model, hf?, issued_at}``,
+    whose other keys are the arguments. Both then meet the same checks: nothing here
+    validates, it only finds the fields."""
+    if "command" in row or "type" not in row:
+        verb: object = row.get("command", "")
+        args = row.get("args")
+    else:
+        verb = row["type"]
+        args = row.get("args")
+        if not isinstance(args, dict):
+            args = {k: v for k, v in row.items() if k not in _ABOUT_A_COMMAND}
+    return str(verb), args if isinstance(args, dict) else {}
 
 
 def name_problem(value: object, *, field: str = "model") -> str | None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from reconciler import limits
+from reconciler.controlplane.args import command_of
 from reconciler.controlplane.identity import AUTH_HEADER, NodeKey, sign_request
 from reconciler.controlplane.specs import offline_body, specs_for
 from reconciler.errors import ConfigError, InfernetError, one_line
@@ -206,14 +207,8 @@ class ControlPlane:
                     len(row["id"]),
                 )
                 continue
-            args = row.get("args")
-            commands.append(
-                RemoteCommand(
-                    row["id"],
-                    str(row.get("command", ""))[: limits.MAX_VERB],
-                    args if isinstance(args, dict) else {},
-                )
-            )
+            verb, args = command_of(row)  # {id, command, args}, or the seed's flat shape
+            commands.append(RemoteCommand(row["id"], verb[: limits.MAX_VERB], args))
         return commands
 
     def post_progress(self, command_id: str, progress: dict[str, Any]) -> str:

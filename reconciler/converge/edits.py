@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,11 @@ from typing import Any
 from reconciler import backends, names
 from reconciler.config import edit as configedit
 from reconciler.controlplane.args import NO_HF, model_problem, name_problem
-from reconciler.errors import InfernetError, InvalidModelName, one_line
+from reconciler.errors import InfernetError, InvalidModelName, PlanError, one_line
 from reconciler.files import write_atomically
 from reconciler.limits import ANSWER_TEXT
 from reconciler.model import FOREVER, BackendKind, Desired, ModelKey, ModelSpec
+from reconciler.redact import redact
 from state import StatusKey, Store
 
 log = logging.getLogger("infernet.commands")
@@ -47,10 +49,13 @@ class Install:
     existing: ModelSpec | None = None
 
 
-def backend_for(current: Desired, name: str, given: str | None) -> BackendKind:
+def backend_for(
+    current: Desired, name: str, given: str | None, *, source: str | None = None
+) -> BackendKind:
     """The backend of a ``model install``: ``--backend``, else the backend of the file's entry
     ``name`` refers to, else the kind whose driver claims the name by its look (a ``*.gguf``
-    file is llama.cpp's), else the file's default."""
+    file is llama.cpp's), else, with a ``source``, the first kind that downloads from one,
+    else the file's default."""
     if given:
         return BackendKind(given)
     for spec in current.models:
@@ -59,18 +64,75 @@ def backend_for(current: Desired, name: str, given: str | None) -> BackendKind:
     for driver in backends.drivers():
         if driver.claims is not None and driver.claims(name):
             return driver.kind
+    if source is not None:
+        for driver in backends.drivers():
+            if driver.source_refusal is None:
+                return driver.kind
     return current.default_backend
 
 
-def local_install(current: Desired, name: str, given: str | None, *, pin: bool) -> Install:
+_SCHEMES = ("hf://", "https://", "http://", "file://")  # the schema's pattern for source:
+_SHA256 = re.compile(r"^(sha256:)?[0-9a-fA-F]{64}$")
+# org/repo (optionally @revision) with a capital letter: HuggingFace's spelling. An Ollama
+# name has a tag or is lower case, and a registry host has a dot (hf.co/org/repo is Ollama's).
+_HF_REPO = re.compile(r"^[A-Za-z0-9][\w-]*/[A-Za-z0-9][\w.-]*(@[\w.-]+)?$")
+
+
+def looks_like_hf_repo(name: str) -> bool:
+    """Whether ``name`` reads as a HuggingFace repository id (``Qwen/Qwen2.5-14B-Instruct``)
+    rather than an Ollama ``namespace/model``."""
+    return bool(_HF_REPO.match(name)) and name != name.lower()
+
+
+def local_install(
+    current: Desired,
+    name: str,
+    given: str | None,
+    *,
+    pin: bool,
+    source: str | None = None,
+    sha256: str | None = None,
+) -> Install:
     """A ``model install`` from the node's shell: the bare name when every default holds, else
-    a mapping saying the backend and ``keep_alive: forever`` (``pin``)."""
-    backend = backend_for(current, name, given)
+    a mapping saying the backend, ``keep_alive: forever`` (``pin``) and where the file comes
+    from (``source``, checked by ``sha256``). Flags that can't work are refused here, before
+    the file is touched (``PlanError``, one line saying what to do)."""
+    if sha256 is not None and source is None:
+        raise PlanError("--sha256 checks a downloaded file: give its --source URL too")
+    if sha256 is not None and not _SHA256.match(sha256):
+        raise PlanError(f"--sha256 {sha256[:80]!r} is not a SHA-256: give its 64 hex digits")
+    if source is not None and not source.startswith(_SCHEMES):
+        raise PlanError(
+            f"--source {redact(source)!r} is not a URL infernet downloads from: use "
+            "hf://org/repo/file.gguf, https://…, http://… or file:///…"
+        )
+    backend = backend_for(current, name, given, source=source)
+    named = given is not None or any(names.refers_to(m, name) for m in current.models)
+    if not named and backend is BackendKind.OLLAMA and looks_like_hf_repo(name):
+        engines = [d.kind.value for d in backends.drivers() if d.revisions]
+        hint = engines[0] + (f" (or {', '.join(engines[1:])})" if engines[1:] else "")
+        raise PlanError(
+            f"{name} looks like a HuggingFace repo id: add --backend {hint}; for an Ollama "
+            "model of that name, add --backend ollama"
+        )
+    if source is not None:
+        refusal = backends.driver(backend).source_refusal
+        if refusal is not None:
+            raise PlanError(f"--source: {refusal.format(kind=backend.value)}")
+        listed_as = next((m for m in current.models if names.refers_to(m, name, backend)), None)
+        if listed_as is not None and listed_as.source != source:
+            raise PlanError(
+                f"{name} is already in the file with another source; change its source: there"
+            )
     entry: Entry = name
-    if pin or backend is not current.default_backend:
+    if pin or source is not None or backend is not current.default_backend:
         entry = {"name": name}
         if backend is not current.default_backend:
             entry["backend"] = backend.value
+        if source is not None:
+            entry["source"] = source
+        if sha256 is not None:
+            entry["sha256"] = sha256
         if pin:
             entry["keep_alive"] = "forever"
     return Install(entry, backend, name)

@@ -102,6 +102,7 @@ class Daemon(Boundary, Serving, Stopping, Watching):
         self._last_plan: Plan | None = None
         self._last_gpu = GpuState(source="none", total_bytes=None, free_bytes=None)
         self._advertised: tuple[str, ...] = ()
+        self._beat_said: tuple[str, ...] | None = None  # the last heartbeat taken, if it was
         # Stopping: the main thread and the stop watchdog each may say goodbye; only one does.
         self._goodbye = threading.Lock()
         self._finished = threading.Event()  # the main thread's shutdown is complete
@@ -271,7 +272,11 @@ class Daemon(Boundary, Serving, Stopping, Watching):
         first_error = result.failed[0].error if result.failed else None
         return self._done(verdict, started, first_error, result.final, advertised=result.advertised)
 
-    def _progress(self, outer: Progress) -> Progress:
+    def _progress(self, outer: Progress, *, routine: bool = False) -> Progress:
+        """Progress events as log lines; ``routine``: an ok note is a debug line (a tick's
+        heartbeat saying what the last one said)."""
+        ok_level = logging.DEBUG if routine else logging.INFO
+
         def report(event: Event) -> None:
             if event.kind is Kind.FINISHED and event.action is not None:
                 log.info(
@@ -286,7 +291,7 @@ class Daemon(Boundary, Serving, Stopping, Watching):
             elif event.kind is Kind.NOTE and event.message:
                 # A failed heartbeat means the network routes nothing here: not an info line.
                 log.log(
-                    logging.WARNING if event.outcome == "failed" else logging.INFO,
+                    logging.WARNING if event.outcome == "failed" else ok_level,
                     "%s",
                     event.message,
                 )
@@ -297,11 +302,16 @@ class Daemon(Boundary, Serving, Stopping, Watching):
     def _beat(self, plan: Plan, observed: Any, *, converged: bool) -> None:
         assert self.session is not None
         self._last_plan, self._last_gpu = plan, observed.gpu
+        # Every tick beats (2,880 a day at 30 s): only one that says something new — another
+        # list, the first, the first after a failure — is an info line; failures are warnings.
+        served = advertised_now(plan, self.session.desired)
+        routine = served == self._beat_said
         beat = self.session.heartbeat(
-            plan, observed, converged=converged, progress=self._progress(ignore)
+            plan, observed, converged=converged, progress=self._progress(ignore, routine=routine)
         )
         if beat is not None:
             self.metrics.heartbeat(ok=beat)
+        self._beat_said = served if beat else None
 
     def _done(
         self,

@@ -46,6 +46,7 @@ class Stopping:
     cancel: threading.Event
     session: Session | None
     metrics: Metrics
+    once: bool
     _observer: Any
     _goodbye: threading.Lock
     _finished: threading.Event
@@ -139,7 +140,7 @@ class Stopping:
                 target=self._safely, args=(lambda: self._status(running=False),), daemon=True
             )
         ]
-        if session.heartbeater is not None:
+        if session.heartbeater is not None and not self.once:
             settings = session.heartbeater.settings
 
             def offline() -> None:
@@ -156,7 +157,7 @@ class Stopping:
             job.start()
         for job in jobs:
             job.join(max(0.0, min(deadline - time.monotonic(), GOODBYE)))
-        if session.heartbeater is not None and jobs[-1].is_alive():
+        if session.heartbeater is not None and len(jobs) > 1 and jobs[-1].is_alive():
             log.warning(
                 "offline heartbeat to %s got no answer within %.0fs; stopping anyway",
                 session.heartbeater.settings.url,
@@ -172,7 +173,9 @@ class Stopping:
         session = self.session
         # The stop watchdog may have said goodbye already (this thread was stuck until now).
         if session is not None and self._goodbye.acquire(blocking=False):
-            if session.heartbeater is not None:
+            # `watch --once` (from cron, a timer) leaves the node as its heartbeat said: an
+            # offline beat at every run's end made the node flap between runs.
+            if session.heartbeater is not None and not self.once:
                 self._offline(session.heartbeater)  # first: the router sends nothing more
             self._safely(lambda: self._stop_serving(self._drain_budget()))
             self._safely(lambda: self._status(running=False))

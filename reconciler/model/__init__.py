@@ -44,6 +44,7 @@ from reconciler.model.plan import (
     Check,
     DiskBudget,
     Estimate,
+    EstimateParts,
     Noop,
     Plan,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "DiskBudget",
     "DiskState",
     "Estimate",
+    "EstimateParts",
     "GpuInfo",
     "GpuProcess",
     "GpuState",

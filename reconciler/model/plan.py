@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from reconciler.model.desired import ConfigSource
 from reconciler.model.kinds import BackendKind, Op
@@ -53,6 +53,21 @@ class Noop:
 
 
 @dataclass(frozen=True)
+class EstimateParts:
+    """What the metadata estimate is made of, so a person can see why it differs from the
+    bytes-per-parameter rule of thumb (``plan -v``) and a refusal can say it is mostly KV."""
+
+    weights: int
+    kv: int  # every sequence's KV cache at ``context`` tokens
+    runtime: int  # compute buffers, CUDA context, repacked copies: the rest
+    context: int  # tokens per sequence
+    parallel: int  # sequences, each with its KV cache
+    context_from_backend: bool  # the backend's own flags set the context, not ``context:``
+    rule_of_thumb: int | None  # parameters × bytes per parameter + overhead, when known
+    quantization: str | None
+
+
+@dataclass(frozen=True)
 class Estimate:
     """A model's VRAM estimate and where it came from."""
 
@@ -62,6 +77,8 @@ class Estimate:
     pinned: bool
     estimated_bytes: int | None = None  # what the metadata (or rough rule) alone says
     measured_bytes: int | None = None  # what the model held when last seen loaded
+    # An explanation, not part of the figure: equal estimates are equal whatever it says.
+    parts: EstimateParts | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

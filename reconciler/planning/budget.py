@@ -15,6 +15,10 @@ A backend serving ``parallel`` sequences at once holds that many KV caches. A ba
 driver says it runs a model at its own context (llama.cpp's router flags) wins over the file:
 the estimate is of what will really run.
 
+The metadata layer keeps its parts (``EstimateParts``: weights, KV cache, runtime) beside the
+bytes-per-parameter rule of thumb, for ``plan -v`` and for refusals that are mostly KV cache,
+which say so and suggest a ``context:`` that fits (``kv_advice``).
+
 A driver may bring its own metadata layer (``Driver.estimate_parts``: llama.cpp's, calibrated
 against a real ``llama-server`` in ``reconciler.backends.llamacpp.estimate``); an engine's
 estimate is its claim on the VRAM (``Driver.engine``).
@@ -28,21 +32,24 @@ the free space where that backend stores models.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from reconciler import backends
+from reconciler.backends.gguf import quantization as quantization_names
 from reconciler.backends.gguf.memory import kv_bytes, quantization
 from reconciler.model import (
     Budget,
     BudgetSettings,
     DiskBudget,
     Estimate,
+    EstimateParts,
     GpuProcess,
     GpuState,
     ModelFacts,
     ModelSpec,
 )
+from reconciler.units import format_size
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -71,6 +78,12 @@ BYTES_PER_PARAM = {
 }
 """GGUF bytes per weight by file type (block scales included), for the rough layer."""
 
+RULE_OF_THUMB_OVERHEAD = 1.15
+"""The seed's sizing table (the real node's ``hf-model.js``, shared/reference/
+infernet-protocol.md §7): VRAM per billion parameters ~2 × 1.15 GB at FP16, 1 × 1.15 at INT8,
+0.5 × 1.15 at INT4, i.e. the width's bytes per parameter + 15 %. It has no KV cache at the
+context the model runs at, which is what ``plan -v`` shows beside it."""
+
 
 def default_context(vram_total: int | None, trained: int | None) -> int:
     """Ollama's automatic num_ctx (≥0.15.5): tiered by total VRAM, capped at the trained one."""
@@ -84,9 +97,9 @@ def default_context(vram_total: int | None, trained: int | None) -> int:
 
 def run_context(spec: ModelSpec, facts: ModelFacts, vram_total: int | None) -> int:
     """Tokens per sequence the model runs at (see the module docstring)."""
-    driver = backends.driver(spec.backend)
-    if driver.run_context is not None and (ctx := driver.run_context(spec, facts)):
+    if ctx := backend_context(spec, facts):
         return ctx  # the backend runs it at its own context whatever the file says
+    driver = backends.driver(spec.backend)
     if spec.context:
         return spec.context
     if facts.run_context:
@@ -94,6 +107,22 @@ def run_context(spec: ModelSpec, facts: ModelFacts, vram_total: int | None) -> i
     if driver.default_context is not None and (ctx := driver.default_context(facts)):
         return ctx
     return default_context(vram_total, facts.context_length)
+
+
+def backend_context(spec: ModelSpec, facts: ModelFacts) -> int | None:
+    """The context the backend's own flags impose (llama.cpp's router ``-c``), which the
+    file's ``context:`` can't change; None when the file (or a default) decides."""
+    driver = backends.driver(spec.backend)
+    return driver.run_context(spec, facts) if driver.run_context is not None else None
+
+
+def rule_of_thumb(facts: ModelFacts) -> int | None:
+    """The seed's sizing rule: parameters × bytes per parameter of the quantization's width
+    (FP16 2, INT8 1, INT4 0.5) + ``RULE_OF_THUMB_OVERHEAD``; None without both."""
+    bits = quantization_names.nominal_bits(quantization(facts))
+    if not facts.parameter_count or not bits:
+        return None
+    return round(facts.parameter_count * bits / 8 * RULE_OF_THUMB_OVERHEAD)
 
 
 def estimate(
@@ -118,40 +147,49 @@ def estimate(
             return Estimate(spec.name, spec.vram, "config", True)
         claim = int(vram_total * engine_share) if vram_total else None
         return Estimate(spec.name, claim, "claim", True)
-    source, computed = _computed(spec, facts, vram_total, accelerator=accelerator)
+    source, computed, parts = _computed(spec, facts, vram_total, accelerator=accelerator)
     if spec.vram is not None:
-        return Estimate(spec.name, spec.vram, "config", spec.pinned, computed, measured)
+        return Estimate(spec.name, spec.vram, "config", spec.pinned, computed, measured, parts)
     if measured:
-        return Estimate(spec.name, measured, "measured", spec.pinned, computed, measured)
-    return Estimate(spec.name, computed, source, spec.pinned, computed, None)
+        return Estimate(spec.name, measured, "measured", spec.pinned, computed, measured, parts)
+    return Estimate(spec.name, computed, source, spec.pinned, computed, None, parts)
 
 
 def _computed(
     spec: ModelSpec, facts: ModelFacts | None, vram_total: int | None, *, accelerator: bool
-) -> tuple[str, int | None]:
-    """The metadata or rough layer: ``(source, bytes)``."""
+) -> tuple[str, int | None, EstimateParts | None]:
+    """The metadata or rough layer: ``(source, bytes, what the metadata bytes are made of)``."""
     if facts is None:
-        return "unknown", None
+        return "unknown", None, None
     weights = facts.weights_bytes or facts.size
     ctx = run_context(spec, facts, vram_total)
     parallel = max(1, facts.parallel or 1)
     own = backends.driver(spec.backend).estimate_parts
+    terms: Mapping[str, int] | None = None
     if own is not None:
-        parts = own(facts, ctx, parallel, accelerator)
-        if parts is not None:
-            return "metadata", sum(parts.values())
-    else:
-        kv = kv_bytes(facts, ctx)
-        if weights and kv is not None:
-            return "metadata", weights + kv * parallel + GRAPH_BYTES
+        terms = own(facts, ctx, parallel, accelerator)
+    elif weights and (kv := kv_bytes(facts, ctx)) is not None:
+        terms = {"weights": weights, "kv": kv * parallel, "compute": GRAPH_BYTES}
+    if terms is not None:
+        parts = EstimateParts(
+            weights=terms["weights"],
+            kv=terms["kv"],
+            runtime=sum(terms.values()) - terms["weights"] - terms["kv"],
+            context=ctx,
+            parallel=parallel,
+            context_from_backend=bool(backend_context(spec, facts)),
+            rule_of_thumb=rule_of_thumb(facts),
+            quantization=quantization(facts),
+        )
+        return "metadata", sum(terms.values()), parts
     per_param = BYTES_PER_PARAM.get((quantization(facts) or "").upper())
     if facts.parameter_count and per_param:
         weights = weights or int(facts.parameter_count * per_param)
     if weights:
         # Without the GGUF keys the KV cache is unknown; a quarter of the weights covers
         # 4k–8k contexts for dense models of every size we have seen.
-        return "rough", int(weights * 1.25) + GRAPH_BYTES
-    return "unknown", None
+        return "rough", int(weights * 1.25) + GRAPH_BYTES, None
+    return "unknown", None, None
 
 
 @dataclass(frozen=True)
@@ -210,6 +248,31 @@ def _held(gpu: GpuState, unexplained: int) -> str:
     return "; ".join(parts)
 
 
+def kv_advice(e: Estimate, room: int) -> str:
+    """For a refusal that is mostly KV cache, say so and how to shrink it ('' otherwise).
+
+    ``room`` is the VRAM the model may use. The KV cache grows with the context per token, so
+    the suggested ``context:`` is the largest power of two (from 1024) whose KV cache, with
+    the rest of the estimate, fits ``room``.
+    """
+    p = e.parts
+    if p is None or e.bytes is None or e.source == "config":  # vram: is the operator's figure
+        return ""
+    if 2 * p.kv <= (e.estimated_bytes or e.bytes):
+        return ""
+    sequences = f" × {p.parallel} sequences" if p.parallel > 1 else ""
+    said = f"{_gib(p.kv)} of it is KV cache for {p.context} tokens of context{sequences}: "
+    kv_room = room - (e.bytes - p.kv)
+    tokens = max(0, kv_room) * p.context // p.kv
+    fitting = 1 << (tokens.bit_length() - 1) if tokens else 0
+    fits = f" ({fitting} would fit)" if 1024 <= fitting < p.context else ""
+    if p.context_from_backend:  # the router's flags win over the file's context:
+        return said + f"lower llama-server's -c{fits}, or "
+    if fits:
+        return said + f"set context: {fitting} on this model, or "
+    return said + "set a smaller context: on this model, or "
+
+
 def check(
     estimates: list[Estimate],
     *,
@@ -253,20 +316,28 @@ def check(
                 )
         if pinned and pinned_sum + reserve > total:
             names = ", ".join(f"{e.model} {_gib(e.bytes)}" for e in pinned)
+            explained = [e.parts for e in pinned if e.parts is not None and e.source != "config"]
+            kv = sum(p.kv for p in explained)
+            mostly_kv = ""
+            if 2 * kv > pinned_sum:
+                mostly_kv = f"; {_gib(kv)} of it is KV cache: set a smaller context: on them"
+                if any(p.context_from_backend for p in explained):
+                    mostly_kv += " (llama-server's -c for llama.cpp models)"
             errors.append(
                 f"pinned models need {_gib(pinned_sum)} + reserve {_gib(reserve)} = "
                 f"{_gib(pinned_sum + reserve)}, more than the {budget_text} "
-                f"({names}); unpin or drop one, or raise budget.vram"
+                f"({names}){mostly_kv}; unpin or drop one, or raise budget.vram"
                 + ("" if not held else ", or stop the other processes")
             )
             unfit.update(e.model for e in pinned)
         for e in others:
             need = pinned_sum + (e.bytes or 0) + reserve
             if need > total:
+                advice = kv_advice(e, total - pinned_sum - reserve)
                 errors.append(
                     f"{e.model} needs {_gib(e.bytes)} ({e.source}) with the pinned models "
                     f"({_gib(pinned_sum)}) and reserve ({_gib(reserve)}) resident: "
-                    f"{_gib(need)} > {budget_text}; pick a smaller quantization "
+                    f"{_gib(need)} > {budget_text}; {advice}pick a smaller quantization "
                     "or unpin something" + ("" if not held else ", or stop the other processes")
                 )
                 unfit.add(e.model)
@@ -281,13 +352,14 @@ def check(
             if disk.download_bytes:
                 warnings.append(
                     f"{disk.backend.value}: free space at {disk.path} unknown; its downloads "
-                    f"({_gib(disk.download_bytes)}) are not checked against the disk"
+                    f"({format_size(disk.download_bytes)}) are not checked against the disk"
                 )
             continue
         if disk.download_bytes + settings.disk_reserve > disk.free_bytes:
             errors.append(
-                f"{disk.backend.value} downloads need {_gib(disk.download_bytes)} + "
-                f"disk_reserve {_gib(settings.disk_reserve)} but only {_gib(disk.free_bytes)} "
+                f"{disk.backend.value} downloads need {format_size(disk.download_bytes)} + "
+                f"disk_reserve {format_size(settings.disk_reserve)} but only "
+                f"{format_size(disk.free_bytes)} "
                 f"is free at {disk.path}; free space there or lower budget.disk_reserve"
             )
     first = disks[0] if disks else None

@@ -9,7 +9,7 @@ version cannot apply — another ``format_version``, a hand edit that breaks
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,6 +26,7 @@ from reconciler.model import (
     Desired,
     DiskBudget,
     Estimate,
+    EstimateParts,
     GpuProcess,
     Noop,
     Op,
@@ -92,6 +93,7 @@ def to_document(plan: Plan) -> dict[str, Any]:
                     "pinned": e.pinned,
                     "estimated_bytes": e.estimated_bytes,
                     "measured_bytes": e.measured_bytes,
+                    "parts": None if e.parts is None else asdict(e.parts),
                 }
                 for e in budget.estimates
             ],
@@ -189,7 +191,7 @@ def from_document(doc: dict[str, Any], *, path: str) -> Plan:
         noops=tuple(Noop(n["model"], BackendKind(n["backend"]), n["reason"]) for n in doc["noops"]),
         budget=Budget(
             **{k: v for k, v in budget.items() if k not in _BUDGET_LISTS},
-            estimates=tuple(Estimate(**e) for e in budget["estimates"]),
+            estimates=tuple(_estimate(e) for e in budget["estimates"]),
             foreign_processes=tuple(GpuProcess(**p) for p in budget["foreign_processes"]),
             disks=tuple(
                 DiskBudget(
@@ -218,6 +220,13 @@ def write_document(plan: Plan, path: Path) -> None:
     """Save ``plan`` to ``path`` as JSON, atomically (a reader never sees half a plan)."""
     text = json.dumps(to_document(plan), indent=2, ensure_ascii=False) + "\n"
     write_atomically(path, text.encode("utf-8"))
+
+
+def _estimate(doc: dict[str, Any]) -> Estimate:
+    """An estimate from its JSON; ``parts`` is absent from plans saved before it existed."""
+    fields = {k: v for k, v in doc.items() if k != "parts"}
+    parts = doc.get("parts")
+    return Estimate(**fields, parts=None if parts is None else EstimateParts(**parts))
 
 
 def read_document(path: Path) -> Plan:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from reconciler import backends
+from reconciler.backends.gguf import quantization as quantization_names
 from reconciler.backends.gguf.memory import quantization
 from reconciler.model import (
     FOREVER,
@@ -37,6 +38,7 @@ from reconciler.model import (
 from reconciler.names import key
 from reconciler.planning import budget, prune, verified
 from reconciler.planning.advertised import first as advertised_first
+from reconciler.units import format_size
 
 _ORDER = {Op.PULL: 0, Op.UPDATE: 0, Op.PIN: 1, Op.UNPIN: 2, Op.REMOVE: 3}
 
@@ -67,7 +69,7 @@ def _quant_mismatch(spec: ModelSpec, facts: ModelFacts, where: str) -> str | Non
     actual = quantization(facts)  # the backend's string, else the GGUF file type
     if not spec.quantization or not actual:
         return None
-    if spec.quantization.upper() == actual.upper():
+    if quantization_names.matches(spec.quantization, actual):
         return None
     return (
         f"{spec.name}: {where} is {actual}, but the file asserts quantization "
@@ -150,8 +152,9 @@ def _plan_missing(draft: _Draft, spec: ModelSpec, up: Upstream | None) -> None:
             spec.name,
             spec.backend,
             spec.canonical,
-            f"in served_models, not installed ({up.total_bytes} bytes, "
-            f"{up.download_bytes} to download)",
+            # Sizes as `ollama list` prints them; the exact bytes are download_bytes.
+            f"in served_models, not installed ({format_size(up.total_bytes)}, "
+            f"{format_size(up.download_bytes)} to download)",
             download_bytes=up.download_bytes,
             vram_bytes=est.bytes,
             digest=up.facts.digest,

@@ -54,6 +54,6 @@ def test_real_ollama_plan_apply_plan_remove(tmp_path: Path) -> None:
     assert _run(tmp_path, "apply", "--yes").returncode == 0
     again = json.loads(_run(tmp_path, "plan", "--json").stdout)
     assert again["actions"] == [] and again["errors"] == []
-    assert _run(tmp_path, "model", "remove", MODEL).returncode == 0
+    assert _run(tmp_path, "model", "remove", MODEL, "--yes").returncode == 0
     listed = json.loads(_run(tmp_path, "model", "list", "--json").stdout)["models"]
     assert MODEL not in {m["model"] for m in listed}

@@ -82,10 +82,15 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0) -> Non
 
 def node_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "INFERNET_"))}
-    env.update({
-        "HOME": str(tmp / "home"), "INFERNET_RETRY_BACKOFF": "0.05",
-        "INFERNET_LOCK_TIMEOUT": "2", "INFERNET_NO_NVML": "1", "PYTHONUNBUFFERED": "1",
-    })  # fmt: skip
+    env.update(
+        {
+            "HOME": str(tmp / "home"),
+            "INFERNET_RETRY_BACKOFF": "0.05",
+            "INFERNET_LOCK_TIMEOUT": "2",
+            "INFERNET_NO_NVML": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     (tmp / "home").mkdir(exist_ok=True)
     return env
 
@@ -96,8 +101,16 @@ def make_node(tmp: Path, **server: Any) -> Node:
     ``server``: ``start_server`` options (``bandwidth=``)."""
     tmp.mkdir(parents=True, exist_ok=True)
     ollama = start_server(tmp / "ollama", **server)
-    return Node(tmp, ollama, ollama.url, ollama.registry_url, ollama.models_dir,
-                tmp / "infernet.yaml", tmp / "state", node_env(tmp))  # fmt: skip
+    return Node(
+        tmp,
+        ollama,
+        ollama.url,
+        ollama.registry_url,
+        ollama.models_dir,
+        tmp / "infernet.yaml",
+        tmp / "state",
+        node_env(tmp),
+    )
 
 
 @pytest.fixture
@@ -115,11 +128,16 @@ def write_config(node: Node, served: list[Any], **extra: Any) -> None:
     """infernet.yaml for ``node`` with room for many removals; written atomically."""
     doc: dict[str, Any] = {
         "served_models": served,
-        "backends": {"ollama": {"url": node.url, "registry": node.registry,
-                                "models_dir": str(node.models_dir)}},
+        "backends": {
+            "ollama": {
+                "url": node.url,
+                "registry": node.registry,
+                "models_dir": str(node.models_dir),
+            }
+        },
         "budget": {"vram": "24GiB", "disk_reserve": "1MiB"},
         "policy": {"max_removals": 10, "allow_empty": True},
-    }  # fmt: skip
+    }
     doc.update(extra)
     tmp = node.config.with_name(".infernet.yaml.tmp")
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -178,9 +196,10 @@ class Beats:
             new = self.cp.received(since=self._seen)
             self._seen += len(new)
             self._beats += [
-                r for r in new
+                r
+                for r in new
                 if r["path"] == "/api/v1/node/heartbeat" and r["pubkey"] and r["status"] == 200
-            ]  # fmt: skip
+            ]
             return list(self._beats)
 
     def served(self) -> set[str] | None:

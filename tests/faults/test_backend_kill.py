@@ -5,12 +5,19 @@ pulling, restarts it on the same ports and models folder, and checks that no des
 that was installed disappeared, nothing is advertised that is not installed, and that the next
 apply converges (installed == desired; every model here is infernet's, so a dropped one must
 be gone).
+
+A kill can land while the backend writes a download's part file (``…-partial-<N>``, JSON,
+written in place as Ollama does): that download can then never resume, on Ollama as on the test
+server, until the file is deleted. The trial then checks that infernet fails that pull with one
+line and keeps everything else, deletes the file as an operator would, and goes on.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -30,6 +37,19 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 MODELS = ["smollm2:135m", "qwen2.5:0.5b", "llama3.2:1b", "all-minilm:latest"]
 COUNT = trials(20, full=60)
+
+
+def half_written_parts(models_dir: Path) -> list[Path]:
+    """Part files of unfinished downloads that are not the JSON the backend resumes from."""
+    damaged = []
+    for part in sorted((models_dir / "blobs").glob("*-partial-*")):
+        try:
+            json.loads(part.read_bytes())
+        except ValueError:
+            damaged.append(part)
+        except OSError:
+            continue
+    return damaged
 
 
 def _delete(node: Node, name: str) -> None:
@@ -98,6 +118,21 @@ def test_backend_killed_mid_pull(fnode: Node) -> None:
             ledger.check(kept <= have, f"kept models lost: {sorted(kept - have)}")
             extra = set(status(fnode)["advertised"]) - have
         ledger.check(not extra, f"advertised after the fault, not installed: {sorted(extra)}")
+
+        damaged = half_written_parts(fnode.models_dir)
+        if damaged:
+            ledger.fault("backend left a half-written part file")
+            with ledger.step("apply on the damaged download"):
+                out = run_cli(fnode, "apply", "--yes")
+            ledger.check(
+                out.returncode == 1 and "Traceback" not in out.stderr,
+                f"an apply on a download the backend can't resume: exit {out.returncode}: "
+                f"{out.stderr}",
+            )
+            ledger.check(kept <= installed(fnode), "kept models lost on a damaged download")
+            for part in damaged:  # the operator's repair: the whole unfinished download
+                for path in part.parent.glob(part.name.rsplit("-partial", 1)[0] + "-partial*"):
+                    path.unlink(missing_ok=True)
 
         with ledger.step("apply"):
             out = run_cli(fnode, "apply", "--yes")

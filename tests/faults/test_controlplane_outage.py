@@ -95,8 +95,11 @@ class _OutageNode:
     def __init__(self, node: Node, cp: ControlPlaneServer, ledger: Ledger, name: str) -> None:
         self.node, self.cp, self.ledger = node, cp, ledger
         self.pubkey = keygen(node)
-        self.plane = {"url": cp.url, "key_file": str(node.tmp / "node.key"),
-                      "heartbeat_interval": "1s"}  # fmt: skip
+        self.plane = {
+            "url": cp.url,
+            "key_file": str(node.tmp / "node.key"),
+            "heartbeat_interval": "1s",
+        }
         self.beats = Beats(cp)
         self.probe = _Sampler(node, self.beats, ledger, name)
 
@@ -137,10 +140,8 @@ class _OutageNode:
         wait_for("the outage to end", lambda: time.monotonic() > up_at, OUTAGE + 5)
         cp.set_down(None)
         resumed = time.time()
-        wait_for("the answer",
-                 lambda: cp.command(command)["status"] in ("completed", "failed"), 30)  # fmt: skip
-        wait_for("heartbeats to resume",
-                 lambda: any(b["time"] > resumed for b in beats.all()), 15)  # fmt: skip
+        wait_for("the answer", lambda: cp.command(command)["status"] in ("completed", "failed"), 30)
+        wait_for("heartbeats to resume", lambda: any(b["time"] > resumed for b in beats.all()), 15)
         probe.outage.clear()
         wait_for("a beat with the new set", lambda: beats.served() == {SMALL, LLAMA}, 15)
         time.sleep(2.5)  # a few more ticks: a queued answer must not be re-sent
@@ -177,8 +178,10 @@ def _run_node(where: Path, modes: list[str], ledger: Ledger) -> None:
 @pytest.mark.timeout(budget(120, OUTAGE + 60, PER_NODE))
 def test_control_plane_outage(tmp_path: Path) -> None:
     ledger = Ledger(f"control plane down {OUTAGE:.0f}s")
-    shares = [[MODES[n % len(MODES)] for n in range(COUNT) if n % len(MODES) == i]
-              for i in range(min(COUNT, len(MODES)))]  # fmt: skip
+    shares = [
+        [MODES[n % len(MODES)] for n in range(COUNT) if n % len(MODES) == i]
+        for i in range(min(COUNT, len(MODES)))
+    ]
     failures: list[BaseException] = []
 
     def run(modes: list[str]) -> None:

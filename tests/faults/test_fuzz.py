@@ -48,22 +48,40 @@ PAYLOADS = max(1, FILES // 3)  # each example is 1-4 commands
 def _settings(examples: int) -> settings:
     quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
     return settings(
-        max_examples=examples, deadline=None, database=None, derandomize=True,
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
         suppress_health_check=quiet,
-    )  # fmt: skip
+    )
 
 
 COUNTS: Counter[str] = Counter()
 
-NAMES = ["qwen2.5:0.5b", "llama3.2:1b", "smollm2:135m", "Llama3.2", "hf.co/a/b:Q4_K_M",
-         "tiny.gguf", "org/repo", "x" * 250, "../etc/passwd", "a b", "ünï:cødé", ""]  # fmt: skip
+NAMES = [
+    "qwen2.5:0.5b",
+    "llama3.2:1b",
+    "smollm2:135m",
+    "Llama3.2",
+    "hf.co/a/b:Q4_K_M",
+    "tiny.gguf",
+    "org/repo",
+    "x" * 250,
+    "../etc/passwd",
+    "a b",
+    "ünï:cødé",
+    "",
+]
 WEIRD = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=40),
     st.sampled_from(["1e309", "-1", "0", "forever", "99999999999999999999GiB", "10m", "~"]),
-    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(),
-                                                        max_size=2),
-)  # fmt: skip
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
 SIZES = st.sampled_from(["24GiB", "1GiB", "auto", "0", "10GB", "512MiB", 10**12])
 ENTRY = st.one_of(
     st.sampled_from(NAMES),
@@ -77,35 +95,55 @@ ENTRY = st.one_of(
             "advertise_as": st.sampled_from(NAMES),
             "vram": SIZES,
             "protect": st.booleans(),
-            "source": st.sampled_from(["file:///m/x.gguf", "hf://a/b/c.gguf", "ftp://x", "https://h/x.gguf"]),
+            "source": st.sampled_from(
+                ["file:///m/x.gguf", "hf://a/b/c.gguf", "ftp://x", "https://h/x.gguf"]
+            ),
             "sha256": st.sampled_from(["0" * 64, "sha256:" + "a" * 64, "zz"]),
         },
     ),
-)  # fmt: skip
+)
 DOC = st.fixed_dictionaries(
     {"served_models": st.lists(ENTRY, max_size=5)},
     optional={
         "version": st.sampled_from([1, 2, "1"]),
         "default_backend": st.sampled_from(["ollama", "llamacpp", "vllm", "nope"]),
-        "budget": st.fixed_dictionaries({}, optional={"vram": SIZES, "reserve": SIZES,
-                                                      "disk_reserve": SIZES}),
-        "policy": st.fixed_dictionaries({}, optional={
-            "prune": st.sampled_from(["managed", "all", "none", "some"]),
-            "max_removals": st.integers(min_value=-3, max_value=10**20),
-            "allow_empty": st.booleans(), "parallel_pulls": st.integers(-1, 64),
-            "updates": st.sampled_from(["notify", "follow", "x"]), "self_heal": st.booleans(),
-        }),
-        "backends": st.fixed_dictionaries({}, optional={
-            "ollama": st.fixed_dictionaries({}, optional={"url": st.sampled_from(
-                ["http://127.0.0.1:11434", "127.0.0.1:11434", "ftp://x", ""])}),
-        }),
-        "control_plane": st.fixed_dictionaries({}, optional={
-            "url": st.sampled_from(["https://cp.example", "http://x", "nope"]),
-            "heartbeat_interval": st.sampled_from(["1s", "30s", -1, "never"]),
-            "commands": st.sampled_from(["edit", "reject", "maybe"]),
-        }),
+        "budget": st.fixed_dictionaries(
+            {}, optional={"vram": SIZES, "reserve": SIZES, "disk_reserve": SIZES}
+        ),
+        "policy": st.fixed_dictionaries(
+            {},
+            optional={
+                "prune": st.sampled_from(["managed", "all", "none", "some"]),
+                "max_removals": st.integers(min_value=-3, max_value=10**20),
+                "allow_empty": st.booleans(),
+                "parallel_pulls": st.integers(-1, 64),
+                "updates": st.sampled_from(["notify", "follow", "x"]),
+                "self_heal": st.booleans(),
+            },
+        ),
+        "backends": st.fixed_dictionaries(
+            {},
+            optional={
+                "ollama": st.fixed_dictionaries(
+                    {},
+                    optional={
+                        "url": st.sampled_from(
+                            ["http://127.0.0.1:11434", "127.0.0.1:11434", "ftp://x", ""]
+                        )
+                    },
+                ),
+            },
+        ),
+        "control_plane": st.fixed_dictionaries(
+            {},
+            optional={
+                "url": st.sampled_from(["https://cp.example", "http://x", "nope"]),
+                "heartbeat_interval": st.sampled_from(["1s", "30s", -1, "never"]),
+                "commands": st.sampled_from(["edit", "reject", "maybe"]),
+            },
+        ),
     },
-)  # fmt: skip
+)
 
 
 def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -132,8 +170,21 @@ def _set(doc: Any, path: tuple[Any, ...], value: Any, *, delete: bool = False) -
 def documents(draw: st.DrawFn) -> tuple[str, bytes]:
     """(how it was made, the file's bytes)."""
     doc = draw(DOC)
-    how = draw(st.sampled_from(["valid-ish", "delete", "wrong-type", "duplicate", "truncate",
-                                "unicode", "huge", "bytes", "yaml-junk"]))  # fmt: skip
+    how = draw(
+        st.sampled_from(
+            [
+                "valid-ish",
+                "delete",
+                "wrong-type",
+                "duplicate",
+                "truncate",
+                "unicode",
+                "huge",
+                "bytes",
+                "yaml-junk",
+            ]
+        )
+    )
     paths = _paths(doc)
     if how in ("delete", "wrong-type", "huge") and paths:
         path = draw(st.sampled_from(paths))
@@ -162,10 +213,21 @@ def documents(draw: st.DrawFn) -> tuple[str, bytes]:
         at = draw(st.integers(0, len(data)))
         data = data[:at] + draw(st.binary(min_size=1, max_size=8)) + data[at:]
     elif how == "yaml-junk":
-        junk = draw(st.sampled_from([
-            "&a [*a]", "!!python/object:os.system x", "{", "- - -",
-            "\t", "key: @", "? [a]\n: b", "<<: *x", "%YAML 9.9",
-        ]))  # fmt: skip
+        junk = draw(
+            st.sampled_from(
+                [
+                    "&a [*a]",
+                    "!!python/object:os.system x",
+                    "{",
+                    "- - -",
+                    "\t",
+                    "key: @",
+                    "? [a]\n: b",
+                    "<<: *x",
+                    "%YAML 9.9",
+                ]
+            )
+        )
         at = draw(st.integers(0, len(data)))
         data = data[:at] + junk.encode() + data[at:]
     return how, data
@@ -235,8 +297,9 @@ class _Client:
     def post_progress(self, command_id: str, progress: dict[str, Any]) -> str:
         return "running"
 
-    def complete(self, command_id: str, *, status: str, result: Any = None,
-                 error: str | None = None) -> str:  # fmt: skip
+    def complete(
+        self, command_id: str, *, status: str, result: Any = None, error: str | None = None
+    ) -> str:
         self.answers[command_id] += 1
         self.last[command_id] = (status, error)
         return status
@@ -291,8 +354,13 @@ def _run_payloads(
     client = _Client()
     escaped: Exception | None = None
     with Store.open(work / "state") as store:
-        runner = CommandRunner(client=client, store=store, config_path=config,  # type: ignore[arg-type]
-                               reconcile=reconcile, progress_interval=0.0)  # fmt: skip
+        runner = CommandRunner(
+            client=client,
+            store=store,
+            config_path=config,  # type: ignore[arg-type]
+            reconcile=reconcile,
+            progress_interval=0.0,
+        )
         sent = [RemoteCommand(f"c{i}", verb, args) for i, (verb, args) in enumerate(commands)]
         # A command delivered twice (the control plane retried a poll) must not run twice.
         again = data.draw(st.sampled_from([None, *range(len(sent))]))

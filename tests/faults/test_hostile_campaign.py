@@ -89,8 +89,12 @@ def _models_folder(where: Path) -> Iterator[tuple[Path, bool]]:
     """llama.cpp's folder: a 64 MiB tmpfs (so a flood would reach the reserve) when mounts
     are allowed, else a plain folder (file sizes are still checked)."""
     where.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS}", "tmpfs", str(where)],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     try:
         yield where, made.returncode == 0
     finally:
@@ -152,16 +156,24 @@ class _Node:
         return {
             "served_models": served,
             "backends": {
-                "ollama": {"url": self.node.url, "registry": self.node.registry,
-                           "models_dir": str(self.node.models_dir)},
+                "ollama": {
+                    "url": self.node.url,
+                    "registry": self.node.registry,
+                    "models_dir": str(self.node.models_dir),
+                },
                 "llamacpp": {"models_dir": str(self.models), "url": self.router_url},
             },
-            "budget": {"vram": "24GiB",
-                       "disk_reserve": f"{RESERVE >> 20}MiB" if self.small else "1MiB"},
+            "budget": {
+                "vram": "24GiB",
+                "disk_reserve": f"{RESERVE >> 20}MiB" if self.small else "1MiB",
+            },
             "policy": {"max_removals": 10},
-            "control_plane": {"url": self.cp.url, "key_file": str(self.node.tmp / "node.key"),
-                              "heartbeat_interval": "1s"},
-        }  # fmt: skip
+            "control_plane": {
+                "url": self.cp.url,
+                "key_file": str(self.node.tmp / "node.key"),
+                "heartbeat_interval": "1s",
+            },
+        }
 
     def gguf(self, name: str) -> dict[str, str]:
         return {"name": name, "backend": "llamacpp", "source": self.hub.file_url(name)}
@@ -176,8 +188,11 @@ class _Node:
         with log.open("wb") as out:
             return subprocess.Popen(
                 [INFERNET, *args, "-c", str(self.node.config), "--state-dir", str(self.node.state)],
-                stdout=out, stderr=subprocess.STDOUT, env=self.node.env, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.node.env,
+                stdin=subprocess.DEVNULL,
+            )
 
     def log(self, stem: str) -> Path:
         self.runs += 1
@@ -221,8 +236,7 @@ class _Sampler(threading.Thread):
             if served is not None:
                 extra = served - first - second
                 check(not extra, f"{self.tag} advertised, not installed: {sorted(extra)}")
-                check(served <= self.named,
-                      f"{self.tag} advertised, never in the file: {served}")  # fmt: skip
+                check(served <= self.named, f"{self.tag} advertised, never in the file: {served}")
             lost = self.kept - first - second
             check(not lost, f"{self.tag} kept models vanished: {sorted(lost)}")
         for path in list(it.models.iterdir()):
@@ -230,11 +244,15 @@ class _Sampler(threading.Thread):
                 size = path.stat().st_size
                 whole = it.size.get(path.name.removeprefix(".").removesuffix(".part"))
                 if path.name.endswith(".gguf") and path.name in it.size:
-                    check(size == it.size[path.name],
-                          f"{self.tag} {path.name} is {size} bytes, not {whole}")  # fmt: skip
+                    check(
+                        size == it.size[path.name],
+                        f"{self.tag} {path.name} is {size} bytes, not {whole}",
+                    )
                 elif whole is not None and path.name.endswith(".part"):
-                    check(size <= whole, f"{self.tag} {path.name} grew to {size} bytes, "
-                                         f"past the {whole} announced")  # fmt: skip
+                    check(
+                        size <= whole,
+                        f"{self.tag} {path.name} grew to {size} bytes, past the {whole} announced",
+                    )
         if it.small:
             fs = os.statvfs(it.models)
             free = fs.f_bavail * fs.f_frsize
@@ -322,8 +340,10 @@ def _with_watch(it: _Node, ledger: Ledger, tag: str, kind: tuple[str, str]) -> N
         elif kind[0] == "infernet.yaml":
             with contextlib.suppress(AssertionError):
                 wait_for("the error", lambda: "nested more than" in log.read_text(), 10)
-            ledger.check("nested more than 32 levels" in log.read_text(),
-                         f"{tag} no one-line error: {log.read_text()[-2000:]}")  # fmt: skip
+            ledger.check(
+                "nested more than 32 levels" in log.read_text(),
+                f"{tag} no one-line error: {log.read_text()[-2000:]}",
+            )
         _check_installed(it, ledger, tag, kind)
         ledger.check(proc.poll() is None, f"{tag} the daemon died:\n{log.read_text()[-3000:]}")
         before = _peak_rss(proc.pid)
@@ -365,8 +385,11 @@ def _with_apply(it: _Node, ledger: Ledger, tag: str, kind: tuple[str, str]) -> N
     # The reader goes away before the first byte: 141, as any tool; 1 when plan fails first.
     plan = subprocess.Popen(
         [INFERNET, "plan", "-c", str(it.node.config), "--state-dir", str(it.node.state)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=it.node.env, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=it.node.env,
+        stdin=subprocess.DEVNULL,
+    )
     assert plan.stdout is not None and plan.stderr is not None
     plan.stdout.close()
     err = plan.stderr.read().decode(errors="replace")
@@ -379,8 +402,14 @@ def _with_apply(it: _Node, ledger: Ledger, tag: str, kind: tuple[str, str]) -> N
 @pytest.mark.timeout(budget(120, 60, COUNT))
 def test_hostile_peers_and_input_while_the_node_runs(fnode: Node, tmp_path: Path) -> None:
     ledger = Ledger("hostile peers and input")
-    fnode.env.update({"INFERNET_HTTP_TIMEOUT": "2", "INFERNET_PULL_STALL_TIMEOUT": "2",
-                      "INFERNET_WITHDRAW_TIMEOUT": "2", "INFERNET_LOCK_TIMEOUT": "10"})  # fmt: skip
+    fnode.env.update(
+        {
+            "INFERNET_HTTP_TIMEOUT": "2",
+            "INFERNET_PULL_STALL_TIMEOUT": "2",
+            "INFERNET_WITHDRAW_TIMEOUT": "2",
+            "INFERNET_LOCK_TIMEOUT": "10",
+        }
+    )
     with (
         _models_folder(tmp_path / "gguf") as (models, small),
         start_control_plane(tmp_path / "cp") as cp,

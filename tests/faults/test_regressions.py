@@ -174,8 +174,7 @@ def test_a_pull_that_failed_is_never_advertised_while_it_backs_off(
     fnode.server.fault(qwen, "error_mid", 1000)  # every pull of it fails
     with start_control_plane(tmp_path / "cp") as cp:
         keygen(fnode)
-        plane = {"url": cp.url, "key_file": str(fnode.tmp / "node.key"),
-                 "heartbeat_interval": "1s"}  # fmt: skip
+        plane = {"url": cp.url, "key_file": str(fnode.tmp / "node.key"), "heartbeat_interval": "1s"}
         write_config(fnode, [small, qwen], control_plane=plane)
         watch = Watch(fnode, 0)
         try:
@@ -212,14 +211,22 @@ def test_an_unfinished_download_of_a_model_that_left_the_file_is_deleted(tmp_pat
     env = {**node_env(tmp_path), "INFERNET_RETRY_BACKOFF": "0.01"}
 
     def apply(*served: dict[str, str]) -> subprocess.CompletedProcess[str]:
-        doc = {"served_models": list(served),
-               "backends": {"llamacpp": {"models_dir": str(models), "url": "http://127.0.0.1:9"}},
-               "budget": {"vram": "24GiB", "disk_reserve": "1MiB"},
-               "policy": {"allow_empty": True}}  # fmt: skip
+        doc = {
+            "served_models": list(served),
+            "backends": {"llamacpp": {"models_dir": str(models), "url": "http://127.0.0.1:9"}},
+            "budget": {"vram": "24GiB", "disk_reserve": "1MiB"},
+            "policy": {"allow_empty": True},
+        }
         config.write_text(yaml.safe_dump(doc))
-        return subprocess.run([INFERNET, "apply", "--yes", "-c", str(config), "--state-dir",
-                               str(state)], capture_output=True, text=True, env=env, timeout=90,
-                              stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+        return subprocess.run(
+            [INFERNET, "apply", "--yes", "-c", str(config), "--state-dir", str(state)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=90,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
 
     with start_hub_server(tmp_path / "hub", tmp_path / "hub-root") as hub:
         hub.files_dir.mkdir(parents=True, exist_ok=True)
@@ -255,3 +262,46 @@ def test_a_daemon_started_on_a_broken_file_serves_what_apply_last_applied(fnode:
     assert "Traceback" not in out.stderr, out.stderr
     assert "last valid version" in out.stderr, out.stderr
     assert installed(fnode) == {small}, "the daemon served a version older than the last apply"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_download_the_backend_cannot_resume_fails_cleanly_until_repaired(fnode: Any) -> None:
+    """Found by the backend-kill campaign at full size: Ollama killed while writing a part
+    file (``…-partial-<N>``, JSON written in place) can never resume that download until the
+    file is deleted; every pull of the blob fails. The apply must fail with one line, keep
+    what the node has and remove nothing, and converge once the file is gone."""
+    import time
+
+    from tests.faults.conftest import installed, write_config
+    from tests.faults.test_backend_kill import half_written_parts
+
+    small, qwen = "smollm2:135m", "qwen2.5:0.5b"
+    server = fnode.throttle(20_000)
+    write_config(fnode, [small])
+    assert fnode.run("apply", "--yes").returncode == 0
+    write_config(fnode, [qwen])  # small leaves the file: removed only after the pull works
+    proc = fnode.popen("apply", "--yes")
+    blobs = fnode.models_dir / "blobs"
+    deadline = time.monotonic() + 30
+    while not list(blobs.glob("*-partial-*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()  # no retry that would finish the download on the restarted backend
+    proc.communicate(timeout=60)
+    server.restart(kill=True)
+    parts = sorted(blobs.glob("*-partial-*"))
+    assert parts, "the pull never started"
+    parts[0].write_bytes(b"")  # the kill landed mid-write
+    assert half_written_parts(fnode.models_dir) == [parts[0]]
+
+    out = fnode.run("apply", "--yes")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    error = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and qwen in error[0], out.stderr
+    assert installed(fnode) == {small}  # the removal waits for the pull
+
+    for path in blobs.glob(parts[0].name.rsplit("-partial", 1)[0] + "-partial*"):
+        path.unlink()
+    out = fnode.run("apply", "--yes")
+    assert out.returncode == 0, out.stderr
+    assert installed(fnode) == {qwen}

@@ -32,8 +32,15 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 MODELS = ["smollm2:135m", "qwen2.5:0.5b", "llama3.2:1b", "all-minilm:latest"]
 BY_HAND = "llama3.2:1b-instruct-q8_0"
-KINDS = ["delete", "truncate", "random-bytes", "header", "wal-garbage", "zero-length",
-         "row-garbage"]  # fmt: skip
+KINDS = [
+    "delete",
+    "truncate",
+    "random-bytes",
+    "header",
+    "wal-garbage",
+    "zero-length",
+    "row-garbage",
+]
 COUNT = trials(len(KINDS), full=7 * len(KINDS))  # one of each kind; full: seven
 # Rows an apply always leaves, and the text columns they are read back through.
 ROWS = [("owned", "name"), ("applies", "summary"), ("cache", "value"), ("runs", "plan")]

@@ -65,10 +65,21 @@ class Watch:
         self.log = node.tmp / f"watch-{n}.log"
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
-                [INFERNET, "watch", "-c", str(node.config), "--state-dir", str(node.state),
-                 "--tick", "1"],
-                stdout=subprocess.DEVNULL, stderr=log, env=node.env, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+                [
+                    INFERNET,
+                    "watch",
+                    "-c",
+                    str(node.config),
+                    "--state-dir",
+                    str(node.state),
+                    "--tick",
+                    "1",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=node.env,
+                stdin=subprocess.DEVNULL,
+            )
 
     def text(self) -> str:
         return self.log.read_text()
@@ -119,8 +130,7 @@ def test_watch_killed_mid_apply(fnode: Node, tmp_path: Path) -> None:
     ledger = Ledger("watch SIGKILLed mid-apply")
     with start_control_plane(tmp_path / "cp") as cp:
         keygen(fnode)
-        plane = {"url": cp.url, "key_file": str(fnode.tmp / "node.key"),
-                 "heartbeat_interval": "1s"}  # fmt: skip
+        plane = {"url": cp.url, "key_file": str(fnode.tmp / "node.key"), "heartbeat_interval": "1s"}
         write_config(fnode, [MODELS[0]], control_plane=plane)
         first = Watch(fnode, 0)
         wait_for("the first convergence", lambda: installed(fnode) == {MODELS[0]}, 30)
@@ -144,11 +154,15 @@ def test_watch_killed_mid_apply(fnode: Node, tmp_path: Path) -> None:
                 again = Watch(fnode, n + 1000)
                 try:
                     with ledger.step("restart until converged"):
-                        wait_for("convergence after the restart",
-                                 lambda t=target: installed(fnode) == t, 30)  # fmt: skip
+                        wait_for(
+                            "convergence after the restart",
+                            lambda t=target: installed(fnode) == t,
+                            30,
+                        )
                     with ledger.step("until a beat lists it"):
-                        wait_for("a heartbeat listing the file",
-                                 lambda t=target: beats.served() == t, 15)  # fmt: skip
+                        wait_for(
+                            "a heartbeat listing the file", lambda t=target: beats.served() == t, 15
+                        )
                 except AssertionError as exc:
                     ledger.check(False, f"{exc}: installed {sorted(installed(fnode))}")
                 finally:

@@ -177,7 +177,7 @@ def test_protection_is_remembered_by_a_run_that_changed_nothing(node: Node, noop
 
 @pytest.mark.parametrize(
     "command",
-    [("apply", "--yes"), ("model", "install", LLAMA), ("model", "remove", SMALL)],
+    [("apply", "--yes"), ("model", "install", LLAMA), ("model", "remove", SMALL, "--yes")],
     ids=["apply", "install", "remove"],
 )
 def test_a_writer_that_waited_for_the_lock_acts_on_the_file_the_holder_left(

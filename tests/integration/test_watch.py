@@ -129,7 +129,7 @@ def test_invalid_file_keeps_the_last_valid_state(node: Node, watch: Any) -> None
     time.sleep(1.5)  # a tick passes: nothing may be removed
     assert SMALL in node.installed()
     out = node.run("status", "--json")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr  # an invalid file is an error status exits on
     status = json.loads(out.stdout)
     assert status["daemon"]["config_valid"] is False
     assert "half-written" in status["config_error"]

@@ -52,9 +52,10 @@ def _cp_config(node: Node, cp_url: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _daemon(node: Node) -> dict[str, Any]:
+def _daemon(node: Node, *, code: int = 0) -> dict[str, Any]:
+    """``status --json``; ``code`` 1 while the file is invalid (the exit code says so too)."""
     out = node.run("status", "--json")
-    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == code and "Traceback" not in out.stderr, out.stderr
     doc: dict[str, Any] = json.loads(out.stdout)
     return doc
 
@@ -82,7 +83,7 @@ def test_a_file_nested_2000_deep_keeps_the_last_valid_state_also_across_a_restar
     time.sleep(1.5)
     assert again.proc.poll() is None, again.text()
     assert SMALL in node.installed()
-    daemon = _daemon(node)["daemon"]
+    daemon = _daemon(node, code=1)["daemon"]
     assert daemon["running"] is True and daemon["config_valid"] is False
     assert "nested more than 32 levels" in daemon["config_error"]
     assert again.stop() == 0, again.text()

@@ -14,8 +14,10 @@ mistake there can't be mirrored here.
 
 Test routes (unsigned, never logged, never down): ``GET /_test/requests[?since=N]`` (the
 log from entry ``N`` on, so a long test can fetch only what is new),
-``GET /_test/nodes``, ``POST /_test/reset``, ``POST /_test/commands {pubkey, command, args}``,
-``GET /_test/commands/<id>``, ``POST /_test/commands/<id>/cancel``,
+``GET /_test/nodes``, ``POST /_test/reset``,
+``POST /_test/commands {pubkey, command, args, shape?}`` (shape "flat": polled as the seed's
+``{id, type, model, issued_at}``), ``GET /_test/commands/<id>``,
+``POST /_test/commands/<id>/cancel``,
 ``POST /_test/down {seconds|null, mode, interval, size}``, ``POST /_test/clock {offset}``,
 ``POST /_test/poll_limit {ignore}``; for jobs ``GET|POST /_test/jobs``, ``POST /_test/job_batch``,
 ``GET /_test/jobs/<id>``, ``GET /_test/jobs/<id>/events``, ``POST /_test/jobs/<id>/assign``,
@@ -343,7 +345,8 @@ class Handler(BaseHTTPRequestHandler):
             STATE.reset()
             return {}
         if path == "/_test/commands":
-            return {"id": store.enqueue(body["pubkey"], body["command"], body.get("args") or {})}
+            args, shape = body.get("args") or {}, str(body.get("shape") or "")
+            return {"id": store.enqueue(body["pubkey"], body["command"], args, shape)}
         if path == "/_test/down":
             seconds, mode = body.get("seconds"), body.get("mode", "503")
             if mode not in DOWN_MODES:

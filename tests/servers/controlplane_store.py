@@ -189,7 +189,9 @@ class Store:
 
     # node_commands -----------------------------------------------------------------------------
 
-    def enqueue(self, pubkey: str, command: str, args: dict[str, Any]) -> str:
+    def enqueue(self, pubkey: str, command: str, args: dict[str, Any], shape: str = "") -> str:
+        """Queue a command; ``shape`` "flat" hands it out as the seed writes one:
+        ``{id, type, <args>, issued_at}`` instead of ``{id, command, args}``."""
         with self.lock:
             command_id = str(uuid.uuid4())
             self.commands[command_id] = {
@@ -206,6 +208,7 @@ class Store:
                 "completed_at": None,
                 "complete_calls": 0,
                 "progress_posts": 0,
+                "shape": shape,
             }
             return command_id
 
@@ -239,6 +242,10 @@ class Store:
             handed = pending if self.ignore_poll_limit else pending[:safe]
             for row in handed:  # dicts keep insertion order: oldest issued first
                 row.update(status="running", started_at=now_iso())
+                if row.get("shape") == "flat":
+                    flat = {"type": row["command"], **row["args"], "issued_at": row["issued_at"]}
+                    claimed.append({"id": row["id"], **flat})
+                    continue
                 claimed.append({"id": row["id"], "command": row["command"], "args": row["args"]})
             return {"commands": claimed}
 

@@ -108,7 +108,7 @@ def test_each_backend_disk_is_checked_where_it_stores_models() -> None:
     ]
     fit = budget.check([], gpu=_gpu(), settings=BudgetSettings(disk_reserve=10 * GiB), disks=disks)
     assert fit.errors == (
-        "llamacpp downloads need 9.0 GiB + disk_reserve 10.0 GiB but only 15.0 GiB is free at "
+        "llamacpp downloads need 9.7 GB + disk_reserve 10 GB but only 16 GB is free at "
         "/var/lib/infernet/models; free space there or lower budget.disk_reserve",
     )
     b = fit.budget

@@ -160,7 +160,7 @@ def test_each_backend_downloads_against_its_own_disk() -> None:
     observed = _observed([(qwen, QWEN14, 9_000_000_000), (gguf, TINY_GGUF, 2 * GiB)], gpu, disks)
     result = plan(_desired(qwen, gguf), observed, Owned())
     assert result.errors == (
-        "llamacpp downloads need 2.0 GiB + disk_reserve 10.0 GiB but only 11.0 GiB is free at "
+        "llamacpp downloads need 2.1 GB + disk_reserve 10 GB but only 11 GB is free at "
         "/var/lib/infernet/models; free space there or lower budget.disk_reserve",
     )
     assert result.budget.disks == (
@@ -169,7 +169,7 @@ def test_each_backend_downloads_against_its_own_disk() -> None:
     )
     assert result.budget.download_bytes == 9_000_000_000 + 2 * GiB
     assert result.budget.disk_free_bytes == 500 * GiB  # the default backend's
-    assert "Disk: ollama 8.4 GiB to download, 500.0 GiB free at /srv/ollama; llamacpp 2.0 GiB " in (
+    assert "Disk: ollama 9 GB to download, 536 GB free at /srv/ollama; llamacpp 2.1 GB " in (
         render_plan(result)
     )
     # the same download fits when the llama.cpp disk has room, whatever Ollama's has

@@ -639,3 +639,13 @@ def test_examples_full_shows_every_key() -> None:
     schema = desired.schema()
     used = _keys_used(yaml.safe_load((REPO / "examples" / "full.yaml").read_text()))
     assert _keys_allowed(schema, schema["$defs"]) == used
+
+
+@pytest.mark.parametrize("quant", ["AWQ", "gptq-int4", "FP8"])
+def test_an_engines_quantization_is_a_note_not_a_gguf_name(quant: str) -> None:
+    # Engines' repositories carry no quantization infernet reads: their names are not GGUF's.
+    text = f"served_models:\n  - {{name: org/m, backend: vllm, quantization: {quant}}}\n"
+    assert desired.parse(text, path="f.yaml", env=NO_ENV).models[0].quantization == quant
+    gguf = f"served_models:\n  - {{name: m.gguf, backend: llamacpp, quantization: {quant}}}\n"
+    with pytest.raises(ValidationError, match="unknown quantization"):
+        desired.parse(gguf, path="f.yaml", env=NO_ENV)

@@ -8,9 +8,13 @@ from reconciler.backends.hf import rules, settings
 from reconciler.model import BackendKind
 
 
-def _engine(kind: BackendKind, processes: tuple[str, ...], exact: tuple[str, ...] = ()) -> Driver:
+def _engine(
+    kind: BackendKind, title: str, processes: tuple[str, ...], exact: tuple[str, ...] = ()
+) -> Driver:
     return Driver(
         kind=kind,
+        title=title,
+        gguf_quantization=False,
         canonical=rules.canonical,
         engine=True,
         revisions=True,
@@ -28,11 +32,11 @@ FAMILY = Family(
     name=settings.FAMILY,
     drivers=(
         # `vllm serve`, vllm.entrypoints..., VLLM::EngineCore workers
-        _engine(BackendKind.VLLM, ("vllm",)),
+        _engine(BackendKind.VLLM, "vLLM", ("vllm",)),
         # sglang.launch_server, sglang::scheduler
-        _engine(BackendKind.SGLANG, ("sglang",)),
+        _engine(BackendKind.SGLANG, "SGLang", ("sglang",)),
         # Modular's `max serve` CLI; "max" alone is too common a prefix
-        _engine(BackendKind.MAX, ("max-serve", "max.entrypoints", "max.serve"), ("max",)),
+        _engine(BackendKind.MAX, "MAX", ("max-serve", "max.entrypoints", "max.serve"), ("max",)),
     ),
     schema=settings.SCHEMA,
     defs=settings.DEFS,

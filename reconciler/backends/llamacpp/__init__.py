@@ -9,6 +9,7 @@ from reconciler.model import BackendKind
 
 DRIVER = Driver(
     kind=BackendKind.LLAMACPP,
+    title="llama.cpp",
     canonical=rules.canonical,
     same_model="same GGUF file",
     revision_hint=(

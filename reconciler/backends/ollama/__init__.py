@@ -9,6 +9,7 @@ from reconciler.model import BackendKind
 
 DRIVER = Driver(
     kind=BackendKind.OLLAMA,
+    title="Ollama",
     canonical=names.canonical,
     same_model="same model after normalising case and default tag",
     source_refusal=(

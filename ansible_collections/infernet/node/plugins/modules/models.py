@@ -91,7 +91,7 @@ options:
   executable:
     description:
       - The C(infernet) command to run - a path, or a name looked up on the host's C(PATH).
-    type: str
+    type: path
     default: infernet
     aliases: [infernet_bin]
   apply:
@@ -128,7 +128,7 @@ seealso:
     description: The collection, its role, and a fleet playbook with rolling batches.
     link: https://github.com/infernet/infernet#fleets-with-ansible
 author:
-  - infernet contributors
+  - infernet contributors (@infernet)
 """
 
 EXAMPLES = r"""
@@ -271,18 +271,20 @@ def build_document(params):
 def find_executable(module, name):
     """The ``infernet`` to run, or a CliFailure that says how to get one."""
     if os.sep in name:
-        path = os.path.expanduser(name)
+        path = name  # type path: ~ and variables already expanded
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
         raise CliFailure(
             f"infernet executable {path} not found or not executable on this host: install "
-            "infernet there (pip install infernet) or point executable (infernet_bin) at it"
+            "infernet there (the role infernet.node.node, or pip install of its wheel or git URL) "
+            "or point executable (infernet_bin) at it"
         )
     found = module.get_bin_path(name)
     if not found:
         raise CliFailure(
             f"infernet executable {name!r} not found on PATH ({os.environ.get('PATH', '')}) on "
-            "this host: install infernet there (pip install infernet) or give its full path in "
+            "this host: install infernet there (the role infernet.node.node, or pip install of its "
+            "wheel or git URL) or give its full path in "
             "executable (infernet_bin)"
         )
     return found
@@ -502,7 +504,7 @@ ARGUMENT_SPEC = {
     "settings": {"type": "dict", "default": {}},
     "config": {"type": "path", "default": DEFAULT_CONFIG, "aliases": ["path"]},
     "state_dir": {"type": "path"},
-    "executable": {"type": "str", "default": "infernet", "aliases": ["infernet_bin"]},
+    "executable": {"type": "path", "default": "infernet", "aliases": ["infernet_bin"]},
     "apply": {"type": "bool", "default": True},
     "mode": {"type": "raw", "default": "0644"},
 }
