@@ -25,7 +25,7 @@ from reconciler.config import edit as configedit
 from reconciler.controlplane.args import NO_HF, model_problem, name_problem
 from reconciler.errors import InfernetError, InvalidModelName, PlanError, one_line
 from reconciler.files import write_atomically
-from reconciler.limits import ANSWER_TEXT
+from reconciler.limits import ANSWER_TEXT, SHOWN_NAME
 from reconciler.model import FOREVER, BackendKind, Desired, ModelKey, ModelSpec
 from reconciler.redact import redact
 from state import StatusKey, Store
@@ -154,6 +154,13 @@ def remote_install(args: dict[str, Any], current: Desired) -> Install | str:
     driver = backends.driver(backend)
     if hf is None:
         problem = model_problem(model, backend)
+        if problem is None and not driver.revisions and looks_like_hf_repo(str(model)):
+            # Answered before the registry is asked, as `model install` does at the node.
+            problem = (
+                f"args.model '{one_line(str(model), SHOWN_NAME, mark='')}' looks like a "
+                f"HuggingFace repo id; this node installs {backend.value} models: send a "
+                "model:tag its registry lists"
+            )
         if problem is None and driver.remote_install_problem is not None:
             assert isinstance(model, str)
             problem = driver.remote_install_problem(model, current)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from reconciler.config import desired
 from reconciler.controlplane.args import command_of
+from reconciler.converge import edits
 from reconciler.converge.adoption import owned_record
 from reconciler.converge.edits import local_install, looks_like_hf_repo
 from reconciler.errors import PlanError
@@ -196,3 +197,21 @@ def test_any_polled_row_gives_a_verb_and_arguments_never_an_error(row: dict[str,
     verb, args = command_of(row)
     assert isinstance(verb, str) and isinstance(args, dict)
     assert not set(args) & {"id", "type", "issued_at"} or "args" in row
+
+
+@pytest.mark.parametrize(
+    ("model", "refused"),
+    [
+        ("Qwen/Qwen2.5-14B-Instruct", True),
+        ("mistralai/Mistral-7B-Instruct-v0.3", True),
+        ("qwen2.5:14b", False),
+        ("library/qwen2.5", False),  # an Ollama namespace/model, lower case
+    ],
+)
+def test_a_remote_install_of_a_huggingface_id_on_an_ollama_node_says_so(
+    model: str, refused: bool
+) -> None:
+    current = desired.parse("served_models: [smollm2:135m]\n", path="infernet.yaml")
+    answer = edits.remote_install({"model": model}, current)
+    said = isinstance(answer, str) and "looks like a HuggingFace repo id" in answer
+    assert said is refused, answer
