@@ -74,6 +74,7 @@ def daemon(node: Node, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
     try:
         yield watch
     finally:
+        watch._stop_serving(0.0)  # a tick may have started the job runner: its poller ends first
         watch.session.close()
 
 
