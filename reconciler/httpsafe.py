@@ -32,12 +32,10 @@ that is logged, stored, shown or sent goes through it.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import ssl
 import threading
 import time
-import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -45,6 +43,7 @@ from typing import Any, NoReturn
 import httpcore
 import httpx
 
+from reconciler import proxies
 from reconciler.limits import BACKEND_BODY, PROGRESS_BYTES, KiB, MiB
 from reconciler.redact import redact
 
@@ -310,7 +309,7 @@ class GuardedTransport(httpx.BaseTransport):
         self._lock = threading.Lock()
 
     def _pool(self, url: httpx.URL) -> httpcore.ConnectionPool:
-        proxy = _proxy_for(url) if self._trust_env else None
+        proxy = proxies.proxy_for(url) if self._trust_env else None
         tls = url.scheme == "https"
         with self._lock:
             pool = self._pools.get((proxy, tls))
@@ -406,35 +405,6 @@ def _check_headers(response: httpx.Response, limits: Limits, where: str) -> None
 
 def _refuse(message: str) -> NoReturn:
     raise BodyRefused(message)
-
-
-_PROXY_VARS = tuple(
-    name
-    for lower in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-    for name in (lower, lower.upper())
-)
-"""The variables a proxy choice for http(s) depends on (urllib reads the whole environment)."""
-
-
-def _proxy_for(url: httpx.URL) -> str | None:
-    """The environment's proxy for ``url`` (``NO_PROXY`` honoured), as httpx chooses it."""
-    host = url.host
-    if not host:
-        return None
-    # urllib scans every variable on each call (~0.3 ms, twice a request, a good part of a
-    # job's start): decide once per host and proxy settings instead.
-    return _proxy_of(url.scheme, host, tuple(os.environ.get(name) for name in _PROXY_VARS))
-
-
-@functools.lru_cache(maxsize=256)
-def _proxy_of(scheme: str, host: str, _settings: tuple[str | None, ...]) -> str | None:
-    if urllib.request.proxy_bypass(host):
-        return None
-    found = urllib.request.getproxies()
-    proxy = found.get(scheme) or found.get("all")
-    if proxy and "://" not in proxy:
-        proxy = "http://" + proxy
-    return proxy or None
 
 
 def _size(n: int) -> str:
