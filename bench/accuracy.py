@@ -25,7 +25,13 @@ compute) are printed beside them to explain the terms; the estimate never reads 
 
     .venv/bin/python -m bench.accuracy [--gpu] [--json-out FILE] [--threads N]
         [--models tiny,l3-f16 --contexts 512,2048 --parallel 1,2,0]   # else MATRIX
+    .venv/bin/python -m bench.accuracy --quantized [--gpu] [--json-out FILE]  # QUANT_MATRIX
     .venv/bin/python -m bench.accuracy --rescore bench/results/accuracy_gpu_h200.json
+
+``--quantized`` (issue 17) measures real quantized files instead: the F32/F16 models above made
+Q8_0, Q5_K_M and Q4_K_M by the real ``llama-quantize``, built from the same llama.cpp source as
+the server (``python -m tests.servers.llamabuild --quantize``); each row records the matrix types
+llama-quantize wrote and the fallbacks it logged (K-quants need rows a multiple of 256 wide).
 
 The binary is ``tests/servers/llamabuild.py``'s ``build()`` (``INFERNET_LLAMA_SERVER``
 overrides). ``LLAMA_CACHE`` is set to an empty temporary folder, so the router lists only the
@@ -155,6 +161,37 @@ MATRIX: dict[tuple[int, int], tuple[str, ...]] = {
 """The widened run's rows: every model at 1, 2 and 4 slots, some at longer contexts (up to
 16384 cells) and under llama-server's default slots."""
 
+QUANT_TYPES = {"Q8_0": "q8", "Q5_K_M": "q5km", "Q4_K_M": "q4km"}
+"""What issue 17 quantizes to with the real ``llama-quantize``, and the name suffix."""
+QUANT_SOURCES = ("tiny", "m100", "nogqa-f32", "l3-f16")
+"""The F32/F16 models written here that are quantized: 64, 768, 256 and 512 wide. K-quants
+need rows a multiple of 256 wide, so ``tiny`` (64) and ``nogqa-f32``'s ``ffn_down`` (640) fall
+back to 32-block types (llama-quantize's log says which; the rows record it)."""
+QUANTIZED: dict[str, tuple[str, str]] = {
+    f"{source}-{suffix}": (source, kind)
+    for source in QUANT_SOURCES
+    for kind, suffix in QUANT_TYPES.items()
+}
+"""Quantized model name → (the F32/F16 model it is made from, llama-quantize's type)."""
+
+QUANT_MATRIX: dict[tuple[int, int], tuple[str, ...]] = {
+    (512, 1): tuple(QUANTIZED),
+    (2048, 2): tuple(QUANTIZED),
+    (1024, 4): tuple(QUANTIZED),
+    (4096, 0): tuple(QUANTIZED),
+    (8192, 2): tuple(n for n in QUANTIZED if n.startswith(("m100-", "l3-f16-"))),
+}
+"""``--quantized``: the quantized rows (issue 17), at 1, 2 and 4 slots, under llama-server's
+default slots (one unified pool) and at 8192 tokens a slot."""
+
+
+def shape_of(name: str) -> Shape:
+    """A written model's shape, or a quantized one's: its source's, with the target type."""
+    if name in QUANTIZED:
+        source, kind = QUANTIZED[name]
+        return dataclasses.replace(SHAPES[source], dtype=kind, f16=False)
+    return SHAPES[name]
+
 
 # --------------------------------------------------------------------------- GGUF files
 
@@ -216,7 +253,7 @@ def _quantized(rng: np.random.Generator, rows: int, cols: int, kind: str) -> np.
     return data.reshape(rows, cols // per * size)
 
 
-_FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K_M": 15, "Q6_K": 18}
+_FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
 
 
 def _matrix_type(shape: Shape, tensor: str, layer: int) -> str:
@@ -328,6 +365,84 @@ def ensure_models(folder: Path, names: list[str]) -> dict[str, int]:
     return params
 
 
+_FALLBACK = re.compile(
+    r"warning: (?P<tensor>\S+)\s+- ncols\s+(?P<cols>\d+) not divisible by\s+(?P<block>\d+) "
+    r"\(required for type\s+(?P<want>\S+)\).*?falling back to\s+(?P<got>\S+)"
+)
+
+
+def _quantize_report(log: str, path: Path) -> dict[str, Any]:
+    """What llama-quantize really did: each fallback it logged, and the types of the file it
+    wrote (matrix name → type counts, read from the tensor table, not assumed)."""
+    _meta, tensors, _start = ggufmeta.read_header(path)
+    types: dict[str, int] = {}
+    for t in tensors:
+        if len(t.shape) >= 2:
+            types[t.kind] = types.get(t.kind, 0) + 1
+    fallbacks = [
+        f"{m['tensor']}: {m['cols']} cols, {m['want']} -> {m['got']}"
+        for m in _FALLBACK.finditer(log)
+    ]
+    embd = next((t.kind for t in tensors if t.name == "token_embd.weight"), None)
+    return {
+        "matrix_types": dict(sorted(types.items())),
+        "token_embd": embd,
+        "fallbacks": fallbacks,
+    }
+
+
+def ensure_quantized(
+    folder: Path, names: list[str], binary: Path, threads: int
+) -> dict[str, tuple[int, dict[str, Any]]]:
+    """The quantized models in ``folder``, made from their F32/F16 sources with the real
+    ``llama-quantize`` (once; a sidecar remembers the source's shape and the type, so a
+    changed source is quantized again): name → (parameters, what llama-quantize did)."""
+    out: dict[str, tuple[int, dict[str, Any]]] = {}
+    sources = ensure_models(folder, sorted({QUANTIZED[n][0] for n in names}))
+    for name in names:
+        source, kind = QUANTIZED[name]
+        path, meta = folder / f"{name}.gguf", folder / f"{name}.json"
+        want = {
+            "source": source,
+            "type": kind,
+            "shape": json.loads((folder / f"{source}.json").read_text())["shape"],
+            "quantizer": binary.name,
+        }
+        if path.exists() and meta.exists():
+            saved = json.loads(meta.read_text())
+            if saved.get("made") == want:
+                out[name] = (int(saved["params"]), saved["quantize"])
+                continue
+        partial = folder / f"{name}.partial"  # not *.gguf: the router never lists half a file
+        started = time.monotonic()
+        done = subprocess.run(
+            [str(binary), str(folder / f"{source}.gguf"), str(partial), kind, str(threads)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
+        log = done.stdout + done.stderr
+        if done.returncode != 0:
+            tail = "\n".join(log.splitlines()[-15:])
+            raise RuntimeError(f"llama-quantize {source} {kind} exited {done.returncode}:\n{tail}")
+        (folder / f"{name}.quantize.log").write_text(log)
+        report = _quantize_report(log, partial)
+        partial.replace(path)
+        out[name] = (sources[source], report)
+        meta.write_text(
+            json.dumps({"made": want, "params": sources[source], "quantize": report}, indent=1)
+        )
+        took = time.monotonic() - started
+        falls = len(report["fallbacks"])
+        print(
+            f"quantized {source} to {kind}: {path.name}, {path.stat().st_size / MiB:.1f} MiB in "
+            f"{took:.1f} s; matrices {report['matrix_types']}, {falls} fallbacks",
+            flush=True,
+        )
+    return out
+
+
 def router_args(context: int, parallel: int) -> list[str]:
     """The router's ``-c``/``-np`` for ``context`` tokens per slot and ``parallel`` slots.
 
@@ -356,7 +471,7 @@ def rescore(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     can be scored again after the estimate changes without the GPU."""
     out = []
     for row in rows:
-        shape = SHAPES[row["model"]]
+        shape = shape_of(row["model"])
         size = int(row.get("file_bytes") or row["estimate_parts"]["weights"])
         facts = ModelFacts(
             size=size,
@@ -622,10 +737,12 @@ class Setup:
 
 
 def matrix(args: argparse.Namespace) -> dict[tuple[int, int], tuple[str, ...]]:
-    """The rows to measure: ``MATRIX``, or the cross product the options name."""
+    """The rows to measure: ``MATRIX`` (``QUANT_MATRIX`` with ``--quantized``), or the cross
+    product the options name."""
     if not (args.models or args.contexts or args.parallel):
-        return MATRIX
-    names = tuple((args.models or ",".join(SHAPES)).split(","))
+        return QUANT_MATRIX if args.quantized else MATRIX
+    every = QUANTIZED if args.quantized else SHAPES
+    names = tuple((args.models or ",".join(every)).split(","))
     contexts = [int(c) for c in (args.contexts or "512,2048").split(",")]
     slots = [int(p) for p in (args.parallel or "1,2").split(",")]
     return {(c, n): names for n in slots for c in contexts}
@@ -639,7 +756,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     setup = Setup(work / "models", GpuMeter() if args.gpu else None, args.prompt_tokens, work)
     groups = matrix(args)
     wanted = sorted({name for names in groups.values() for name in names})
-    params = ensure_models(setup.models_dir, wanted)
+    params = ensure_models(setup.models_dir, [n for n in wanted if n in SHAPES])
+    quantized = [n for n in wanted if n in QUANTIZED]
+    made: dict[str, tuple[int, dict[str, Any]]] = {}
+    if quantized:
+        quantizer = llamabuild.build(llamabuild.QUANTIZE)
+        made = ensure_quantized(setup.models_dir, quantized, quantizer, args.threads)
+        params |= {name: count for name, (count, _report) in made.items()}
     rows: list[dict[str, Any]] = []
     for (context, parallel), names in groups.items():
         log = work / f"router-c{context}-np{parallel}.log"
@@ -657,6 +780,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 case = Case(name, params[name], context, parallel)
                 row = _row(rt, case, setup)
                 row |= _scored_plan(planned.get(f"{name}.gguf"), row["measured_bytes"])
+                if name in made:
+                    row["quantized_from"] = QUANTIZED[name][0]
+                    row["quantize"] = made[name][1]
                 rows.append(row)
                 print(
                     f"  {name} ctx {context} np {parallel}: plan {_mib(row['plan_bytes'])} "
@@ -746,7 +872,7 @@ def _row(rt: Router, case: Case, setup: Setup) -> dict[str, Any]:
     ratio = estimate / measured if measured else float("nan")
     # what the runtime term would have to be for this row alone: measured less the buffers
     residual = measured - sum(v for k, v in parts.items() if k != "runtime")
-    shape = SHAPES[name]
+    shape = shape_of(name)
     return {
         "model": name,
         "params": case.params,
@@ -807,7 +933,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         model = sum(v for k, v in logged.items() if k.startswith("model/"))
         kv = sum(v for k, v in logged.items() if k.startswith("KV/"))
         compute = sum(v for k, v in logged.items() if k.startswith("compute/"))
-        shape = SHAPES[r["model"]]
+        shape = shape_of(r["model"])
         plan_ratio = r.get("plan_ratio")
         ok = r["ok"] and r.get("plan_ok", True)
         lines.append(
@@ -843,6 +969,11 @@ def _passed(rows: list[dict[str, Any]]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true", help="offload to the NVIDIA GPU, use NVML")
+    parser.add_argument(
+        "--quantized",
+        action="store_true",
+        help="the F32/F16 models quantized with the real llama-quantize (QUANT_MATRIX)",
+    )
     parser.add_argument("--models", help="comma-separated SHAPES (default: MATRIX's rows)")
     parser.add_argument("--contexts", help="tokens per slot, e.g. 512,2048")
     parser.add_argument("--parallel", help="slots, e.g. 1,2,4 (0 = llama-server's default)")

@@ -2,9 +2,10 @@
 
 1. No-op and 3-change convergence: infernet vs an Ansible playbook and a curl+jq script
    (``bench/compare.py``, ``bench/baselines/``): wall time and requests, median of ``--reps``.
-2. ``infernet plan`` against 10, 100, 1000 installed models, and the baselines' listing step.
-3. K missing models with a per-pull bandwidth limit: ``parallel_pulls`` 1 vs K, and the
-   baselines (serial).
+2. ``infernet plan`` against 10, 100, 1000 installed models, the baselines' listing step, and
+   the bare ``ollama`` Python client's listing (the floor: goal infernet ≤ 1.5× it at 100).
+3. K missing models with a per-pull bandwidth limit (``--pull-seconds`` each, 10; quick 3):
+   ``parallel_pulls`` 1 vs K (goal ≥ 3.2× for 4), and the baselines (serial).
 4. Edit → heartbeat latency in watch mode (``bench/watch_bench.py``), p50/p99.
 5. The idle daemon's CPU and RSS over ``--idle`` seconds (``bench/watch_bench.py``, after the
    edits of 4), and its RSS over ``--reconciles`` SIGHUP reconciles (``bench/daemon_soak.py``).
@@ -16,6 +17,7 @@
 
     .venv/bin/python -m bench.all            # the full run: ~27 min on 2 cores, 10 min idle
     .venv/bin/python -m bench.all --quick    # ~7 min: 60 s idle, fewer repetitions
+    .venv/bin/python -m bench.all --only 2,3 --sizes 100   # issue 17's speed rows
 
 Writes ``bench/out/all.json`` (raw numbers; ``bench/out/`` is not tracked), ``bench/
 plan_scaling.png`` and ``bench/watch_latency.png``, and appends a dated section to
@@ -62,6 +64,7 @@ def machine() -> dict[str, Any]:
                 mem = int(line.split()[1]) * 1024
     model = re.search(r"Model name:\s*(.+)", lscpu)
     return {
+        "load": [round(x, 2) for x in os.getloadavg()],
         "lscpu_head": "\n".join(lscpu.splitlines()[:10]),
         "cpu": model.group(1).strip() if model else platform.processor(),
         "cores": os.cpu_count(),
@@ -154,7 +157,11 @@ def accuracy(rerun: bool, threads: int) -> dict[str, Any]:
 def plots(data: dict[str, Any]) -> list[Path]:
     if not (data.get("plan_scaling") or data.get("watch")):
         return []  # nothing to draw (``--only 7``): no need for matplotlib
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the numbers and tables do not need it
+        print("matplotlib is not installed: no plots drawn", file=sys.stderr)
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -169,8 +176,11 @@ def plots(data: dict[str, Any]) -> list[Path]:
             ("infernet", "cold_s", "infernet plan, first run (empty cache)", "--o"),
             ("ansible", "median_s", "Ansible playbook, listing step", "-s"),
             ("shell", "median_s", "curl + jq, listing step", "-^"),
+            ("ollama_client", "median_s", "ollama Python client, listing", "-d"),
         ]
         for tool, stat, label, style in series:
+            if any(tool not in scaling[str(n)] for n in sizes):
+                continue  # a run from before the column existed
             ax.plot(sizes, [scaling[str(n)][tool][stat] * 1000 for n in sizes], style, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -221,12 +231,22 @@ def _req(d: dict[str, Any]) -> str:
 def report(data: dict[str, Any], args: argparse.Namespace) -> str:
     """The markdown section: tables for every item that ran."""
     m = data["machine"]
+    title = "Side by side with Ansible and curl; the daemon over time (issue 9)"
+    if not {"convergence", "watch", "soak", "accuracy"} & data.keys():
+        title = "Speed kept: `infernet plan` against the `ollama` client, parallel pulls (issue 17)"
+    load = ""
+    if m.get("load") and data.get("load_end"):
+        load = (
+            f" Load average (1, 5, 15 min) {', '.join(f'{x:g}' for x in m['load'])} at the "
+            f"start, {', '.join(f'{x:g}' for x in data['load_end'])} at the end: on a shared "
+            "machine the ratios, taken side by side in the same rounds, are what count."
+        )
     out = [
-        f"## Side by side with Ansible and curl; the daemon over time (issue 9), {m['date'][:10]}",
+        f"## {title}, {m['date'][:10]}",
         "",
         f"`{data['command']}` on {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB, Python "
         f"{m['python']}, kernel {m['kernel']}, {m['date']}. Raw numbers: `bench/out/all.json` "
-        "(not tracked).",
+        f"(not tracked).{load}",
         "",
         "```",
         m["lscpu_head"],
@@ -259,18 +279,27 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> str:
             "the rest installed by hand; `prune: managed` leaves them alone): `infernet plan` "
             "vs the baselines' listing step (the playbook with `plan_only=true`, the script "
             f"with `--plan`); median of {args.reps} runs. Plot: `bench/plan_scaling.png`.",
-            "",
-            "| installed | Ansible | curl + jq | infernet plan | infernet plan, first run "
-            "| infernet requests |",
-            "|---|---|---|---|---|---|",
         ]
+        client = all("ollama_client" in s for s in scaling.values())
+        if client:
+            out[-1] += (
+                ' The floor, "ollama client": a fresh `python -c "import ollama; '
+                'ollama.Client(host=URL).list()"` (same venv, same server), run right after '
+                "`infernet plan` in each round; the ratio is the median of the rounds' ratios "
+                "(goal ≤ 1.5× at 100)."
+            )
+        cols = ["installed", "Ansible", "curl + jq"] + ["ollama client"] * client
+        cols += ["infernet plan", "infernet plan, first run", "infernet requests"]
+        cols += ["infernet / ollama client"] * client
+        out += ["", "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
         for n in sorted(scaling, key=int):
             s = scaling[n]
-            out.append(
-                f"| {n} | {_ms(s['ansible']['median_s'])} | {_ms(s['shell']['median_s'])}"
-                f" | {_ms(s['infernet']['median_s'])} | {_ms(s['infernet']['cold_s'])} | "
-                f"{_req(s['infernet'])} |"
-            )
+            cells = [n, _ms(s["ansible"]["median_s"]), _ms(s["shell"]["median_s"])]
+            cells += [_ms(s["ollama_client"]["median_s"])] * client
+            cells += [_ms(s["infernet"]["median_s"]), _ms(s["infernet"]["cold_s"])]
+            cells += [_req(s["infernet"])]
+            cells += [f"{s['infernet_vs_ollama_client']:.2f}×"] * client
+            out.append("| " + " | ".join(cells) + " |")
         out.append("")
     par = data.get("parallel_pulls")
     if par:
@@ -282,11 +311,18 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> str:
             f" MB/s** ({p['weights_bytes'] / 1e6:g} MB of weights each: {p['one_pull_s']:g} s "
             f"a pull); median of {par['reps']} runs after a first one.",
             "",
+        ]
+        if "speedup" in par:
+            out[-2] += (
+                f" Serial over parallel, the median of the rounds' ratios: "
+                f"**{par['speedup']:.2f}×** (goal ≥ 3.2× for 4 pulls of ≥ 10 s)."
+            )
+        out += [
             "| tool | median | first run | vs infernet parallel_pulls 1 |",
             "|---|---|---|---|",
         ]
         for tool, d in par.items():
-            if tool in ("params", "reps"):
+            if tool in ("params", "reps", "speedup"):
                 continue
             out.append(
                 f"| {tool.replace('_p', ', parallel_pulls ')} | {_ms(d['median_s'])} | "
@@ -369,11 +405,14 @@ def summary_table(data: dict[str, Any]) -> str:
         cells = ", ".join(f"{t} {_ms(d['median_s'])} / {_req(d)} req" for t, d in tools.items())
         rows.append(("1", scenario, cells))
     for n, s in sorted((data.get("plan_scaling") or {}).items(), key=lambda kv: int(kv[0])):
-        cells = ", ".join(f"{t} {_ms(s[t]['median_s'])}" for t in ("ansible", "shell", "infernet"))
+        tools = [t for t in ("ansible", "shell", "ollama_client", "infernet") if t in s]
+        cells = ", ".join(f"{t} {_ms(s[t]['median_s'])}" for t in tools)
+        if "infernet_vs_ollama_client" in s:
+            cells += f"; infernet/ollama client = {s['infernet_vs_ollama_client']:.2f}×"
         rows.append(("2", f"plan/list, {n} installed", cells))
     par = data.get("parallel_pulls")
     if par:
-        tools = {t: d for t, d in par.items() if t not in ("params", "reps")}
+        tools = {t: d for t, d in par.items() if t not in ("params", "reps", "speedup")}
         cells = ", ".join(f"{t} {_ms(d['median_s'])}" for t, d in tools.items())
         k = par["params"]["k"]
         ratio = par["infernet_p1"]["median_s"] / par[f"infernet_p{k}"]["median_s"]
@@ -446,6 +485,9 @@ def main() -> int:
     parser.add_argument("--edits", type=int, help="edits of item 4 (60; quick 20)")
     parser.add_argument("--sizes", default="10,100,1000", help="inventories of item 2")
     parser.add_argument("--k", type=int, default=4, help="missing models of item 3")
+    parser.add_argument(
+        "--pull-seconds", type=float, help="item 3: seconds one pull takes at its cap (10; quick 3)"
+    )
     parser.add_argument("--reconciles", type=int, default=1000, help="reconciles of item 5")
     parser.add_argument("--only", default=",".join(map(str, ITEMS)), help="e.g. 1,2")
     parser.add_argument(
@@ -463,6 +505,7 @@ def main() -> int:
     args.idle = args.idle if args.idle is not None else (60.0 if args.quick else 600.0)
     args.reps = args.reps or (2 if args.quick else 5)
     args.edits = args.edits or (20 if args.quick else 60)
+    args.pull_seconds = args.pull_seconds or (3.0 if args.quick else 10.0)
     only = {int(i) for i in args.only.split(",")}
     data: dict[str, Any]
     if args.replot:
@@ -498,7 +541,9 @@ def main() -> int:
         data["plan_scaling"] = compare.plan_scaling(sizes, args.reps)
     if step("bandwidth-limited pulls, serial vs parallel", 3):
         reps = max(1, args.reps // 2)
-        data["parallel_pulls"] = compare.parallel_pulls(args.k, 2_000_000, 1_000_000, reps)
+        rate = compare.PULL_BANDWIDTH
+        weights = int(args.pull_seconds * rate)
+        data["parallel_pulls"] = compare.parallel_pulls(args.k, weights, rate, reps)
         data["parallel_pulls"]["reps"] = reps
     if step(f"watch: {args.edits} edits, then {args.idle:.0f} s idle", 4 if 4 in only else 5):
         data["watch"] = watch(args.edits, args.idle)
@@ -511,6 +556,7 @@ def main() -> int:
 
         data["jobs"] = jobs_bench.run(args.quick)
     data["seconds"] = time.monotonic() - started
+    data["load_end"] = [round(x, 2) for x in os.getloadavg()]
 
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "all.json").write_text(json.dumps(data, indent=1))

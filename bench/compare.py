@@ -14,11 +14,16 @@ registry's (only requests the tool itself sent there: the server's downloads are
 
 1. ``convergence``: nothing to change, and 3 changes (2 pulls + 1 removal), median of ``reps``.
 2. ``plan_scaling``: ``infernet plan`` (and the baselines' listing step) against 10, 100, 1000
-   installed models, 10 of them in the file.
+   installed models, 10 of them in the file; and the floor: ``ollama_client``, a fresh Python
+   process that imports the official ``ollama`` client and lists the models
+   (``ollama.Client(host=URL).list()``, same venv, same server). Goal: ``infernet plan`` ≤ 1.5×
+   that at 100 models (issue 17, item 7).
 3. ``parallel_pulls``: K missing models with a per-pull bandwidth limit; infernet with
-   ``policy.parallel_pulls`` 1 and K, the baselines (which pull one after the other).
+   ``policy.parallel_pulls`` 1 and K, the baselines (which pull one after the other). Each pull
+   takes ``--pull-seconds`` (10: long enough that start-up and the canaries do not hide the
+   gain; goal ``parallel_pulls: 4`` ≥ 3.2× serial, issue 17, item 8).
 
-    .venv/bin/python -m bench.compare [--reps 5] [--quick]
+    .venv/bin/python -m bench.compare [--reps 5] [--only 2,3] [--sizes 100] [--pull-seconds 10]
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ INFERNET = str(BIN / "infernet")
 PLAYBOOK = ROOT / "bench" / "baselines" / "converge.yml"
 SCRIPT = ROOT / "bench" / "baselines" / "converge.sh"
 TOOLS = ("ansible", "shell", "infernet")
+OLLAMA_CLIENT = "ollama_client"
+"""Item 2's floor: the official Python client listing the models, nothing else."""
+PULL_BANDWIDTH = 1_000_000
+"""Item 3: bytes/s each pull may take from the test registry."""
 
 # Item 1: the 3-change scenario pulls the last two and removes all-minilm.
 NOOP = ["qwen2.5:0.5b", "llama3.2:1b", "smollm2:135m"]
@@ -192,6 +201,10 @@ class Bench:
                 "-e",
                 json.dumps(extra),
             ]
+        if tool == OLLAMA_CLIENT:
+            # The same interpreter and venv as infernet's entry point, a fresh process.
+            code = f"import ollama; ollama.Client(host={self.server.url!r}).list()"
+            return [sys.executable, "-c", code]
         if tool == "shell":
             listing = self.work / "models.txt"
             listing.write_text("".join(f"{m}\n" for m in models))
@@ -307,27 +320,35 @@ def plan_scaling(sizes: list[int], reps: int, desired: int = 10) -> dict[str, An
             state = bench.work / "state"
             tools = {
                 t: partial(bench.command, t, goal, plan=True, config=config, state=state)
-                for t in TOOLS
+                for t in (*TOOLS, OLLAMA_CLIENT)
             }
             runs = _rounds(bench, reps, tools, lambda: None)
             result[str(n)] = {t: _summary(r) for t, r in runs.items()}
             result[str(n)]["setup_s"] = setup_s
+            # Side by side in the same rounds: the ratio is what holds on a busy machine.
+            result[str(n)]["infernet_vs_ollama_client"] = statistics.median(
+                a.seconds / b.seconds
+                for a, b in zip(runs["infernet"][1:], runs[OLLAMA_CLIENT][1:], strict=True)
+            )
     return result
 
 
 # 3 ------------------------------------------------------------------------------------------
 
 
-def parallel_pulls(k: int, weights: int, bandwidth: int, reps: int) -> dict[str, Any]:
-    """K missing models, each pull limited to ``bandwidth`` B/s: serial tools vs parallel."""
+def parallel_pulls(
+    k: int, weights: int, bandwidth: int, reps: int, *, baselines: bool = True
+) -> dict[str, Any]:
+    """K missing models, each pull limited to ``bandwidth`` B/s: serial tools vs parallel
+    (``baselines=False``: infernet alone, serial and parallel)."""
     catalogue = generated_catalogue("bw", k, weights_size=weights)
     goal = list(catalogue["models"])
     with bench_server(catalogue, bandwidth=bandwidth) as bench:
         configs = {p: bench.config(f"par{p}", goal, prune="all", parallel_pulls=p) for p in (1, k)}
-        tools: dict[str, Callable[[], list[str]]] = {
-            "ansible": partial(bench.command, "ansible", goal),
-            "shell": partial(bench.command, "shell", goal),
-        }
+        tools: dict[str, Callable[[], list[str]]] = {}
+        if baselines:
+            tools["ansible"] = partial(bench.command, "ansible", goal)
+            tools["shell"] = partial(bench.command, "shell", goal)
         for p, config in configs.items():
             state = bench.work / f"state-par{p}"
             tools[f"infernet_p{p}"] = partial(
@@ -341,6 +362,10 @@ def parallel_pulls(k: int, weights: int, bandwidth: int, reps: int) -> dict[str,
         "bandwidth_bytes_per_s": bandwidth,
         "one_pull_s": weights / bandwidth,
     }
+    serial, parallel = runs["infernet_p1"][1:], runs[f"infernet_p{k}"][1:]
+    result["speedup"] = statistics.median(
+        a.seconds / b.seconds for a, b in zip(serial, parallel, strict=True)
+    )
     return result
 
 
@@ -352,15 +377,22 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--sizes", default="10,100,1000")
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--pull-seconds", type=float, default=10.0, help="item 3: one pull's time")
+    parser.add_argument("--only", default="1,2,3", help="items to run, e.g. 2,3")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "compare.json"))
     args = parser.parse_args()
     _require_tools()
+    only = {int(i) for i in args.only.split(",")}
     sizes = [int(s) for s in args.sizes.split(",")]
-    data = {
-        "convergence": convergence(args.reps),
-        "plan_scaling": plan_scaling(sizes, args.reps),
-        "parallel_pulls": parallel_pulls(args.k, 2_000_000, 1_000_000, max(1, args.reps // 2)),
-    }
+    data: dict[str, Any] = {}
+    if 1 in only:
+        data["convergence"] = convergence(args.reps)
+    if 2 in only:
+        data["plan_scaling"] = plan_scaling(sizes, args.reps)
+    if 3 in only:
+        weights = int(args.pull_seconds * PULL_BANDWIDTH)
+        reps = max(1, args.reps // 2)
+        data["parallel_pulls"] = parallel_pulls(args.k, weights, PULL_BANDWIDTH, reps)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(data, indent=1))
     print(json.dumps(data, indent=1))

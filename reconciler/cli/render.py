@@ -107,10 +107,14 @@ def render_plan(plan: Plan, *, verbose: bool = False) -> str:
 def render_estimates(plan: Plan) -> list[str]:
     """``plan -v``: each VRAM estimate's parts beside the seed's bytes-per-parameter rule of
     thumb, so an operator sizing a GPU from that table sees why the figures differ (mostly the
-    KV cache at the context the model runs at, which the table leaves out)."""
+    KV cache at the context the model runs at, which the table leaves out). A running engine's
+    resident host memory is shown beside its claim: the claim is what the budget counts."""
     rows = []
     for e in plan.budget.estimates:
-        row = [e.model, f"{vram(e.bytes)} ({e.source})", "", "", "", ""]
+        figure = f"{vram(e.bytes)} ({e.source})"
+        if e.rss_bytes is not None:
+            figure += f", engine RSS {vram(e.rss_bytes)}"
+        row = [e.model, figure, "", "", "", ""]
         if (p := e.parts) is not None:
             sequences = f" × {p.parallel}" if p.parallel > 1 else ""
             thumb = "" if p.rule_of_thumb is None else vram(p.rule_of_thumb)

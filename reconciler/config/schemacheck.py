@@ -6,7 +6,8 @@ JSON path and say what would be valid; unknown keys get a did-you-mean. Schemas 
 that the caller knows (``size``, ``duration``…) are described by the caller's wording, so one
 sentence per kind of value lives next to the code that parses it.
 
-``jsonschema`` takes ~60 ms to import, so it is imported only when a check runs; the
+``jsonschema`` takes 60-100 ms to import, so it is imported only when a check runs, and a
+document already found valid against the same schema is not checked again (``verdicts``); the
 standard-library helpers only errors need are imported lazily too.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from reconciler.config import verdicts
 from reconciler.config.yamldoc import JsonPath, format_path
 from reconciler.redact import redact
 
@@ -107,8 +109,13 @@ def check(
 ) -> list[SchemaFinding]:
     """Every violation of the schema ``schema_text`` by ``instance``, sorted by path."""
     findings: list[SchemaFinding] = []
+    key = verdicts.digest(schema_text, instance)
+    if key is not None and verdicts.known_valid(key):
+        return findings
     for error in _validator(schema_text).iter_errors(instance):
         findings.extend(_translate(error, expectations or {}))
+    if key is not None and not findings:
+        verdicts.remember(key)
     return sorted(
         findings, key=lambda f: [(0, p, "") if isinstance(p, int) else (1, 0, p) for p in f.path]
     )

@@ -12,13 +12,11 @@ import os
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler import backends
 from reconciler.backends.base import AdapterContext, Backend, Cache, Tidies
 from reconciler.backends.driver import OpenAdapters
-from reconciler.controlplane.heartbeat import WITHDRAW_TIMEOUT, Heartbeater, report
-from reconciler.converge.executor import Drain, Executor, Result, Verified
 from reconciler.converge.observe import observe
 from reconciler.errors import BackendError, ConfigError
 from reconciler.events import Event, Kind, Progress, ignore
@@ -38,6 +36,12 @@ from reconciler.planning import advertised
 from reconciler.planning.plan import plan
 from reconciler.redact import redact
 from state import NodeLock, StatusKey, Store, clock
+
+if TYPE_CHECKING:
+    # The control-plane client (signing, its HTTP client) is imported only by a file that names
+    # a control plane, the executor only by an apply: `infernet plan` loads neither.
+    from reconciler.controlplane.heartbeat import Heartbeater
+    from reconciler.converge.executor import Drain, Result, Verified
 
 
 def load_or_last_valid(path: Path, state_dir: Path) -> tuple[Desired, str | None]:
@@ -367,6 +371,8 @@ class Session:
                 extension = self.extension(the_plan, converged=False)
                 return beats.withdraw(served, observed.gpu, extension)
 
+        from reconciler.converge.executor import Executor
+
         executor = Executor(
             self.backends,
             self.store,
@@ -393,6 +399,8 @@ class Session:
 
     def extension(self, the_plan: Plan, *, converged: bool) -> dict[str, Any]:
         """``specs.reconciler``: how this node's reconciliation stands."""
+        from reconciler.controlplane.heartbeat import report
+
         last = self.store.last_apply()
         return report(
             the_plan.source,
@@ -430,6 +438,8 @@ class Session:
 def _heartbeater(desired: Desired, store: Store) -> Heartbeater | None:
     if desired.control_plane is None:
         return None
+    from reconciler.controlplane.heartbeat import WITHDRAW_TIMEOUT, Heartbeater
+
     timeout = float(os.environ.get("INFERNET_WITHDRAW_TIMEOUT", WITHDRAW_TIMEOUT))
     return Heartbeater(desired.control_plane, store, withdraw_timeout=timeout)
 

@@ -65,6 +65,9 @@ class LoadedModel:
     context_length: int | None = None
     pid: int | None = None  # the process holding it, where the backend lets us find it
     foreign: bool = False  # served by an engine infernet did not start: observed, never touched
+    # Host memory resident in the engine's process tree (RSS summed), read when it was observed;
+    # only for an engine infernet started and that runs. Shown beside the budget's claim.
+    rss_bytes: int | None = None
 
 
 @dataclass(frozen=True)

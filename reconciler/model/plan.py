@@ -79,6 +79,9 @@ class Estimate:
     measured_bytes: int | None = None  # what the model held when last seen loaded
     # An explanation, not part of the figure: equal estimates are equal whatever it says.
     parts: EstimateParts | None = field(default=None, compare=False)
+    # Host memory the running engine's process tree holds (RSS), as observed; beside the figure,
+    # never part of it (it moves from one reading to the next).
+    rss_bytes: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ def to_document(plan: Plan) -> dict[str, Any]:
                     "estimated_bytes": e.estimated_bytes,
                     "measured_bytes": e.measured_bytes,
                     "parts": None if e.parts is None else asdict(e.parts),
+                    "rss_bytes": e.rss_bytes,
                 }
                 for e in budget.estimates
             ],
@@ -223,7 +224,8 @@ def write_document(plan: Plan, path: Path) -> None:
 
 
 def _estimate(doc: dict[str, Any]) -> Estimate:
-    """An estimate from its JSON; ``parts`` is absent from plans saved before it existed."""
+    """An estimate from its JSON; ``parts`` and ``rss_bytes`` are absent from plans saved
+    before they existed."""
     fields = {k: v for k, v in doc.items() if k != "parts"}
     parts = doc.get("parts")
     return Estimate(**fields, parts=None if parts is None else EstimateParts(**parts))

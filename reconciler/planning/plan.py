@@ -11,7 +11,7 @@ the name.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from reconciler import backends
 from reconciler.backends.gguf import quantization as quantization_names
@@ -194,7 +194,11 @@ def _plan_installed(
         return
     k = key(spec.backend, spec.canonical)
     measured = draft.owned.measured_vram.get(k)
+    loaded = prune.find_loaded(state, installed)
     est = _estimate(draft, spec, facts, measured)
+    if loaded is not None and loaded.rss_bytes is not None:
+        # Observed, not computed: shown beside the claim so an operator can compare them.
+        est = replace(est, rss_bytes=loaded.rss_bytes)
     draft.estimates.append(est)
     embedding = "embedding" in facts.capabilities
     _serve(draft, spec, facts.digest, embedding=embedding)
@@ -229,7 +233,6 @@ def _plan_installed(
                 f"{spec.name}: the tag points at new weights upstream {moved}; set "
                 "policy.updates: follow to pull them"
             )
-    loaded = prune.find_loaded(state, installed)
     ours = draft.owned.models.get(k)
     if backends.driver(spec.backend).engine:
         if loaded is None:

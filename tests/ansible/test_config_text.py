@@ -3,6 +3,7 @@ reads back (with PyYAML's safe loaders, as infernet reads it) as exactly that va
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -168,3 +169,31 @@ values = st.recursive(
 @given(st.dictionaries(st.text(max_size=8), values, max_size=5))
 def test_any_document_reads_back(doc: dict[str, Any]) -> None:
     assert load(render(doc)) == doc
+
+
+def test_only_infernets_own_script_for_this_python_runs_in_process(tmp_path: Path) -> None:
+    """The module imports infernet only for the console script of its own interpreter; a
+    wrapper, ``#!/usr/bin/env``, another Python or another script run as a subprocess."""
+    import sys
+    from collections.abc import Callable
+
+    from ansible_collections.infernet.node.plugins.modules import models
+    from reconciler.cli import main
+
+    importable_main: Callable[[str], object] = models.importable_main
+
+    def script(name: str, text: str) -> str:
+        path = tmp_path / name
+        path.write_text(text)
+        return str(path)
+
+    entry = "import sys\nfrom reconciler.cli import main\nsys.exit(main())\n"
+    other = tmp_path / "other" / "bin" / "python"
+    other.parent.mkdir(parents=True)
+    other.symlink_to(sys.executable)  # the same binary, in another environment's folder
+    assert importable_main(script("own", f"#!{sys.executable}\n{entry}")) is main
+    assert importable_main(script("wrapper", '#!/bin/sh\nexec infernet "$@"\n')) is None
+    assert importable_main(script("env", f"#!/usr/bin/env python3\n{entry}")) is None
+    assert importable_main(script("venv", f"#!{other}\n{entry}")) is None
+    assert importable_main(script("tool", f"#!{sys.executable}\nprint('hello')\n")) is None
+    assert importable_main(str(tmp_path / "missing")) is None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ansible.conftest import Fleet
+from tests.ansible.conftest import Fleet, Node, ansible_env, start_node
 from tests.servers.controlplane_harness import start_control_plane
 
 pytestmark = pytest.mark.integration
@@ -169,3 +169,38 @@ def test_nodes_make_a_key_and_heartbeat(fleet: Fleet, tmp_path: Path) -> None:
         assert keys == {n.name: (n.root / "node.key").read_bytes() for n in fleet.nodes.values()}
     finally:
         cp.close()
+
+
+@pytest.mark.timeout(300)
+def test_rolling_change_stops_at_a_failed_first_batch(tmp_path: Path) -> None:
+    """Six converged nodes, a model added to their class, batches of two with no failure
+    allowed: the first batch's pulls break, so the other four keep their file and models."""
+    nodes: dict[str, Node] = {}
+    try:
+        for i in range(1, 7):
+            nodes[f"node-{i}"] = start_node(tmp_path, f"node-{i}", "gpu_24g")
+        fleet = Fleet(tmp_path, nodes, ansible_env(tmp_path))
+        fleet.write_inventory()
+        fleet.serve("gpu_24g", ["smollm2:135m"])
+        first = fleet.playbook()
+        assert first.proc.returncode == 0, first.out
+        before = {name: node.config.read_bytes() for name, node in nodes.items()}
+
+        fleet.serve("gpu_24g", ["smollm2:135m", "all-minilm:latest"])
+        for name in ("node-1", "node-2"):
+            nodes[name].server.fault("all-minilm:latest", "error_mid", after_bytes=1000)
+        rolling = fleet.playbook(
+            "-e", '{"fleet_serial": 2, "fleet_max_fail_percentage": 0}', batches="example"
+        )
+        assert rolling.proc.returncode != 0
+        assert sorted(rolling.recap) == ["node-1", "node-2"], rolling.out
+        assert all(rolling.recap[n]["failed"] == 1 for n in ("node-1", "node-2")), rolling.out
+        assert "pull all-minilm:latest: " in rolling.out
+        for name in ("node-1", "node-2"):
+            assert nodes[name].installed() == {"smollm2:135m"}
+        for name in ("node-3", "node-4", "node-5", "node-6"):
+            assert nodes[name].config.read_bytes() == before[name]
+            assert nodes[name].installed() == {"smollm2:135m"}
+    finally:
+        for node in nodes.values():
+            node.server.close()

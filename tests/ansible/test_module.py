@@ -223,3 +223,150 @@ def test_failed_pull_fails_the_task(target: Target) -> None:
     target.server.clear_faults()  # the next run finishes the job
     rc, result = target.module(target.args())
     assert rc == 0 and result["changed"] is True and target.tags() == {"smollm2:135m"}
+
+
+# Both paths in one playbook: each host (localhost twice, each with its own backend and files)
+# runs the same steps with a different executable, and writes what it registered.
+PATHS_PLAYBOOK = """\
+- name: The module through both ways of running infernet
+  hosts: all
+  gather_facts: false
+  vars:
+    m: &args
+      served_models: [smollm2:135m]
+      backends: {ollama: "{{ backend }}"}
+      budget: {vram: 24GiB, disk_reserve: 1GiB}
+      config: "{{ config }}"
+      state_dir: "{{ state_dir }}"
+      executable: "{{ infernet_bin }}"
+  tasks:
+    - name: Check mode on a bare node
+      infernet.node.models: *args
+      check_mode: true
+      diff: true
+      register: r_check
+    - name: Apply while the pull breaks
+      infernet.node.models: *args
+      register: r_broken
+      ignore_errors: true
+    - name: Mend the backend
+      ansible.builtin.uri:
+        url: "{{ backend.url }}/_test/faults"
+        method: DELETE
+        use_proxy: false
+    - name: Apply
+      infernet.node.models: *args
+      register: r_apply
+    - name: Nothing to do
+      infernet.node.models: *args
+      register: r_noop
+    - name: An invalid entry
+      infernet.node.models:
+        <<: *args
+        served_models: [{nam: smollm2:135m}]
+      register: r_invalid
+      ignore_errors: true
+    - name: A budget that does not fit
+      infernet.node.models:
+        <<: *args
+        served_models: [smollm2:135m, all-minilm:latest]
+        budget: {vram: 1GiB, reserve: 512MiB, disk_reserve: 1GiB}
+      register: r_budget
+      ignore_errors: true
+    - name: Keep what the module returned
+      ansible.builtin.copy:
+        content: "{{ [r_check, r_broken, r_apply, r_noop, r_invalid, r_budget] | to_json }}"
+        dest: "{{ out }}"
+        mode: "0644"
+"""
+
+
+def _normalised(text: str, replacements: dict[str, str]) -> Any:
+    """A host's results with its own paths and URLs named alike, and what differs between any
+    two runs (free disk, the module's arguments) left out."""
+    for old, new in replacements.items():
+        text = text.replace(old, new)
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            drop = {"invocation", "disk_free_bytes", "free_bytes"}
+            return {k: strip(v) for k, v in value.items() if k not in drop}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(json.loads(text))
+
+
+@pytest.mark.timeout(180)
+def test_in_process_and_subprocess_give_the_same_results(tmp_path: Path) -> None:
+    """infernet's own console script for the module's Python runs in the module's process; a
+    wrapper runs as a subprocess. Check mode, diff, a failed pull, apply, a no-op, an invalid
+    entry and a budget error: both give the same result (and each path is the one taken)."""
+    script = Path(INFERNET).read_text()
+    shebang, rest = script.split("\n", 1)
+    hosts: dict[str, dict[str, Any]] = {}
+    servers: list[OllamaServer] = []
+    try:
+        for name in ("inproc", "subproc"):
+            root = tmp_path / name
+            (root / "etc").mkdir(parents=True)
+            marker = root / "ran-infernet"
+            executable = root / "infernet"
+            if name == "inproc":  # the console script, which also leaves a mark when run
+                executable.write_text(
+                    f"{shebang}\nimport pathlib; pathlib.Path({str(marker)!r}).touch()\n{rest}"
+                )
+            else:
+                executable.write_text(f'#!/bin/sh\necho >> "{marker}"\nexec "{INFERNET}" "$@"\n')
+            executable.chmod(0o755)
+            server = start_ollama_server(root / "ollama", DEFAULT_CATALOGUE)
+            servers.append(server)
+            server.fault("smollm2:135m", "error_mid", after_bytes=1000)
+            hosts[name] = {
+                "ansible_connection": "local",
+                "infernet_bin": str(executable),
+                "config": str(root / "etc" / "infernet.yaml"),
+                "state_dir": str(root / "state"),
+                "out": str(root / "results.json"),
+                "backend": {
+                    "url": server.url,
+                    "registry": server.registry_url,
+                    "models_dir": str(server.models_dir),
+                },
+            }
+        (tmp_path / "ansible-remote").mkdir(mode=0o700)  # else the first host warns of it
+        (tmp_path / "hosts.json").write_text(json.dumps({"all": {"hosts": hosts}}))
+        (tmp_path / "paths.yml").write_text(PATHS_PLAYBOOK)
+        proc = subprocess.run(
+            [str(BIN / "ansible-playbook"), "-i", "hosts.json", "paths.yml"],
+            capture_output=True,
+            text=True,
+            env=ansible_env(tmp_path),
+            timeout=150,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    finally:
+        for server in servers:
+            server.close()
+
+    results = {}
+    for (name, host), server in zip(hosts.items(), servers, strict=True):
+        replacements = {str(tmp_path / name): "ROOT", server.url: "URL"}
+        replacements[server.registry_url] = "REGISTRY"
+        results[name] = _normalised(Path(host["out"]).read_text(), replacements)
+    assert results["inproc"] == results["subproc"]
+    check, broken, applied, noop, invalid, budget = results["inproc"]
+    assert check["changed"] is True and len(check["diff"]) == 2
+    assert broken["failed"] is True and broken["msg"].startswith("pull smollm2:135m: ")
+    assert applied["changed"] is True and applied["converged"] is True
+    assert noop["changed"] is False and noop["actions"] == []
+    assert invalid["msg"].startswith("ROOT/etc/infernet.yaml:"), invalid["msg"]
+    assert "> VRAM budget 1.0 GiB" in budget["msg"]
+    # In-process: the script itself never ran. Subprocess: it ran once per plan and apply.
+    assert not (tmp_path / "inproc" / "ran-infernet").exists()
+    runs = (tmp_path / "subproc" / "ran-infernet").read_text().count("\n")
+    assert runs == 1 + 2 + 2 + 1 + 1 + 1, runs

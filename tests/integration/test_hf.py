@@ -402,3 +402,48 @@ def test_watch_restarts_an_engine_that_dies(hf: Hf, node: Node) -> None:
         log.close()
     # the daemon stopped; the engine it started keeps serving (KillMode=process semantics)
     assert hf.served() == [REPO]
+
+
+def _tree_rss(engine: psutil.Process) -> int:
+    """psutil's own reading of an engine's process tree: the supervising shell and below."""
+    shell = engine.parent()
+    assert shell is not None and shell.name() == "sh"
+    return sum(p.memory_info().rss for p in [shell, *shell.children(recursive=True)])
+
+
+def test_plan_shows_the_running_engines_resident_memory(hf: Hf, node: Node) -> None:
+    other = "acme/tiny-two"
+    publish_repo(hf.hub.root)
+    publish_repo(hf.hub.root, other)
+    node.env["FAKE_ENGINE_WORKERS"] = "2"  # worker processes, like vLLM's EngineCore
+    hf.write([{"name": REPO, "backend": "vllm"}, {"name": other, "backend": "vllm"}])
+    out = node.run("apply", "--yes")
+    assert out.returncode == 0, out.stdout + out.stderr
+    engines = {
+        name: p
+        for p in hf.engines()
+        for name in (REPO, other)
+        if f"models--{name.replace('/', '--')}" in " ".join(p.cmdline())
+    }
+    assert set(engines) == {REPO, other}
+    # The second engine dies: its model is installed, not running, so it has no RSS.
+    stopped = engines[other]
+    for p in [*stopped.children(recursive=True), stopped]:
+        p.kill()
+    stopped.wait(10)
+
+    plan = _plan(node)
+    estimates = {e["model"]: e for e in plan["budget"]["estimates"]}
+    running = estimates[REPO]
+    assert running["source"] == "claim" and running["bytes"] == int(24 * 2**30 * 0.3)
+    seen = _tree_rss(engines[REPO])
+    assert running["rss_bytes"] is not None, running
+    assert 0.5 * seen <= running["rss_bytes"] <= 1.5 * seen, (running["rss_bytes"], seen)
+    # summed over the tree: more than the engine process alone holds
+    assert running["rss_bytes"] > engines[REPO].memory_info().rss
+    assert estimates[other]["rss_bytes"] is None
+    assert [(a["op"], a["model"]) for a in plan["actions"]] == [("pin", other)]  # restart it
+
+    text = node.run("plan", "-v").stdout
+    line = next(ln for ln in text.splitlines() if ln.startswith(REPO))
+    assert "engine RSS" in line, text

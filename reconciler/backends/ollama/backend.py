@@ -15,6 +15,11 @@ recorded responses); ``OllamaBackend`` does the I/O. Facts that shape the code:
   ``INFERNET_HTTP_TIMEOUT`` (30 s), a load the stall timeout (a big model takes minutes to
   load and Ollama answers only then), a pull none but its stall watchdog; the registry's
   manifests and config blobs are read up to 4 MiB.
+* Observing (``/api/tags``, ``/api/ps``, ``/api/show``) is three JSON reads that ``parse``
+  reads as the server wrote them (``reference/ollama-api.md``); they go through the guarded
+  HTTP client, not the ``ollama`` client, whose import (pydantic) is the slowest part of a
+  plan's start-up: a plan or an Ansible no-op that changes nothing never imports it. Pulls,
+  loads, deletes and chats are the client's.
 """
 
 from __future__ import annotations
@@ -91,16 +96,16 @@ class OllamaBackend:
         cache: Cache | None = None,
         stall_timeout: float = 300.0,
     ) -> None:
-        import ollama  # deferred: pydantic makes it the slowest import on the plan path
-
         self.url = settings.url.rstrip("/")
         self.registry = settings.registry
         self._cache = cache
         self._stall = stall_timeout
-        self._ollama = ollama
         api = httpsafe.default_deadline()
-        self._client: ollama.Client = self._ollama_client(
-            httpsafe.Limits(deadline=api, max_body=limits.BACKEND_BODY)
+        self._api_limits = httpsafe.Limits(deadline=api, max_body=limits.BACKEND_BODY)
+        self._reads = httpsafe.client(
+            self._api_limits,
+            timeout=httpx.Timeout(30.0, connect=5.0),
+            follow_redirects=False,
         )
         self._http = httpsafe.client(
             httpsafe.Limits(deadline=api, max_body=limits.REGISTRY_BODY),
@@ -108,9 +113,20 @@ class OllamaBackend:
             follow_redirects=False,
         )
 
+    @functools.cached_property
+    def _ollama(self) -> Any:
+        """The ``ollama`` module, imported on first use (a change, a chat, a client error)."""
+        import ollama
+
+        return ollama
+
+    @functools.cached_property
+    def _client(self) -> ollama.Client:
+        return self._ollama_client(self._api_limits)
+
     def _ollama_client(self, limits: httpsafe.Limits, **extra: Any) -> ollama.Client:
         timeout = httpx.Timeout(30.0, read=max(self._stall, 30.0), connect=5.0)
-        return self._ollama.Client(
+        made: ollama.Client = self._ollama.Client(
             host=self.url,
             timeout=timeout,
             headers=httpsafe.identity(),
@@ -118,6 +134,7 @@ class OllamaBackend:
             transport=httpsafe.transport(limits),
             **extra,
         )
+        return made
 
     def _chat_client(self, hangup: Hangup) -> ollama.Client:
         """One chat's own client (and connection): started within the stall window, a byte
@@ -140,8 +157,8 @@ class OllamaBackend:
 
     def close(self) -> None:
         """Close the HTTP connection pools."""
-        self._client._client.close()
-        for made in ("_loader", "_puller"):
+        self._reads.close()
+        for made in ("_client", "_loader", "_puller"):
             if made in self.__dict__:  # only if it was ever made
                 self.__dict__[made]._client.close()
         self._http.close()
@@ -190,8 +207,9 @@ class OllamaBackend:
     def inventory(self) -> BackendState:
         """``/api/tags`` and ``/api/ps``; never raises for an unreachable server."""
         try:
-            tags = self._idempotent(lambda: self._client.list().model_dump())
-            ps = self._idempotent(lambda: self._client.ps().model_dump())
+            tags = self._idempotent(lambda: self._read("GET", "/api/tags"))
+            ps = self._idempotent(lambda: self._read("GET", "/api/ps"))
+            installed, loaded = tuple(parse_tags(tags)), tuple(parse_ps(ps))
         except (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout) as exc:
             err = self._unreachable(exc)
             return BackendState(BackendKind.OLLAMA, self.url, reachable=False, error=str(err))
@@ -201,13 +219,27 @@ class OllamaBackend:
         except self._ollama.ResponseError as exc:
             msg = f"Ollama at {self.url} answered {exc.status_code}: {exc.error}"
             return BackendState(BackendKind.OLLAMA, self.url, reachable=False, error=msg)
+        except (ValueError, TypeError, AttributeError) as exc:
+            msg = f"Ollama at {self.url} sent a listing that is not Ollama's ({type(exc).__name__})"
+            return BackendState(BackendKind.OLLAMA, self.url, reachable=False, error=msg)
         return BackendState(
-            BackendKind.OLLAMA,
-            self.url,
-            reachable=True,
-            installed=tuple(parse_tags(tags)),
-            loaded=tuple(parse_ps(ps)),
+            BackendKind.OLLAMA, self.url, reachable=True, installed=installed, loaded=loaded
         )
+
+    def _read(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One JSON object from the API; an error answer raises ``ollama.ResponseError`` with
+        the server's ``error`` text, as the client would."""
+        response = self._reads.request(method, self.url + path, json=body)
+        if response.status_code >= 400:
+            try:
+                error = str(response.json()["error"])
+            except (ValueError, KeyError, TypeError):
+                error = response.text
+            raise self._ollama.ResponseError(error, response.status_code)
+        data = response.json()
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} answered {type(data).__name__}, not an object")
+        return data
 
     def details(self, name: str, digest: str | None) -> ModelFacts:
         """``/api/show`` for ``name``, cached by manifest digest (a digest never changes)."""
@@ -216,7 +248,7 @@ class OllamaBackend:
             raw: dict[str, Any] = cached
         else:
             try:
-                raw = self._client.show(name).model_dump(by_alias=True, exclude={"modified_at"})
+                raw = self._read("POST", "/api/show", {"model": name})
             except Exception as exc:
                 raise self._translate(exc, name) from exc
             raw = {k: raw.get(k) for k in ("model_info", "details", "capabilities", "modelfile")}

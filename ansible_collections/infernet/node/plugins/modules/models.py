@@ -27,6 +27,11 @@ description:
     the file the task would write (in a temporary directory), and the actions it reports are the
     ones a real run would take.
   - With C(--diff) the result shows the file's diff and the plan's actions.
+  - When C(executable) is infernet's own console script for the interpreter the module runs on
+    (C(ansible_python_interpreter) set to the Python of infernet's virtual environment), the
+    module runs those commands in its own process, which saves starting and importing infernet
+    a second time on every host; the result is the same. Any other C(executable) (another
+    Python's, a wrapper) runs as a subprocess.
   - The option names are those of C(infernet.yaml) (see C(infernet schema)). The file itself is
     validated by infernet, so entries follow exactly the same schema.
 options:
@@ -228,8 +233,11 @@ converged:
   type: bool
 """
 
+import contextlib
+import io
 import json
 import os
+import sys
 import tempfile
 
 from ansible.module_utils.basic import AnsibleModule
@@ -312,21 +320,78 @@ def plan_errors(errors):
     return errors[0] + more
 
 
+# The line of pip's console script for infernet that names its entry point.
+ENTRY_POINT = b"from reconciler.cli import main"
+
+
+def importable_main(executable):
+    """infernet's ``main``, imported here, when ``executable`` is infernet's console script for
+    this very interpreter (its ``#!`` names this Python, in this folder): running it in this
+    process then does exactly what running it would, without starting a second interpreter and
+    importing infernet again in it (most of a no-op task's time). None when it is anything else
+    (a wrapper, another virtual environment, another Python) or does not import here: the caller
+    then runs it as a subprocess."""
+    try:
+        with open(executable, "rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return None
+    first = head.split(b"\n", 1)[0]
+    if not first.startswith(b"#!") or ENTRY_POINT not in head:
+        return None
+    words = first[2:].split()
+    if len(words) != 1:  # "#!/usr/bin/env python3", or options: not plainly this interpreter
+        return None
+    interpreter = to_native(words[0])
+
+    def same(a, b):
+        return os.path.realpath(a) == os.path.realpath(b)
+
+    mine = sys.executable
+    if not mine or not os.path.isabs(interpreter):
+        return None
+    if not (same(interpreter, mine) and same(os.path.dirname(interpreter), os.path.dirname(mine))):
+        return None
+    try:
+        from reconciler.cli import main as infernet_main
+    except Exception:  # not importable here after all (a broken install): the subprocess says why
+        return None
+    return infernet_main
+
+
+def run_in_process(main, argv):
+    """``main(argv)`` with its output captured: (rc, stdout, stderr), as from the subprocess."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as exc:  # argparse's usage errors exit, as the subprocess would
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if not isinstance(exc.code, (int, type(None))):
+                sys.stderr.write(f"{exc.code}\n")
+    return rc, out.getvalue(), err.getvalue()
+
+
 class Infernet:
-    """Runs the CLI with the task's state directory and reads its JSON."""
+    """Runs the CLI with the task's state directory and reads its JSON: in this process when
+    the executable is infernet's own console script for this interpreter, else as a
+    subprocess."""
 
     def __init__(self, module, executable, state_dir, config):
         self.module = module
         self.executable = executable
         self.state_dir = state_dir
         self.config = config
+        self.main = importable_main(executable)
 
     def _run(self, command, path, extra=()):
-        argv = [self.executable, command, "--json", *extra, "-c", path]
+        argv = [command, "--json", *extra, "-c", path]
         if self.state_dir:
             argv += ["--state-dir", self.state_dir]
+        if self.main is not None:
+            return run_in_process(self.main, argv)
         try:
-            return self.module.run_command(argv, check_rc=False)
+            return self.module.run_command([self.executable, *argv], check_rc=False)
         except OSError as exc:  # run_command raises for an executable it cannot start
             raise CliFailure(f"cannot run {self.executable}: {to_native(exc)}") from exc
 
