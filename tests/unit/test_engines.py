@@ -101,3 +101,9 @@ def test_describe_exit() -> None:
     assert describe_exit(137) == "exit code 137: killed by SIGKILL, out of memory?"
     assert describe_exit(143) == "exit code 143: killed by SIGTERM"
     assert describe_exit(200) == "exit code 200"
+
+
+def test_every_default_engine_template_binds_loopback() -> None:
+    # `max serve` listens on 0.0.0.0 unless told (the real MAX 26.7.0); vLLM and SGLang too.
+    for kind, command in ENGINE_COMMANDS.items():
+        assert "--host 127.0.0.1" in command, kind
