@@ -254,7 +254,14 @@ class OllamaBackend:
             raw = {k: raw.get(k) for k in ("model_info", "details", "capabilities", "modelfile")}
             if self._cache and digest:
                 self._cache.put("ollama.show", digest, raw)
-        return parse_show(raw, digest=digest, size=None)
+        try:
+            return parse_show(raw, digest=digest, size=None)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise BackendError(
+                f"Ollama at {self.url} answered /api/show for '{name}' with something that is "
+                f"not Ollama's ({type(exc).__name__})",
+                model=name,
+            ) from exc
 
     def upstream(self, spec: ModelSpec) -> Upstream:
         """Registry manifest, config blob and GGUF header, and which blobs Ollama lacks."""
