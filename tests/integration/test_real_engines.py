@@ -54,9 +54,10 @@ def members(tag: str, sessions: set[int]) -> list[psutil.Process]:
     engine runs in a session of its own): an environment alone misses vLLM's EngineCore and
     workers, which overwrite theirs with their process title."""
     found = []
+    mine = os.getsid(0)  # this test's own session is never an engine's: never killed
     for proc in psutil.process_iter():
         try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
+            if proc.status() == psutil.STATUS_ZOMBIE or os.getsid(proc.pid) == mine:
                 continue
             if os.getsid(proc.pid) in sessions:
                 found.append(proc)
