@@ -65,8 +65,14 @@ def server() -> Iterator[tuple[str, Answers]]:
         httpd.server_close()
 
 
-def backend(url: str) -> OllamaBackend:
-    return OllamaBackend(OllamaSettings(url=url))
+@pytest.fixture
+def ollama(server: tuple[str, Answers]) -> Iterator[OllamaBackend]:
+    """The backend pointed at ``server``, its connections closed after the test."""
+    backend = OllamaBackend(OllamaSettings(url=server[0]))
+    try:
+        yield backend
+    finally:
+        backend.close()
 
 
 @pytest.mark.parametrize(
@@ -80,30 +86,24 @@ def backend(url: str) -> OllamaBackend:
     ],
 )
 def test_a_listing_that_is_not_ollamas_is_an_unreachable_backend(
-    server: tuple[str, Answers], tags: Any, ps: Any
+    server: tuple[str, Answers], ollama: OllamaBackend, tags: Any, ps: Any
 ) -> None:
     url, answers = server
     answers.set("/api/tags", tags)
     answers.set("/api/ps", ps)
-    ollama = backend(url)
-    try:
-        state = ollama.inventory()
-    finally:
-        ollama.close()
+    state = ollama.inventory()
     assert not state.reachable
     assert state.error and url in state.error and "\n" not in state.error
 
 
-def test_a_good_listing_reads_without_the_ollama_client(server: tuple[str, Answers]) -> None:
-    url, answers = server
+def test_a_good_listing_reads_without_the_ollama_client(
+    server: tuple[str, Answers], ollama: OllamaBackend
+) -> None:
+    _url, answers = server
     answers.set("/api/tags", GOOD_TAGS)
     answers.set("/api/ps", GOOD_PS)
-    ollama = backend(url)
-    try:
-        state = ollama.inventory()
-        assert "_client" not in ollama.__dict__  # observing made no ollama client
-    finally:
-        ollama.close()
+    state = ollama.inventory()
+    assert "_client" not in ollama.__dict__  # observing made no ollama client
     assert state.reachable and [m.name for m in state.installed] == ["a:1"]
 
 
@@ -118,14 +118,9 @@ def test_a_good_listing_reads_without_the_ollama_client(server: tuple[str, Answe
     ],
 )
 def test_a_show_that_is_not_ollamas_is_a_backend_error(
-    server: tuple[str, Answers], show: Any
+    server: tuple[str, Answers], ollama: OllamaBackend, show: Any
 ) -> None:
-    url, answers = server
-    answers.set("/api/show", show)
-    ollama = backend(url)
-    try:
-        with pytest.raises(BackendError) as caught:
-            ollama.details("a:1", None)
-    finally:
-        ollama.close()
+    server[1].set("/api/show", show)
+    with pytest.raises(BackendError) as caught:
+        ollama.details("a:1", None)
     assert "a:1" in str(caught.value) and "\n" not in str(caught.value)
